@@ -1,0 +1,298 @@
+"""
+The GPT-2 model: a decoder-only transformer, written to be read.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig())                 # 124M, randomly initialised, ready to train
+    model = GPT.from_pretrained("gpt2")      # OpenAI's weights (or a local Hugging Face folder)
+    logits, loss = model(idx, targets)       # idx, targets: (B, T) int64
+
+This file knows nothing about data, DDP or logging: `train_gpt2.py` wires those in.
+Parameter names follow the Hugging Face GPT-2 layout (`transformer.h.0.attn.c_attn.weight`, ...),
+so OpenAI's checkpoint maps onto ours one tensor at a time.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# GPT-2's BPE has 50,000 merges + 256 byte tokens + 1 <|endoftext|> = 50,257 tokens.
+GPT2_VOCAB_SIZE = 50257
+
+# Matmul kernels are fastest when dimensions are multiples of 64/128 (tensor-core tiles). 50,257 is
+# odd, so the embedding and output layer get 50,304 = 393 * 128 rows; the extra 47 ids never occur
+# in the data, and `GPT.forward` gives them -inf logits so they can never be predicted or sampled.
+VOCAB_PAD_MULTIPLE = 128
+
+# (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes, and small shapes that train on a CPU.
+MODEL_SIZES = {
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+    "tiny": (2, 2, 64),  # for unit tests: runs in milliseconds
+    "mini": (4, 4, 128),  # for CPU demos: learns English-looking text in minutes
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (number of learned position embeddings)
+    vocab_size: int = GPT2_VOCAB_SIZE  # real token ids are 0 .. vocab_size-1
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """GPTConfig.from_name("gpt2-medium") or GPTConfig.from_name("mini", block_size=256)."""
+        if name not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(MODEL_SIZES)}")
+        n_layer, n_head, n_embd = MODEL_SIZES[name]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+    @property
+    def padded_vocab_size(self):
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
+        self.n_head = config.n_head
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # softmax(q k^T / sqrt(hs)) v with a causal mask; PyTorch picks a flash-attention kernel
+        # where it can, which never materialises the (T, T) attention matrix.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs by ~1e-3
+        # and would break parity with OpenAI's weights.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: LayerNorm sits inside each residual branch (GPT-2, not GPT-1)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
+        x = x + self.mlp(self.ln_2(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying (GPT-2, after Press & Wolf 2017): the output layer reuses the token embedding
+        # matrix. Saves 38.6M parameters (30% of the 124M model) and trains at least as well.
+        self.lm_head.weight = self.transformer.wte.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-2's initialisation: N(0, 0.02) for weights, zero biases, LayerNorm at (1, 0).
+        std = 0.02
+        # Each block adds to the residual stream twice (attention, MLP), so after L blocks the stream
+        # has received 2L contributions; scaling their output projections by 1/sqrt(2L) keeps its
+        # variance from growing with depth (GPT-2 paper, section 2.3).
+        residual_std = std * (2 * self.config.n_layer) ** -0.5
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                module_std = residual_std if name.endswith("c_proj") else std
+                torch.nn.init.normal_(module.weight, mean=0.0, std=module_std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids; targets == -1 marks positions left out of the loss.
+        Returns logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets)."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's block_size={self.config.block_size}: "
+                f"crop the input or train with a larger block_size"
+            )
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        # The padding ids are not tokens: a logit of -inf gives them probability exactly 0, in the loss
+        # and when sampling. (Writing 47 columns in place is cheap; the matmul's backward needs only
+        # its inputs, so autograd allows it.)
+        logits[..., self.config.vocab_size :] = float("-inf")
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # Callers see exactly vocab_size columns, like any GPT-2 implementation (a view, not a copy).
+        return logits[..., : self.config.vocab_size], loss
+
+    def num_params(self):
+        """Number of parameters, counting the tied embedding / output matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward) at sequence length seq_len.
+
+        PaLM's estimate (Chowdhery et al. 2022, appendix B): 6N for the matmuls with the weights
+        (2 per multiply-add, x3 for forward + backward), plus 12*L*H*Q*T for the attention scores
+        and their weighted sum, which involve no weights. N counts the token embedding, which is
+        also the output layer, but not the position embedding, a lookup with no matmul. The 47
+        padding rows are excluded: MFU counts only useful work. GPT-2 124M at T=1024: ~0.855 GFLOP.
+        """
+        cfg = self.config
+        N = self.num_params() - self.transformer.wpe.weight.numel()
+        N -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
+        return 6 * N + 12 * L * H * Q * T
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        """AdamW with weight decay on the matrices (matmul weights and embeddings) only.
+        Biases and LayerNorm gains are 1-D: decaying them toward zero only hurts."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused CUDA kernel updates all parameters in a few launches instead of one per tensor.
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if use_fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature=0 picks the most likely
+        token; top_k keeps only the k most likely; a seeded torch.Generator makes it reproducible."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]  # the model cannot see further back
+            logits, _ = self(context)
+            logits = logits[:, -1, :].float()  # (B, vocab_size): only the last position predicts
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    # ---- OpenAI's weights, through the Hugging Face transformers format ----
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """Load "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" from the Hugging Face hub (set
+        HF_ENDPOINT to use a mirror), or a local folder saved with save_pretrained (works offline)."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise SystemExit("loading pretrained GPT-2 weights needs transformers: pip install transformers")
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:
+            raise SystemExit(
+                f"could not load GPT-2 weights {name_or_dir!r}: {e}\n"
+                "Pass a local folder in Hugging Face format, or set HF_ENDPOINT to a reachable hub mirror."
+            )
+        hf_cfg = hf_model.config
+        if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise SystemExit(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(
+            block_size=hf_cfg.n_positions,
+            vocab_size=hf_cfg.vocab_size,
+            n_layer=hf_cfg.n_layer,
+            n_head=hf_cfg.n_head,
+            n_embd=hf_cfg.n_embd,
+        )
+        model = cls(config)
+        ours = model.state_dict()
+        theirs = hf_model.state_dict()
+        with torch.no_grad():
+            for name, transposed in model._hf_names():
+                src = theirs[name].t() if transposed else theirs[name]
+                if name == "transformer.wte.weight":
+                    ours[name][: config.vocab_size].copy_(src)
+                    ours[name][config.vocab_size :].zero_()  # padding rows: never used, see forward
+                else:
+                    ours[name].copy_(src)
+        return model
+
+    def _hf_names(self):
+        """(name, transposed) for every tensor of the Hugging Face GPT-2 layout. OpenAI's code used a
+        `Conv1D` layer that stores matmul weights as (in, out); nn.Linear stores (out, in)."""
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        # lm_head.weight is the same tensor as wte (tied), so it is not listed separately
+        return [(k, k.endswith(conv1d)) for k in self.state_dict() if k != "lm_head.weight"]
+
+    def save_pretrained(self, out_dir):
+        """Write this model as a Hugging Face GPT2LMHeadModel folder, for tools that expect that
+        format (the EleutherAI evaluation harness, transformers' generate, ...)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = self.config
+        hf_config = GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            activation_function="gelu_new",
+        )
+        hf_model = GPT2LMHeadModel(hf_config)
+        ours = self.state_dict()
+        theirs = hf_model.state_dict()
+        with torch.no_grad():
+            for name, transposed in self._hf_names():
+                src = ours[name][: cfg.vocab_size] if name == "transformer.wte.weight" else ours[name]
+                theirs[name].copy_(src.t() if transposed else src)
+        hf_model.tie_weights()
+        hf_model.save_pretrained(out_dir)

@@ -1,0 +1,58 @@
+"""Shared test setup: offline data paths and tiny models.
+
+The tests run offline. Data comes from environment variables (what `.ci/run` exports), falling back
+to `../shared/data` beside the checkout; a test whose data is missing is skipped, naming the variable.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # the scripts live flat at the top level
+
+# Never reach for the Hugging Face hub from a test.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# tiktoken reads its cache folder when the encoding is first loaded, so set it before any test does.
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken_cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken_cache")
+
+
+def data_path(variable, default):
+    """The path in $variable, else ../shared/data/<default>; skip the test if neither exists."""
+    path = Path(os.environ.get(variable, SHARED_DATA / default))
+    if not path.exists():
+        pytest.skip(f"offline data not found: set {variable} (looked in {path})")
+    return path
+
+
+@pytest.fixture
+def fineweb_sample_dir():
+    return data_path("FINEWEB_DATA_FILES", "fineweb_sample")
+
+
+@pytest.fixture
+def hellaswag_dir():
+    return data_path("HELLASWAG_DIR", "hellaswag")
+
+
+@pytest.fixture
+def lambada_dir():
+    return data_path("LAMBADA_DIR", "lambada")
+
+
+@pytest.fixture
+def tinyshakespeare_file():
+    return data_path("TINYSHAKESPEARE_FILE", "tinyshakespeare/input.txt")
+
+
+@pytest.fixture
+def gpt2_tokenizer():
+    tiktoken = pytest.importorskip("tiktoken")
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        pytest.skip("set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files")
+    return tiktoken.get_encoding("gpt2")
