@@ -8,7 +8,7 @@ DataLoaderLite: (x, y) batches of GPT-2 tokens, read straight from the shards on
 
 To see what a loader would read from a folder of shards (counts, tokens per epoch, steps per epoch):
 
-    python dataloader.py --data_root edu_fineweb10B --split train --B 64 --T 1024 --num_processes 8
+    python dataloader.py --data_dir edu_fineweb10B --split train --B 64 --T 1024 --num_processes 8
 
 Shards are what `fineweb.py` writes, `{prefix}_{split}_{index:06d}.npy` (1-D uint16 arrays saved
 with np.save), or llm.c's `.bin` files (a header of 256 int32: magic 20240520, version 1, token
@@ -20,19 +20,24 @@ A window is B*T+1 consecutive tokens of one shard: x is its first B*T tokens, y 
 needs one token past x. A shard of N tokens holds (N - 1) // (B*T) windows, window w starting at
 token w*B*T. Windows never straddle two shards; what is left at the end of a shard is shorter than
 one window (at most B*T tokens, so no window's worth of tokens is wasted, and nothing is read past
-the end).
+the end). A shard too short for one window would never be read, so it is an error; so is a split
+with fewer windows than ranks (one step would give the same window to two ranks). No shard needs
+W*B*T+1 tokens, as it does in the reference recipe.
 
 One epoch is every window of every shard once: shards in name order and windows in shard order, or,
 with shuffle=True, shards in a new random order each epoch and the windows of each shard in a new
-random order each epoch. The epochs follow each other as one endless stream of windows numbered
-0, 1, 2, ...; at its s-th call of next_batch(), rank r of W reads window s*W + r of that stream.
+random order each epoch. (Shuffling whole windows keeps each rank's reads and the equivalences
+below exact. Shuffling within a shard rather than across all of them keeps one shard's window order
+in memory at a time, and the reads of a stretch of training within one file.) The epochs follow
+each other as one endless stream of windows numbered 0, 1, 2, ...; at its s-th call of
+next_batch(), rank r of W reads window s*W + r of that stream.
 
 What follows from that numbering (each point is pinned by a test in tests/test_dataloader.py):
-- Rank r reads the window at offset r*B*T inside each stride of W*B*T tokens, as the reference
-  recipe does, as long as no shard ends inside the stride. Where a shard's window count is not a
-  multiple of W, the reference recipe drops the shard's last windows and restarts every rank at the
-  next shard; here the next stride simply takes the remaining windows of this shard and the first
-  ones of the next, so nothing is dropped.
+- Without shuffling, the W windows of one step are W consecutive windows of a shard: a stride of
+  W*B*T tokens in which rank r reads the window at offset r*B*T, as in the reference recipe. The two
+  differ only where a shard ends inside a stride (its window count is not a multiple of W): the
+  reference recipe drops the shard's last windows and restarts every rank at the next shard; here
+  the stride takes the last windows of this shard and the first of the next, so nothing is dropped.
 - W ranks doing A accumulation micro-steps each read, in one optimizer step, exactly the windows one
   rank reads doing W*A micro-steps: windows k*W*A ... (k+1)*W*A - 1 of the stream for optimizer step
   k, rank r's micro-step a holding window (k*A + a)*W + r. This holds for every step, every W and A,
@@ -63,14 +68,13 @@ TOKEN_DTYPE = np.dtype("<u2")  # GPT-2 ids are < 50,257, so uint16 halves the di
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1  # version 2 holds uint32 tokens (llm.c's Llama 3 data): not GPT-2, not supported
 LLMC_HEADER_INTS = 256
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def find_shards(data_root, split):
     """The split's shard files in data_root, sorted by name (fineweb.py's names sort by index)."""
     if not os.path.isdir(data_root):
         raise SystemExit(
-            f"data folder {data_root} does not exist: run `python fineweb.py` to write the token shards, "
+            f"data folder {data_root} not found: run `python fineweb.py` to write the token shards, "
             f"or pass --data_dir with the folder that holds them"
         )
     patterns = [os.path.join(data_root, f"*_{split}_*{ext}") for ext in (".npy", ".bin")]
@@ -87,9 +91,12 @@ def npy_layout(path):
     """(byte offset of the first token, number of tokens) of a .npy shard, checked against the file."""
     with open(path, "rb") as f:
         try:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = NPY_HEADER_READERS[version](f)
-        except (ValueError, KeyError) as e:
+            major, _ = np.lib.format.read_magic(f)
+            if major not in (1, 2):  # version 3 only differs for structured dtypes, never token arrays
+                raise ValueError(f".npy format version {major}")
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as e:
             raise SystemExit(f"shard {path} is not a .npy file written by np.save ({e}): re-run fineweb.py")
         offset = f.tell()
     if len(shape) != 1:
@@ -142,6 +149,10 @@ def permutation(n, seed, epoch, stream):
 
 
 class DataLoaderLite:
+    """next_batch() -> (x, y), each (B, T) int64 on `device`. Attributes worth printing: `shards`
+    (paths, sorted by name), `epoch`, `windows_per_epoch` (so one epoch is windows_per_epoch /
+    num_processes steps of each rank)."""
+
     def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root=DEFAULT_DATA_ROOT,
                  shuffle=False, seed=0, device="cpu"):
         if B < 1 or T < 1:
@@ -150,10 +161,11 @@ class DataLoaderLite:
             raise SystemExit(f"process_rank={process_rank} is not a rank of num_processes={num_processes}")
         if seed < 0:
             raise SystemExit(f"seed={seed} must be a non-negative integer")
-        self.B, self.T = B, T
-        self.process_rank, self.num_processes = process_rank, num_processes
-        self.split, self.data_root = split, data_root
-        self.shuffle, self.seed = shuffle, seed
+        # Plain Python types, so that state_dict() holds nothing a weights_only load would refuse.
+        self.B, self.T = int(B), int(T)
+        self.process_rank, self.num_processes = int(process_rank), int(num_processes)
+        self.split, self.data_root = str(split), data_root
+        self.shuffle, self.seed = bool(shuffle), int(seed)
         self.device = torch.device(device)
         # Page-locked memory lets the copy to the GPU run asynchronously (non_blocking=True).
         self.pin_memory = self.device.type == "cuda"
@@ -172,7 +184,6 @@ class DataLoaderLite:
                 )
         self.windows_per_epoch = sum(self.shard_windows)
         if self.windows_per_epoch < num_processes:
-            # Otherwise one step would hand the same window to two ranks.
             raise SystemExit(
                 f"the {split} shards in {data_root} hold {self.windows_per_epoch} windows of B*T+1 = "
                 f"{B * T + 1:,} tokens, fewer than num_processes={num_processes}: lower B or T"
@@ -261,10 +272,10 @@ class DataLoaderLite:
         keys = ["B", "T", "shuffle", "split", "shards", "shard_tokens"] + (["seed"] if self.shuffle else [])
         for key in keys:
             if state[key] != mine[key]:
-                saved, now = (describe(state[key]), describe(mine[key]))
                 raise SystemExit(
-                    f"cannot resume the {self.split} data loader: the checkpoint was taken with {key}={saved}, "
-                    f"this run has {key}={now} (data in {self.data_root}); resume with the same setting"
+                    f"cannot resume the {self.split} data loader: the checkpoint was taken with "
+                    f"{key}={describe(state[key])}, this run has {key}={describe(mine[key])} "
+                    f"(data in {self.data_root}); resume with the same setting"
                 )
         self.position = state["position"]
 
@@ -278,16 +289,16 @@ def describe(value):
 
 def main():
     parser = argparse.ArgumentParser(description="Print what a DataLoaderLite reads from a folder of shards.")
-    parser.add_argument("--data_root", default=DEFAULT_DATA_ROOT, help="folder of token shards")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_ROOT, help="folder of token shards")
     parser.add_argument("--split", default="train")
     parser.add_argument("--B", type=int, default=64, help="sequences per micro-batch")
     parser.add_argument("--T", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--num_processes", type=int, default=1, help="number of ranks (GPUs)")
     args = parser.parse_args()
     loader = DataLoaderLite(args.B, args.T, num_processes=args.num_processes, split=args.split,
-                            data_root=args.data_root)
+                            data_root=args.data_dir)
     tokens_per_epoch = loader.windows_per_epoch * args.B * args.T
-    print(f"{len(loader.shards)} {args.split} shards in {args.data_root}: "
+    print(f"{len(loader.shards)} {args.split} shards in {args.data_dir}: "
           f"{os.path.basename(loader.shards[0])} ... {os.path.basename(loader.shards[-1])}")
     print(f"{sum(loader.shard_tokens):,} tokens; {loader.windows_per_epoch:,} windows of B*T = "
           f"{args.B * args.T:,} tokens per epoch ({tokens_per_epoch:,} tokens, shard tails left out)")
