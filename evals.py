@@ -82,7 +82,7 @@ def lambada_rows(example):
 def evaluate_lambada(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
     """{"acc", "ppl", "count"} over the passages (of all ranks; see hellaswag.score_examples)."""
     totals = score_examples(
-        model, examples, lambada_rows, device, batch_size, rank, world_size, autocast_dtype, progress, desc="lambada"
+        model, examples, lambada_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "lambada"
     )
     n = totals["count"]
     return {"acc": totals["greedy"] / n, "ppl": math.exp(totals["loss"] / n), "count": int(n)}
@@ -127,10 +127,12 @@ def load_storycloze(data_path=None, limit=None):
     return read_storycloze(path)[:limit]
 
 
-def evaluate_storycloze(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate_storycloze(
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+):
     """{"acc", "count"}: the ending with the lowest mean loss per token is the model's choice."""
     totals = score_examples(
-        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, desc="storycloze"
+        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "storycloze"
     )
     return {"acc": totals["correct_norm"] / totals["count"], "count": int(totals["count"])}
 
@@ -155,7 +157,9 @@ def load_task(name, data_path=None, limit=None):
     return load(data_path, limit)
 
 
-def evaluate_task(name, model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate_task(
+    name, model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+):
     """A flat dict of figures, the same on every rank: {"acc", "acc_norm", "count"} for hellaswag,
     {"acc", "ppl", "count"} for lambada, {"acc", "count"} for storycloze. Rank r scores examples
     r, r + world_size, ...; all ranks must call it. autocast_dtype applies on CUDA only."""
@@ -166,7 +170,11 @@ def evaluate_task(name, model, examples, device, batch_size=16, rank=0, world_si
 def log_line(step, name, results):
     """The line train_gpt2.py writes to its log: `{step} hella {acc_norm:.4f}` (the reference
     format, "hella" being acc_norm), `{step} lambada {acc:.4f}`, `{step} storycloze {acc:.4f}`."""
-    key, metric = {"hellaswag": ("hella", "acc_norm"), "lambada": ("lambada", "acc"), "storycloze": ("storycloze", "acc")}[name]
+    key, metric = {
+        "hellaswag": ("hella", "acc_norm"),
+        "lambada": ("lambada", "acc"),
+        "storycloze": ("storycloze", "acc"),
+    }[name]
     return f"{step} {key} {results[metric]:.4f}"
 
 

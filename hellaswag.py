@@ -110,18 +110,19 @@ def score_batch(model, tokens, mask, autocast_dtype=None):
     return sum_loss, is_target.sum(dim=1), n_misses == 0
 
 
-def batch_totals(sum_loss, n_tokens, greedy, labels):
+def batch_totals(sum_loss, n_tokens, greedy, labels, dtype):
     """Scores of a batch of E examples with k rows each, (E, k), and their labels (E,) -> the
-    contributions of these examples to TOTALS, as Python numbers."""
+    contributions of these examples to TOTALS, a tensor in that order, still on the device."""
     label = labels[:, None]  # (E, 1)
-    return {
-        "count": len(labels),
-        "correct": (sum_loss.argmin(dim=1) == labels).sum().item(),
-        "correct_norm": ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item(),
-        "greedy": greedy.gather(1, label).sum().item(),
-        "loss": sum_loss.gather(1, label).sum().item(),
-        "tokens": n_tokens.gather(1, label).sum().item(),
-    }
+    per_example = [
+        torch.ones_like(labels),  # count
+        sum_loss.argmin(dim=1) == labels,  # correct
+        (sum_loss / n_tokens).argmin(dim=1) == labels,  # correct_norm
+        greedy.gather(1, label)[:, 0],
+        sum_loss.gather(1, label)[:, 0],  # loss
+        n_tokens.gather(1, label)[:, 0],  # tokens
+    ]
+    return torch.stack([figure.to(dtype) for figure in per_example], dim=1).sum(dim=0)  # (len(TOTALS),)
 
 
 def unwrap(model):
@@ -134,7 +135,7 @@ def unwrap(model):
 
 
 def score_examples(
-    model, examples, render, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False, desc="eval"
+    model, examples, render, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False, desc=None
 ):
     """Score examples, batch_size examples per forward pass; returns TOTALS summed over all ranks.
 
@@ -147,7 +148,10 @@ def score_examples(
     # Longest first: neighbours in a batch have similar lengths, so little of it is padding, and a
     # batch too large for memory fails at once rather than after most of the work.
     rendered.sort(key=lambda item: max(len(c) + len(e) for c, e in item[0]), reverse=True)
-    totals = dict.fromkeys(TOTALS, 0)
+    # The totals stay on the device until the end: reading them after every batch would make the
+    # CPU wait for the GPU instead of preparing the next batch. float64 keeps the sums exact (MPS has none).
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    totals = torch.zeros(len(TOTALS), dtype=dtype, device=device)
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(rendered), batch_size), desc=desc, unit="batch", disable=not progress):
@@ -156,15 +160,13 @@ def score_examples(
         tokens, mask = pad_rows(rows, model.config.block_size)
         scores = score_batch(model, tokens.to(device), mask.to(device), autocast_dtype)
         labels = torch.tensor([label for _, label in batch], device=device)
-        per_example = [s.view(len(batch), -1) for s in scores]  # each (E, k)
-        for name, value in batch_totals(*per_example, labels).items():
-            totals[name] += value
+        per_example = [score.view(len(batch), -1) for score in scores]  # each (E, k)
+        totals += batch_totals(*per_example, labels, dtype)
     model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         # SUM, not AVG: gloo (Windows, CPU) rejects ReduceOp.AVG, and shards may differ in size anyway
-        summed = torch.tensor([totals[name] for name in TOTALS], dtype=torch.float64, device=device)
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        totals = dict(zip(TOTALS, summed.tolist()))
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    totals = dict(zip(TOTALS, totals.tolist()))
     if totals["count"] == 0:
         raise SystemExit("no examples to evaluate")
     return totals
@@ -188,7 +190,9 @@ def read_jsonl(path, problem):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}, line {line_number}: not valid JSON ({e.msg}); fix or re-download the file")
+                    raise SystemExit(
+                        f"{path}, line {line_number}: not valid JSON ({e.msg}); fix or re-download the file"
+                    )
                 error = problem(row)
                 if error:
                     raise SystemExit(f"{path}, line {line_number}: {error}")
@@ -294,10 +298,12 @@ def render_example(example):
     return tokens, mask, label
 
 
-def evaluate_hellaswag(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate_hellaswag(
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+):
     """{"acc", "acc_norm", "count"} over the examples (of all ranks; see score_examples)."""
     totals = score_examples(
-        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, desc="hellaswag"
+        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "hellaswag"
     )
     n = totals["count"]
     return {"acc": totals["correct"] / n, "acc_norm": totals["correct_norm"] / n, "count": int(n)}
@@ -306,13 +312,23 @@ def evaluate_hellaswag(model, examples, device, batch_size=16, rank=0, world_siz
 # ---- command line, shared with evals.py --------------------------------------------------------
 def add_eval_args(parser):
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face folder")
+    weights.add_argument(
+        "--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face folder"
+    )
     weights.add_argument("--checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19072.pt")
-    parser.add_argument("--data_dir", help="folder holding the data file, or the file itself (default: the task's variable, e.g. HELLASWAG_DIR, else download)")
+    parser.add_argument(
+        "--data_dir",
+        help="folder holding the data file, or the file itself (default: $HELLASWAG_DIR etc., else download)",
+    )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else mps, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype on CUDA; bfloat16 is faster, float32 reproduces the reference figures")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="autocast dtype on CUDA; bfloat16 is faster, float32 reproduces the reference figures",
+    )
 
 
 def positive_int(text):
@@ -360,8 +376,14 @@ def run_eval(name, args, load, evaluate):
     model = load_model(args, device)
     examples = load(args.data_dir, args.limit)
     results = evaluate(
-        model, examples, device, batch_size=args.batch_size, rank=rank, world_size=world_size,
-        autocast_dtype=DTYPES[args.dtype], progress=rank == 0,
+        model,
+        examples,
+        device,
+        batch_size=args.batch_size,
+        rank=rank,
+        world_size=world_size,
+        autocast_dtype=DTYPES[args.dtype],
+        progress=rank == 0,
     )
     if rank == 0:
         print(format_results(name, results))

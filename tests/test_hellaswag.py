@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import evals
 import hellaswag
-from conftest import data_path
 from checkpoint import model_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import data_path
 from model import GPT, GPTConfig
 
 # The first validation example, as the original file has it.
@@ -172,8 +172,12 @@ def distributed_worker(rank, world_size, port, checkpoint_path, hellaswag_dir, l
     hella = hellaswag.load_hellaswag(hellaswag_dir, limit=11)  # 6 + 5: unequal shards
     lambada = evals.load_task("lambada", lambada_dir, limit=5)
     results = {
-        "hellaswag": evals.evaluate_task("hellaswag", model, hella, "cpu", batch_size=2, rank=rank, world_size=world_size),
-        "lambada": evals.evaluate_task("lambada", model, lambada, "cpu", batch_size=2, rank=rank, world_size=world_size),
+        "hellaswag": evals.evaluate_task(
+            "hellaswag", model, hella, "cpu", batch_size=2, rank=rank, world_size=world_size
+        ),
+        "lambada": evals.evaluate_task(
+            "lambada", model, lambada, "cpu", batch_size=2, rank=rank, world_size=world_size
+        ),
         # one example: rank 1 has nothing to score, yet must join the all-reduce
         "one": hellaswag.evaluate_hellaswag(model, hella[:1], "cpu", rank=rank, world_size=world_size),
     }
@@ -274,7 +278,9 @@ def offline_cache(monkeypatch, tmp_path, response=None):
 
 def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
     offline_cache(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit, match=r"could not download .*hellaswag_val.jsonl[\s\S]*--data_dir[\s\S]*HELLASWAG_DIR"):
+    with pytest.raises(
+        SystemExit, match=r"could not download .*hellaswag_val.jsonl[\s\S]*--data_dir[\s\S]*HELLASWAG_DIR"
+    ):
         hellaswag.load_hellaswag()
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left behind
 
