@@ -373,8 +373,8 @@ def run_eval(name, args, load, evaluate):
     """The whole command line run: load(data_path, limit) -> examples, evaluate(model, examples,
     device, ...) -> results, printed by rank 0."""
     rank, world_size, device = setup_distributed(args.device)
+    examples = load(args.data_dir, args.limit)  # before the model: a data problem shows up in a second
     model = load_model(args, device)
-    examples = load(args.data_dir, args.limit)
     results = evaluate(
         model,
         examples,
