@@ -15,11 +15,16 @@ import json
 
 
 # ---- fineweb.py -------------------------------------------------------------------------------
-# Runs in a fresh interpreter, so that its peak RSS is the pipeline's alone. The tokenizer is loaded
-# before the clock starts, as it is for the raw-encoding figures it is compared with. Peak RSS comes
-# from VmHWM: ru_maxrss would start at the RSS of the parent that forked us (Linux keeps it across exec).
+# Each measurement runs in a fresh interpreter: its peak RSS is its own, and so is tiktoken's regex
+# cache. (tiktoken gives each thread one of 128 regex copies; the first thread to use a copy owns it
+# and later threads on it pay a lock, ~25% slower: repeated runs in one process would skew the figures.)
+# The texts are read and the tokenizer loaded before the clock starts, except for "pipeline", whose
+# time is fineweb.py's whole read, tokenize, write. Peak RSS is VmHWM: ru_maxrss would start at the
+# RSS of the parent that forked the child (Linux keeps it across exec).
 FINEWEB_CHILD = """
-import json, resource, sys, time, fineweb
+import json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import fineweb, bench
 
 def peak_rss_mb():
     try:
@@ -28,12 +33,28 @@ def peak_rss_mb():
     except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-fineweb.gpt2_tokenizer()
+def cpu_seconds():
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+mode, num_proc, data_dir, out_dir, shard_size = sys.argv[1:]
+num_proc = int(num_proc)
+enc = fineweb.gpt2_tokenizer()
+if mode != "pipeline":
+    texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
+    batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), lambda: None))
 rss_before = peak_rss_mb()
-t0 = time.perf_counter()
-fineweb.main(sys.argv[1:])
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}))
+t0, cpu0 = time.perf_counter(), cpu_seconds()
+if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
+    enc.encode_ordinary_batch(texts, num_threads=num_proc)
+elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them
+    bench.encode_in_process_pool(batches, num_proc)
+elif mode == "encode":  # fineweb.py's encoding of the same batches, without reading or writing
+    with ThreadPoolExecutor(num_proc) as pool:
+        list(pool.map(lambda batch: fineweb.encode_batch(enc, batch.texts), batches))
+else:
+    fineweb.main(["--data_files", data_dir, "--out_dir", out_dir, "--shard_size", shard_size, "--num_proc", str(num_proc), "--overwrite"])
+seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}))
 """
 
 
@@ -45,18 +66,19 @@ def add_fineweb_args(parser):
     parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of each measurement")
 
 
-def fineweb_pipeline(data_dir, out_dir, args):
-    """Run fineweb.py on data_dir in a child process: its seconds (read, tokenize, write) and peak RSS."""
-    import os
-    import subprocess
-    import sys
+def encode_pool_chunk(texts):
+    import numpy as np
+    import tiktoken
 
-    argv = ["--data_files", data_dir, "--out_dir", out_dir, "--shard_size", args.shard_size, "--num_proc", str(args.num_proc), "--overwrite"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    child = subprocess.run([sys.executable, "-c", FINEWEB_CHILD, *argv], cwd=here, capture_output=True, text=True)
-    if child.returncode != 0:
-        raise SystemExit(f"fineweb.py failed:\n{child.stderr[-2000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    enc = tiktoken.get_encoding("gpt2")  # loaded once per process, then cached by tiktoken
+    return [np.array(tokens, dtype=np.uint16) for tokens in enc.encode_ordinary_batch(texts, num_threads=1)]
+
+
+def encode_in_process_pool(batches, num_proc):
+    import multiprocessing
+
+    with multiprocessing.Pool(num_proc) as pool:
+        list(pool.imap(encode_pool_chunk, (batch.texts for batch in batches)))
 
 
 def linked_copies(files, copies, folder):
@@ -70,71 +92,53 @@ def linked_copies(files, copies, folder):
     return folder
 
 
-def encode_pool_chunk(texts):
-    import numpy as np
-    import tiktoken
+def fineweb_child(mode, data_dir, out_dir, args):
+    """One measurement (FINEWEB_CHILD) in a fresh interpreter: its seconds, CPU seconds and peak RSS."""
+    import os
+    import subprocess
+    import sys
 
-    enc = tiktoken.get_encoding("gpt2")  # cached per process after the first call
-    return [np.array(tokens, dtype=np.uint16) for tokens in enc.encode_ordinary_batch(texts, num_threads=1)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [mode, str(args.num_proc), data_dir, out_dir, args.shard_size]
+    child = subprocess.run([sys.executable, "-c", FINEWEB_CHILD, *argv], cwd=here, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"bench.py fineweb {mode} failed:\n{child.stderr[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def bench_fineweb(args):
     """Raw tiktoken throughput and the fineweb.py pipeline's, on the same texts with the same cores."""
-    import multiprocessing
     import tempfile
-    import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import fineweb
 
     args.num_proc = args.num_proc or fineweb.available_cores()
     files = fineweb.resolve_data_files(args.data_files)
-    texts = [text for text in fineweb.local_rows(files, "text", 0) if text] * args.copies
-    enc = fineweb.gpt2_tokenizer()
-    n_tokens = len(texts) + sum(len(tokens) for tokens in enc.encode_ordinary_batch(texts, num_threads=args.num_proc))
-    chunks = [texts[i : i + 64] for i in range(0, len(texts), 64)]
-
-    def raw_tiktoken():  # tiktoken's own batch API: threads, each returning a list of ints
-        enc.encode_ordinary_batch(texts, num_threads=args.num_proc)
-
-    def raw_pool():  # the alternative to threads: a process pool, texts and tokens pickled between them
-        with multiprocessing.Pool(args.num_proc) as pool:
-            pool.map(encode_pool_chunk, chunks[: args.num_proc])  # start-up and tokenizer load not timed
-            t0 = time.perf_counter()
-            pool.map(encode_pool_chunk, chunks)
-            return time.perf_counter() - t0
-
-    def encode_only():  # what fineweb.py does to texts already in memory, without reading or writing
-        with ThreadPoolExecutor(args.num_proc) as pool:
-            list(pool.map(lambda chunk: fineweb.encode_batch(enc, chunk), chunks))
-
-    def seconds(fn):
-        t0 = time.perf_counter()
-        return fn() or time.perf_counter() - t0
-
-    best = {"raw": float("inf"), "pool": float("inf"), "encode": float("inf"), "pipeline": float("inf")}
+    modes = ("raw", "pool", "encode", "pipeline")
+    best = {mode: {"seconds": float("inf")} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        one = linked_copies(files, 1, f"{tmp}/one")
         many = linked_copies(files, args.copies, f"{tmp}/many")
         for _ in range(args.rounds):  # interleaved, so that a noisy neighbour hurts every figure alike
-            best["raw"] = min(best["raw"], seconds(raw_tiktoken))
-            best["pool"] = min(best["pool"], seconds(raw_pool))
-            best["encode"] = min(best["encode"], seconds(encode_only))
-            pipeline = fineweb_pipeline(many, f"{tmp}/out", args)
-            best["pipeline"] = min(best["pipeline"], pipeline["seconds"])
-        small = fineweb_pipeline(one, f"{tmp}/out", args)
+            for mode in modes:
+                best[mode] = min(best[mode], fineweb_child(mode, many, f"{tmp}/out", args), key=lambda r: r["seconds"])
+        with open(f"{tmp}/out/meta.json") as f:
+            tokens = sum(shard["tokens"] for shard in json.load(f)["shards"])
+        one = fineweb_child("pipeline", linked_copies(files, 1, f"{tmp}/one"), f"{tmp}/out", args)
+    seconds = {mode: best[mode]["seconds"] for mode in modes}
     return {
         "num_proc": args.num_proc,
-        "tokens": n_tokens,
-        "raw_tiktoken_tok_per_s": n_tokens / best["raw"],
-        "raw_process_pool_tok_per_s": n_tokens / best["pool"],
-        "encode_only_tok_per_s": n_tokens / best["encode"],
-        "pipeline_tok_per_s": n_tokens / best["pipeline"],
-        "pipeline_vs_raw_tiktoken": best["raw"] / best["pipeline"],
-        "pipeline_vs_encode_only": best["encode"] / best["pipeline"],
-        "rss_mb_before_run": pipeline["rss_before_mb"],
-        f"peak_rss_mb_1x_data": small["rss_mb"],
-        f"peak_rss_mb_{args.copies}x_data": pipeline["rss_mb"],
+        "tokens": tokens,  # [EOT] + text tokens of every document; the raw figures encode the same texts
+        "raw_tiktoken_tok_per_s": tokens / seconds["raw"],
+        "raw_process_pool_tok_per_s": tokens / seconds["pool"],
+        "encode_only_tok_per_s": tokens / seconds["encode"],
+        "pipeline_tok_per_s": tokens / seconds["pipeline"],
+        "pipeline_vs_raw_tiktoken": seconds["raw"] / seconds["pipeline"],
+        "pipeline_vs_encode_only": seconds["encode"] / seconds["pipeline"],
+        "raw_tiktoken_cpu_ns_per_tok": best["raw"]["cpu_seconds"] / tokens * 1e9,
+        "pipeline_cpu_ns_per_tok": best["pipeline"]["cpu_seconds"] / tokens * 1e9,
+        "pipeline_rss_mb_at_start": best["pipeline"]["rss_before_mb"],
+        "pipeline_peak_rss_mb_1x_data": one["rss_mb"],
+        f"pipeline_peak_rss_mb_{args.copies}x_data": best["pipeline"]["rss_mb"],
     }
 
 

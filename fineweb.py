@@ -160,16 +160,16 @@ def json_rows(path, text_field, skip):
         is_array = f.read(256).lstrip().startswith("[")
         f.seek(0)
         if is_array:
-            lines = enumerate(json.load(f), 1)
+            items = enumerate(json.load(f), 1)
         else:
-            lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())
+            items = ((number, line) for number, line in enumerate(f, 1) if line.strip())
         rows = 0
-        for number, line in lines:
+        for number, item in items:
             rows += 1
             if rows <= skip:
                 continue  # resuming: counting lines is enough, no need to parse them
             try:
-                record = line if is_array else json.loads(line)
+                record = item if is_array else json.loads(item)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{number}: not valid JSON ({e})")
             if not isinstance(record, dict):
@@ -274,6 +274,8 @@ def document_batches(rows, start, stream_state):
 
 # ---- tokenizing -------------------------------------------------------------------------------
 def gpt2_tokenizer():
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+        raise SystemExit(f"fineweb.py needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
     try:
         return tiktoken.get_encoding(TOKENIZER)
     except Exception as e:  # the BPE files are downloaded on first use
@@ -317,7 +319,7 @@ def encoded_batches(enc, batches, num_threads):
     with ThreadPoolExecutor(num_threads) as pool:
         try:
             while True:
-                while len(pending) < BATCHES_PER_THREAD * num_threads and (batch := next(batches, None)):
+                while len(pending) < BATCHES_PER_THREAD * num_threads and (batch := next(batches, None)) is not None:
                     pending.append((batch, pool.submit(encode_batch, enc, batch.texts)))
                 if not pending:
                     return
@@ -365,7 +367,8 @@ class ShardWriter:
     def __init__(self, cfg, settings, shards, start):
         self.cfg = cfg
         self.meta = {"settings": settings, "shards": shards, "complete": False}
-        self.buffers = [np.empty(cfg.shard_size, dtype=DTYPE) for _ in range(2)]  # pages are touched as filled
+        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
+        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=DTYPE), np.empty(cfg.shard_size, dtype=DTYPE)
         self.fill = 0  # tokens in the current shard
         self.shard_docs = 0  # documents whose EOT is in the current shard
         self.tokens = sum(s["tokens"] for s in shards)
@@ -387,7 +390,7 @@ class ShardWriter:
         pos, self.skip = self.skip, 0
         while pos < len(tokens) and not self.done():
             take = min(len(tokens) - pos, self.cfg.shard_size - self.fill, (self.cfg.max_tokens or np.inf) - self.tokens)
-            self.buffers[len(self.meta["shards"]) % 2][self.fill : self.fill + take] = tokens[pos : pos + take]
+            self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
             self.shard_docs += int(np.searchsorted(starts, pos + take) - np.searchsorted(starts, pos))
             self.fill, self.tokens, pos = self.fill + take, self.tokens + take, pos + take
             self.advance(batch, lengths, ends, pos, empty_before)
@@ -405,10 +408,9 @@ class ShardWriter:
         self.empty_docs = empty_before + int(np.count_nonzero(lengths[:row] == 0))
 
     def save_shard(self):
-        index = len(self.meta["shards"])
         position = self.position
         entry = {
-            "file": shard_name(self.cfg.prefix, index),
+            "file": shard_name(self.cfg.prefix, len(self.meta["shards"])),
             "tokens": self.fill,
             "docs": self.shard_docs,  # documents that start in this shard
             "empty_docs": self.empty_docs,  # empty or null documents skipped so far (all shards)
@@ -417,11 +419,11 @@ class ShardWriter:
             "stream_state": position.stream_state,
             "stream_skip": position.stream_skip,
         }
-        self.wait_for_save()  # the previous shard's buffer is the one we are about to refill
+        self.wait_for_save()  # the spare buffer, which the next shard fills, must be on disk
         self.meta["shards"].append(entry)
         meta = dict(self.meta, shards=list(self.meta["shards"]))  # a snapshot for the saving thread
-        tokens = self.buffers[index % 2][: self.fill]
-        self.saving = self.saver.submit(save_shard, self.cfg.out_dir, entry, tokens, meta)
+        self.saving = self.saver.submit(save_shard, self.cfg.out_dir, entry, self.buffer[: self.fill], meta)
+        self.buffer, self.spare = self.spare, self.buffer
         self.docs += self.shard_docs
         self.fill, self.shard_docs = 0, 0
 
@@ -477,7 +479,10 @@ def shard_is_intact(path, tokens):
 def completed_shards(cfg, settings):
     """The shards that an earlier run with the same settings completed in cfg.out_dir, to resume after
     ([] to start afresh), or None when that run finished."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out_dir {cfg.out_dir}: cannot create it ({e})")
     meta_path = os.path.join(cfg.out_dir, "meta.json")
     if cfg.overwrite:  # only what we write, and what the data loader would read: never the whole folder
         for path in files_matching(cfg.out_dir, SHARD_PATTERNS + ("meta.json",)):
@@ -546,7 +551,7 @@ def tokenize(cfg):
         stream_state = ds.state_dict if cfg.streaming else lambda: None
 
     writer = ShardWriter(cfg, settings, shards, start)
-    tokens_before, t0 = writer.tokens, time.time()
+    tokens_before, t0 = writer.tokens, time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing")
     batches = document_batches(rows, start, stream_state)
     with bar, closing(encoded_batches(enc, batches, cfg.num_proc)) as encoded:
@@ -557,7 +562,7 @@ def tokenize(cfg):
                 break
     writer.finish()
 
-    seconds = time.time() - t0
+    seconds = time.perf_counter() - t0
     new_tokens = writer.tokens - tokens_before
     resumed = f"resumed at shard {start_shard}, " if start_shard else ""
     shards = writer.meta["shards"]
@@ -575,11 +580,11 @@ def parse_count(text):
     """'100000000', '1e8' or '100_000_000' -> 100000000."""
     try:
         value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(value)
+        if value >= 1 and value == int(value):
+            return int(value)
+    except (ValueError, OverflowError):  # not a number, or inf
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number (1e6-style is fine)")
 
 
 def parse_args(argv=None):

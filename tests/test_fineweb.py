@@ -192,9 +192,14 @@ def test_downloaded_dataset_writes_the_same_tokens(sample_run, fineweb_sample_di
     np.testing.assert_array_equal(all_tokens(out_dir), all_tokens(sample_run)[:1_500_000])
 
 
-def test_unreachable_hub_says_how_to_work_offline(tmp_path, monkeypatch):
+def test_dataset_without_the_text_field_names_its_columns(fineweb_sample_dir, tmp_path):
     pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what an unreachable hub looks like, without waiting on retries
+    with pytest.raises(SystemExit, match=r"has no column 'body' \(columns: text, id, url\): pass --text_field"):
+        run(tmp_path / "out", "--dataset", fineweb_sample_dir, "--streaming", "--text_field", "body")
+
+
+def test_unreachable_hub_says_how_to_work_offline(tmp_path):
+    pytest.importorskip("datasets")  # conftest sets HF_HUB_OFFLINE=1: the hub is unreachable, without retries
     with pytest.raises(SystemExit, match="could not reach the Hugging Face hub.*--data_files.*HF_ENDPOINT"):
         run(tmp_path / "out", "--dataset", "HuggingFaceFW/fineweb-edu", "--name", "sample-10BT")
 
