@@ -1,10 +1,10 @@
 """
 FineWeb-Edu, or any text dataset, -> GPT-2 token shards for dataloader.py.
 
-    python fineweb.py                  # FineWeb-Edu sample-10BT from the Hugging Face hub -> edu_fineweb10B/
-    python fineweb.py --streaming      # the same shards, streamed: no dataset download on disk first
-    python fineweb.py --data_files ../shared/data/fineweb_sample --out_dir log/demo/data --shard_size 1e6 --max_tokens 3e6
-    HF_ENDPOINT=https://hf-mirror.com python fineweb.py     # through a mirror when the hub is slow or blocked
+    python fineweb.py                # FineWeb-Edu sample-10BT from the Hugging Face hub -> edu_fineweb10B/
+    python fineweb.py --streaming    # the same shards, streamed: no dataset download on disk first
+    python fineweb.py --data_files ../shared/data/fineweb_sample --out_dir log/demo/data --shard_size 1e6
+    HF_ENDPOINT=https://hf-mirror.com python fineweb.py    # through a mirror when the hub is slow or blocked
 
 Each document becomes [<|endoftext|>] + its GPT-2 tokens; documents follow each other in input order
 and are cut wherever a shard ends. A shard is a 1-D uint16 array saved with np.save, named
@@ -129,7 +129,8 @@ def resolve_data_files(patterns):
 def parquet_rows(path, text_field, skip):
     """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
     try:
-        parquet = pq.ParquetFile(path)
+        # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
+        parquet = pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
     except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
         raise SystemExit(f"{path}: not a readable parquet file ({e})")
     columns = parquet.schema_arrow.names
@@ -175,7 +176,9 @@ def json_rows(path, text_field, skip):
             if not isinstance(record, dict):
                 raise SystemExit(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
             if text_field not in record:
-                raise SystemExit(f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field")
+                raise SystemExit(
+                    f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
+                )
             yield record[text_field]
     return rows
 
@@ -218,7 +221,9 @@ def hub_dataset(cfg):
     import datasets  # imported here: a second of startup that local files do not need
 
     try:
-        ds = datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+        ds = datasets.load_dataset(
+            cfg.dataset, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir
+        )
     except FileNotFoundError as e:  # DatasetNotFoundError, DataFilesNotFoundError
         raise SystemExit(f"--dataset {cfg.dataset}: not found ({e}). For local files use --data_files")
     except ValueError as e:  # unknown config or split: datasets names those that exist
@@ -226,7 +231,9 @@ def hub_dataset(cfg):
     except OSError as e:  # ConnectionError, HTTP errors, timeouts
         raise SystemExit(hub_unreachable(cfg, e))
     if ds.column_names is not None and cfg.text_field not in ds.column_names:
-        raise SystemExit(f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field")
+        raise SystemExit(
+            f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field"
+        )
     return ds.select_columns([cfg.text_field]) if ds.column_names is not None else ds
 
 
@@ -254,13 +261,19 @@ def hub_row_count(cfg, ds):
     return splits[cfg.split].num_examples if splits and cfg.split in splits else None
 
 
+def no_state():
+    return None  # local files and downloaded datasets resume from a row number alone
+
+
 def document_batches(rows, start, stream_state):
     """Group texts into batches of about BATCH_CHARS characters, each knowing where it starts."""
     position = (start.row, start.stream_state, start.stream_skip)
     texts, chars = [], 0
     for text in rows:
         if text is not None and not isinstance(text, str):
-            raise SystemExit(f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text")
+            raise SystemExit(
+                f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text"
+            )
         texts.append(text)
         chars += len(text) if text else 0
         if chars >= BATCH_CHARS or len(texts) == BATCH_ROWS:
@@ -291,7 +304,9 @@ def encode_ordinary(enc, text):
     try:
         return enc.encode_to_numpy(text, disallowed_special=())
     except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800"): replace it, as enc.encode_ordinary does
-        return enc.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=())
+        return enc.encode_to_numpy(
+            text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
+        )
 
 
 def encode_batch(enc, texts):
@@ -389,7 +404,8 @@ class ShardWriter:
         empty_before = self.empty_docs
         pos, self.skip = self.skip, 0
         while pos < len(tokens) and not self.done():
-            take = min(len(tokens) - pos, self.cfg.shard_size - self.fill, (self.cfg.max_tokens or np.inf) - self.tokens)
+            budget = self.cfg.max_tokens - self.tokens if self.cfg.max_tokens else len(tokens)
+            take = min(len(tokens) - pos, self.cfg.shard_size - self.fill, budget)
             self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
             self.shard_docs += int(np.searchsorted(starts, pos + take) - np.searchsorted(starts, pos))
             self.fill, self.tokens, pos = self.fill + take, self.tokens + take, pos + take
@@ -504,7 +520,11 @@ def completed_shards(cfg, settings):
         raise SystemExit(f"{meta_path} is unreadable ({e!r}): pass --overwrite to start afresh")
     if old_settings != settings:
         keys = sorted(set(old_settings) | set(settings))
-        changed = [f"{k}: {old_settings.get(k)!r:.80} there, {settings.get(k)!r:.80} now" for k in keys if old_settings.get(k) != settings.get(k)]
+        changed = [
+            f"{k}: {old_settings.get(k)!r:.80} there, {settings.get(k)!r:.80} now"
+            for k in keys
+            if old_settings.get(k) != settings.get(k)
+        ]
         raise SystemExit(
             f"{cfg.out_dir} holds shards made with other settings ({'; '.join(changed)}): "
             f"pass --overwrite to replace them, or choose another --out_dir"
@@ -544,11 +564,11 @@ def tokenize(cfg):
         return f"{cfg.out_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
     start, start_shard = resume_position(shards), len(shards)
     if files:
-        rows, num_rows, stream_state = local_rows(files, cfg.text_field, start.row), local_row_count(files), lambda: None
+        rows, num_rows, stream_state = local_rows(files, cfg.text_field, start.row), local_row_count(files), no_state
     else:
         ds = hub_dataset(cfg)
         rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
-        stream_state = ds.state_dict if cfg.streaming else lambda: None
+        stream_state = ds.state_dict if cfg.streaming else no_state
 
     writer = ShardWriter(cfg, settings, shards, start)
     tokens_before, t0 = writer.tokens, time.perf_counter()
@@ -589,16 +609,16 @@ def parse_count(text):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", help=f"Hugging Face dataset id, or a local dataset folder (default: {DEFAULT_DATASET})")
+    parser.add_argument("--dataset", help=f"Hugging Face dataset id or dataset folder (default: {DEFAULT_DATASET})")
     parser.add_argument("--name", help=f"the dataset's config (default: {DEFAULT_NAME} for {DEFAULT_DATASET})")
     parser.add_argument("--split", help="the dataset's split (default: train)")
     parser.add_argument("--text_field", default="text", help="column or JSON field holding the text (default: text)")
-    parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs, read instead of a dataset")
-    parser.add_argument("--streaming", action="store_true", help="stream from the hub instead of downloading the dataset first")
-    parser.add_argument("--cache_dir", help="where datasets keeps its downloads (default: ~/.cache/huggingface/datasets)")
-    parser.add_argument("--out_dir", default=Config.out_dir, help="where the shards go (default: edu_fineweb10B beside this script)")
+    parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (no network)")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
+    parser.add_argument("--cache_dir", help="where datasets keeps downloads (default: ~/.cache/huggingface/datasets)")
+    parser.add_argument("--out_dir", default=Config.out_dir, help="shard folder (default: edu_fineweb10B beside this)")
     parser.add_argument("--prefix", default=Config.prefix, help="shard file name prefix (default: edufineweb)")
-    parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (default: 1e8)")
+    parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (1e8)")
     parser.add_argument("--max_tokens", type=parse_count, help="stop after this many tokens (small demos)")
     parser.add_argument("--num_proc", type=int, default=available_cores(), help="encoding threads (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --out_dir")

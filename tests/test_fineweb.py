@@ -67,15 +67,33 @@ def sample_run(tmp_path_factory):
     return run(out_dir, "--data_files", fineweb_sample_dir, "--shard_size", "1e6", "--num_proc", 2)
 
 
+SMALL_TEXTS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7) for i in range(60)]
+
+
 @pytest.fixture
 def small_jsonl(tmp_path):
-    texts = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7) for i in range(60)]
-    return write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts]), texts
+    return write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in SMALL_TEXTS])
+
+
+@pytest.fixture(params=["jsonl", "parquet", "txt"])
+def small_docs(request, tmp_path):
+    """SMALL_TEXTS as one .jsonl, as a parquet file of 7-row row groups, or as a folder of .txt files."""
+    if request.param == "jsonl":
+        return write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in SMALL_TEXTS])
+    if request.param == "parquet":
+        pq.write_table(pa.table({"text": SMALL_TEXTS}), tmp_path / "docs.parquet", row_group_size=7)
+        return tmp_path / "docs.parquet"
+    (tmp_path / "docs").mkdir()
+    for i, text in enumerate(SMALL_TEXTS):
+        (tmp_path / "docs" / f"{i:03d}.txt").write_text(text)
+    return tmp_path / "docs"
 
 
 # ---- the sample: exact counts, layout, determinism ---------------------------------------------
 def test_sample_shards_hold_exactly_eot_plus_encoding_of_every_document(sample_run, fineweb_sample_dir, gpt2_tokenizer):
-    texts = [t for p in sorted(fineweb_sample_dir.glob("*.parquet")) for t in pq.read_table(p).column("text").to_pylist()]
+    texts = [
+        t for p in sorted(fineweb_sample_dir.glob("*.parquet")) for t in pq.read_table(p).column("text").to_pylist()
+    ]
     tokens = all_tokens(sample_run)
     assert len(texts) == 2800 and len(tokens) == SAMPLE_TOKENS
     np.testing.assert_array_equal(tokens, expected_tokens(gpt2_tokenizer, texts))
@@ -155,12 +173,12 @@ def test_resume_redoes_a_damaged_shard(sample_run, fineweb_sample_dir, tmp_path)
     assert same_bytes(out_dir, sample_run)
 
 
-def test_other_settings_are_refused_unless_overwrite(sample_run, fineweb_sample_dir, small_jsonl, tmp_path):
+def test_other_settings_are_refused_unless_overwrite(small_jsonl, tmp_path):
     out_dir = tmp_path / "out"
-    run(out_dir, "--data_files", small_jsonl[0], "--shard_size", 100)
+    run(out_dir, "--data_files", small_jsonl, "--shard_size", 100)
     with pytest.raises(SystemExit, match="other settings .*shard_size: 100 there, 200 now.*--overwrite"):
-        run(out_dir, "--data_files", small_jsonl[0], "--shard_size", 200)
-    run(out_dir, "--data_files", small_jsonl[0], "--shard_size", 200, "--overwrite")
+        run(out_dir, "--data_files", small_jsonl, "--shard_size", 200)
+    run(out_dir, "--data_files", small_jsonl, "--shard_size", 200, "--overwrite")
     assert meta_of(out_dir)["settings"]["shard_size"] == 200
     assert all(len(np.load(p)) == 200 for p in shard_files(out_dir)[:-1])
 
@@ -169,11 +187,13 @@ def test_a_folder_with_foreign_shards_is_refused(small_jsonl, tmp_path):
     (tmp_path / "out").mkdir()
     np.save(tmp_path / "out" / "other_train_000001.npy", np.zeros(10, dtype=np.uint16))
     with pytest.raises(SystemExit, match="holds shards but no meta.json.*--overwrite"):
-        run(tmp_path / "out", "--data_files", small_jsonl[0])
+        run(tmp_path / "out", "--data_files", small_jsonl)
 
 
 # ---- the Hugging Face `datasets` path (a local dataset folder stands in for the hub) --------------
-def test_streaming_from_a_dataset_writes_the_same_bytes_and_resumes(sample_run, fineweb_sample_dir, tmp_path, monkeypatch):
+def test_streaming_from_a_dataset_writes_the_same_bytes_and_resumes(
+    sample_run, fineweb_sample_dir, tmp_path, monkeypatch
+):
     pytest.importorskip("datasets")
     flags = ("--dataset", fineweb_sample_dir, "--streaming", "--shard_size", "1e6")
     crash_on_shard(monkeypatch, 3)
@@ -188,7 +208,17 @@ def test_streaming_from_a_dataset_writes_the_same_bytes_and_resumes(sample_run, 
 
 def test_downloaded_dataset_writes_the_same_tokens(sample_run, fineweb_sample_dir, tmp_path):
     pytest.importorskip("datasets")
-    out_dir = run(tmp_path / "out", "--dataset", fineweb_sample_dir, "--cache_dir", tmp_path / "cache", "--shard_size", "1e6", "--max_tokens", "1.5e6")
+    out_dir = run(
+        tmp_path / "out",
+        "--dataset",
+        fineweb_sample_dir,
+        "--cache_dir",
+        tmp_path / "cache",
+        "--shard_size",
+        "1e6",
+        "--max_tokens",
+        "1.5e6",
+    )
     np.testing.assert_array_equal(all_tokens(out_dir), all_tokens(sample_run)[:1_500_000])
 
 
@@ -216,7 +246,14 @@ def test_txt_file_is_one_document(tinyshakespeare_file, gpt2_tokenizer, tmp_path
 
 
 def test_jsonl_skips_and_counts_empty_documents_and_encodes_special_text_as_plain(gpt2_tokenizer, tmp_path):
-    texts = ["Hello world", None, "", "a <|endoftext|> inside is plain text", "lone surrogate \ud800 here", "héllo 世界"]
+    texts = [
+        "Hello world",
+        None,
+        "",
+        "a <|endoftext|> inside is plain text",
+        "lone surrogate \ud800 here",
+        "héllo 世界",
+    ]
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
     out_dir = run(tmp_path / "out", "--data_files", path, "--shard_size", 8)
     np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, texts))
@@ -237,27 +274,26 @@ def test_json_array_gzip_and_a_folder_of_mixed_files(gpt2_tokenizer, tmp_path):
     np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, texts))
 
 
-def test_documents_straddle_tiny_shards_and_resume_mid_document(small_jsonl, gpt2_tokenizer, tmp_path, monkeypatch):
-    path, texts = small_jsonl
-    expected = expected_tokens(gpt2_tokenizer, texts)
-    whole = run(tmp_path / "whole", "--data_files", path, "--shard_size", 37)
+def test_documents_straddle_tiny_shards_and_resume_mid_document(small_docs, gpt2_tokenizer, tmp_path, monkeypatch):
+    expected = expected_tokens(gpt2_tokenizer, SMALL_TEXTS)
+    whole = run(tmp_path / "whole", "--data_files", small_docs, "--shard_size", 37)
     shards = [np.load(p) for p in shard_files(whole)]
     assert [len(s) for s in shards] == [37] * (len(expected) // 37) + [len(expected) % 37]
     np.testing.assert_array_equal(np.concatenate(shards), expected)
-    for index in (1, 5, 9):  # a crash at several shard boundaries, each resumed to the same bytes
+    for index in (1, 5, 9, 30):  # a crash at several shard boundaries, each resumed to the same bytes
         crash_on_shard(monkeypatch, index)
         with pytest.raises(SystemExit, match="interrupted"):
-            run(tmp_path / f"crash{index}", "--data_files", path, "--shard_size", 37)
+            run(tmp_path / f"crash{index}", "--data_files", small_docs, "--shard_size", 37)
         monkeypatch.undo()
-        run(tmp_path / f"crash{index}", "--data_files", path, "--shard_size", 37)
+        run(tmp_path / f"crash{index}", "--data_files", small_docs, "--shard_size", 37)
         assert same_bytes(tmp_path / f"crash{index}", whole)
+        assert meta_of(tmp_path / f"crash{index}")["shards"] == meta_of(whole)["shards"]
 
 
 def test_max_tokens_stops_at_exactly_that_many(small_jsonl, gpt2_tokenizer, tmp_path):
-    path, texts = small_jsonl
-    out_dir = run(tmp_path / "out", "--data_files", path, "--shard_size", 100, "--max_tokens", 250)
+    out_dir = run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 100, "--max_tokens", 250)
     assert [len(np.load(p)) for p in shard_files(out_dir)] == [100, 100, 50]
-    np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, texts)[:250])
+    np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, SMALL_TEXTS)[:250])
 
 
 def test_parquet_with_another_text_field(gpt2_tokenizer, tmp_path):
@@ -269,7 +305,12 @@ def test_parquet_with_another_text_field(gpt2_tokenizer, tmp_path):
 # ---- command line and errors ---------------------------------------------------------------------
 def test_defaults_are_the_reference_recipe():
     cfg = fineweb.parse_args([])
-    assert (cfg.dataset, cfg.name, cfg.split, cfg.text_field) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "text")
+    assert (cfg.dataset, cfg.name, cfg.split, cfg.text_field) == (
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+        "train",
+        "text",
+    )
     assert cfg.out_dir == os.path.join(os.path.dirname(os.path.abspath(fineweb.__file__)), "edu_fineweb10B")
     assert cfg.shard_size == 100_000_000 and cfg.max_tokens is None and cfg.num_proc == fineweb.available_cores()
     assert fineweb.parse_args(["--dataset", "roneneldan/TinyStories"]).name is None
@@ -289,13 +330,33 @@ def test_counts_accept_scientific_notation():
         (lambda d: d / "missing.parquet", (), "missing.parquet: no such file or folder"),
         (lambda d: d / "*.parquet", (), r"\*.parquet: no files matched"),
         (lambda d: d, (), "no files matched"),  # a folder without data files
-        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet") or d / "a.parquet", (), r"no column 'text' \(columns: body\)"),
-        (lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}, {"body": "y"}]), (), r"a.jsonl:2: no field 'text' \(fields: body\)"),
-        (lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{oops\n') and d / "a.jsonl", (), "a.jsonl:2: not valid JSON"),
+        (
+            lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet") or d / "a.parquet",
+            (),
+            r"no column 'text' \(columns: body\)",
+        ),
+        (
+            lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}, {"body": "y"}]),
+            (),
+            r"a.jsonl:2: no field 'text' \(fields: body\)",
+        ),
+        (
+            lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{oops\n') and d / "a.jsonl",
+            (),
+            "a.jsonl:2: not valid JSON",
+        ),
         (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), "row 0: --text_field holds int values, not text"),
-        (lambda d: write_jsonl(d / "a.jsonl", [{"text": ""}, {"text": None}]), (), "no tokens to write: all 2 documents were empty"),
+        (
+            lambda d: write_jsonl(d / "a.jsonl", [{"text": ""}, {"text": None}]),
+            (),
+            "no tokens to write: all 2 documents were empty",
+        ),
         (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad") and d / "a.txt", (), "a.txt: not UTF-8 text"),
-        (lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}]), ("--dataset", "x/y"), "--data_files reads local files: drop --dataset"),
+        (
+            lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}]),
+            ("--dataset", "x/y"),
+            "--data_files reads local files: drop --dataset",
+        ),
     ],
 )
 def test_bad_input_gets_one_clear_error(make_input, flags, message, tmp_path):
