@@ -33,26 +33,28 @@ def peak_rss_mb():
     except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-def cpu_seconds():
-    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+def cpu_seconds():  # this process and its finished children (the process pool's workers)
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 mode, num_proc, data_dir, out_dir, shard_size = sys.argv[1:]
 num_proc = int(num_proc)
 enc = fineweb.gpt2_tokenizer()
 if mode != "pipeline":
     texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
-    batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), lambda: None))
+    batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
 rss_before = peak_rss_mb()
 t0, cpu0 = time.perf_counter(), cpu_seconds()
 if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
     enc.encode_ordinary_batch(texts, num_threads=num_proc)
-elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them
+elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them (start-up timed)
     bench.encode_in_process_pool(batches, num_proc)
 elif mode == "encode":  # fineweb.py's encoding of the same batches, without reading or writing
     with ThreadPoolExecutor(num_proc) as pool:
         list(pool.map(lambda batch: fineweb.encode_batch(enc, batch.texts), batches))
 else:
-    fineweb.main(["--data_files", data_dir, "--out_dir", out_dir, "--shard_size", shard_size, "--num_proc", str(num_proc), "--overwrite"])
+    flags = {"--data_files": data_dir, "--out_dir": out_dir, "--shard_size": shard_size, "--num_proc": str(num_proc)}
+    fineweb.main([word for flag in flags.items() for word in flag] + ["--overwrite"])
 seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}))
 """

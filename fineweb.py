@@ -151,7 +151,9 @@ def parquet_rows(path, text_field, skip):
 
 
 def open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    """UTF-8 text as stored: a byte-order mark dropped, but "\r\n" kept (the tokens should see the file's bytes)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
 def json_rows(path, text_field, skip):

@@ -274,6 +274,14 @@ def test_json_array_gzip_and_a_folder_of_mixed_files(gpt2_tokenizer, tmp_path):
     np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, texts))
 
 
+def test_text_is_read_as_stored_crlf_kept_byte_order_mark_dropped(gpt2_tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\r\n")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "after a BOM"}\r\n')
+    out_dir = run(tmp_path / "out", "--data_files", tmp_path / "a.txt", tmp_path / "b.jsonl")
+    texts = ["line one\r\nline two\r\n", "after a BOM"]
+    np.testing.assert_array_equal(all_tokens(out_dir), expected_tokens(gpt2_tokenizer, texts))
+
+
 def test_documents_straddle_tiny_shards_and_resume_mid_document(small_docs, gpt2_tokenizer, tmp_path, monkeypatch):
     expected = expected_tokens(gpt2_tokenizer, SMALL_TEXTS)
     whole = run(tmp_path / "whole", "--data_files", small_docs, "--shard_size", 37)
