@@ -28,8 +28,9 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from itertools import islice
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -243,8 +244,7 @@ def hub_rows(cfg, ds, start):
     """Texts of a hub dataset from row start.row on."""
     if not cfg.streaming:
         rows = (text for batch in ds.skip(start.row).iter(batch_size=1024) for text in batch[cfg.text_field])
-    elif start.stream_state is not None:
-        ds.load_state_dict(start.stream_state)  # jumps over whole files instead of streaming them again
+    elif start.stream_state is not None and loads_state(ds, start.stream_state):
         rows = islice((row[cfg.text_field] for row in ds), start.stream_skip, None)
     else:
         rows = islice((row[cfg.text_field] for row in ds), start.row, None)
@@ -254,6 +254,24 @@ def hub_rows(cfg, ds, start):
         raise SystemExit(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
     except Exception as e:  # the network failing hours into a stream: the shards so far are kept
         raise SystemExit(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
+
+
+def loads_state(ds, state):
+    """Point a stream at a saved state: it jumps over whole files instead of streaming them again."""
+    try:
+        ds.load_state_dict(state)
+        return True
+    except Exception as e:  # a state saved by another version of datasets
+        print(f"cannot restore the stream's state ({e!r}): skipping rows from the start instead")
+        return False
+
+
+def json_state(ds):
+    """A stream's state_dict() as meta.json will hold it, or None (then a resume skips rows)."""
+    try:
+        return json.loads(json.dumps(ds.state_dict()))
+    except (TypeError, ValueError):
+        return None
 
 
 def hub_row_count(cfg, ds):
@@ -570,7 +588,7 @@ def tokenize(cfg):
     else:
         ds = hub_dataset(cfg)
         rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
-        stream_state = ds.state_dict if cfg.streaming else no_state
+        stream_state = partial(json_state, ds) if cfg.streaming else no_state
 
     writer = ShardWriter(cfg, settings, shards, start)
     tokens_before, t0 = writer.tokens, time.perf_counter()
