@@ -7,6 +7,9 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +45,10 @@ def meta_of(out_dir):
 def expected_tokens(enc, texts):
     """The oracle: [EOT] + encode_ordinary(text) for each non-empty text, in order."""
     return np.array([t for text in texts if text for t in [EOT] + enc.encode_ordinary(text)], dtype=np.uint16)
+
+
+def shards_listed(out_dir):
+    return len(meta_of(out_dir)["shards"]) if os.path.exists(os.path.join(out_dir, "meta.json")) else 0
 
 
 def same_bytes(dir_a, dir_b):
@@ -158,6 +165,22 @@ def test_resume_after_kill_writes_the_same_bytes(sample_run, fineweb_sample_dir,
     assert same_bytes(tmp_path / "out", sample_run)
     assert meta_of(tmp_path / "out")["shards"] == meta_of(sample_run)["shards"]
     assert not glob.glob(f"{tmp_path}/out/*.tmp")
+
+
+def test_resume_after_a_real_kill_9(sample_run, fineweb_sample_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    command = [sys.executable, fineweb.__file__, "--data_files", str(fineweb_sample_dir), "--out_dir", str(out_dir)]
+    command += ["--shard_size", "1e5"]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None and shards_listed(out_dir) < 3:
+        time.sleep(0.002)
+    child.kill()  # SIGKILL: no clean-up of any kind
+    child.wait()
+    if meta_of(out_dir)["complete"]:
+        pytest.skip("fineweb.py finished before it could be killed")
+    run(out_dir, "--data_files", fineweb_sample_dir, "--shard_size", "1e5")
+    assert [len(np.load(p)) for p in shard_files(out_dir)] == [100_000] * 43 + [64_780]
+    np.testing.assert_array_equal(all_tokens(out_dir), all_tokens(sample_run))
 
 
 def test_resume_redoes_a_damaged_shard(sample_run, fineweb_sample_dir, tmp_path):
