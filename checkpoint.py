@@ -44,11 +44,16 @@ def save_checkpoint(path, checkpoint):
     """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a truncated
     checkpoint under the final name (os.replace is atomic on POSIX and Windows)."""
     tmp_path = f"{path}.tmp"
-    with open(tmp_path, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:  # disk full, Ctrl-C: no half-written file stays behind
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):
