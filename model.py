@@ -168,7 +168,7 @@ class GPT(nn.Module):
         logits[..., self.config.vocab_size :] = float("-inf")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         # Callers see exactly vocab_size columns, like any GPT-2 implementation (a view, not a copy).
         return logits[..., : self.config.vocab_size], loss
 

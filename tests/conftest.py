@@ -23,8 +23,14 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken_cache").i
 
 
 def data_path(variable, default):
-    """The path in $variable, else ../shared/data/<default>; skip the test if neither exists."""
-    path = Path(os.environ.get(variable, SHARED_DATA / default))
+    """The path in $variable, else ../shared/data/<default>. Skip the test if the data is simply not
+    here; fail if $variable names a path that does not exist (CI must never skip silently)."""
+    if variable in os.environ:
+        path = Path(os.environ[variable])
+        if not path.exists():
+            pytest.fail(f"{variable}={path} does not exist")
+        return path
+    path = SHARED_DATA / default
     if not path.exists():
         pytest.skip(f"offline data not found: set {variable} (looked in {path})")
     return path

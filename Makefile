@@ -1,0 +1,42 @@
+# The two commands of the README, each doing all of its own set-up on a fresh machine:
+#
+#   make demo   data -> token shards -> train a small GPT-2 -> val loss, HellaSwag, a sample, a plot
+#   make test   the whole test suite
+#
+# Both create a virtual environment in .venv. torch is installed first, pinned by TORCH, so that pip
+# never swaps in another build later; to use a particular CUDA build, say so, for example
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
+# Offline, point the demo at local files: FINEWEB_DATA_FILES (parquet/jsonl/txt), HELLASWAG_DIR,
+# and TIKTOKEN_CACHE_DIR (see the README).
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+DEMO_DIR ?= log/demo
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+# Local files when FINEWEB_DATA_FILES is set, otherwise FineWeb-Edu streamed from the hub.
+FINEWEB_SOURCE = $(if $(FINEWEB_DATA_FILES),--data_files $(FINEWEB_DATA_FILES),--streaming)
+
+.PHONY: demo test setup
+
+setup: $(VENV)/.runtime-installed
+
+$(VENV)/.runtime-installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
+	$(PIP) -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.runtime-installed
+	$(PY) fineweb.py $(FINEWEB_SOURCE) --out_dir $(DEMO_DIR)/data --shard_size 1e6 --max_tokens 3e6
+	$(PY) train_gpt2.py --preset cpu --data_dir $(DEMO_DIR)/data --log_dir $(DEMO_DIR)
+	$(PY) plot.py $(DEMO_DIR)
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest tests -q --durations=10

@@ -1,0 +1,312 @@
+"""
+DataLoaderLite: (x, y) batches of GPT-2 tokens, read straight from the shards on disk.
+
+    from dataloader import DataLoaderLite
+    loader = DataLoaderLite(B=64, T=1024, process_rank=rank, num_processes=world_size, split="train",
+                            data_root="edu_fineweb10B", shuffle=True, seed=1337, device="cuda")
+    x, y = loader.next_batch()          # (B, T) int64 each; y[b, t] is the token after x[b, t]
+
+To see what a loader would read from a folder of shards (counts, tokens per epoch, steps per epoch):
+
+    python dataloader.py --data_dir edu_fineweb10B --split train --B 64 --T 1024 --num_processes 8
+
+Shards are what `fineweb.py` writes, `{prefix}_{split}_{index:06d}.npy` (1-D uint16 arrays saved
+with np.save), or llm.c's `.bin` files (a header of 256 int32: magic 20240520, version 1, token
+count; then the uint16 tokens), so data prepared for llm.c or modded-nanogpt works as it is.
+
+How the tokens are cut and dealt out
+------------------------------------
+A window is B*T+1 consecutive tokens of one shard: x is its first B*T tokens, y its last B*T, so y
+needs one token past x. A shard of N tokens holds (N - 1) // (B*T) windows, window w starting at
+token w*B*T. Windows never straddle two shards; what is left at the end of a shard is shorter than
+one window (at most B*T tokens, so no window's worth of tokens is wasted, and nothing is read past
+the end). A shard too short for one window would never be read, so it is an error; so is a split
+with fewer windows than ranks (one step would give the same window to two ranks). No shard needs
+W*B*T+1 tokens, as it does in the reference recipe.
+
+One epoch is every window of every shard once: shards in name order and windows in shard order, or,
+with shuffle=True, shards in a new random order each epoch and the windows of each shard in a new
+random order each epoch. (Shuffling whole windows keeps each rank's reads and the equivalences
+below exact. Shuffling within a shard rather than across all of them keeps one shard's window order
+in memory at a time, and the reads of a stretch of training within one file.) The epochs follow
+each other as one endless stream of windows numbered 0, 1, 2, ...; at its s-th call of
+next_batch(), rank r of W reads window s*W + r of that stream.
+
+What follows from that numbering (each point is pinned by a test in tests/test_dataloader.py):
+- Without shuffling, the W windows of one step are W consecutive windows of a shard: a stride of
+  W*B*T tokens in which rank r reads the window at offset r*B*T, as in the reference recipe. The two
+  differ only where a shard ends inside a stride (its window count is not a multiple of W): the
+  reference recipe drops the shard's last windows and restarts every rank at the next shard; here
+  the stride takes the last windows of this shard and the first of the next, so nothing is dropped.
+- W ranks doing A accumulation micro-steps each read, in one optimizer step, exactly the windows one
+  rank reads doing W*A micro-steps: windows k*W*A ... (k+1)*W*A - 1 of the stream for optimizer step
+  k, rank r's micro-step a holding window (k*A + a)*W + r. This holds for every step, every W and A,
+  shuffled or not, with no condition on shard sizes, because the numbering of the stream does not
+  depend on W: the number of GPUs (at a fixed total batch size) does not change what the model sees.
+- Within an epoch every window, so every token of a shard but its tail, is read exactly once, by one
+  rank. When an epoch's window count is not a multiple of W, one step reads the last windows of an
+  epoch on some ranks and the first windows of the next on the others: nothing is skipped or read
+  twice.
+- The whole position is one integer, the stream index of the next step's first window, the same on
+  every rank; state_dict() holds it and the setup it is valid for. A state loaded with a different
+  number of ranks continues the same stream: the new ranks read the windows the old ranks would
+  have read next, in the same order.
+"""
+
+import argparse
+import bisect
+import glob
+import os
+
+import numpy as np
+import torch
+
+DEFAULT_DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
+
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2 ids are < 50,257, so uint16 halves the disk and page cache
+# llm.c's .bin shards: 256 int32 header words (magic, version, token count, zeros), then the tokens.
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1  # version 2 holds uint32 tokens (llm.c's Llama 3 data): not GPT-2, not supported
+LLMC_HEADER_INTS = 256
+
+
+def find_shards(data_root, split):
+    """The split's shard files in data_root, sorted by name (fineweb.py's names sort by index)."""
+    if not os.path.isdir(data_root):
+        raise SystemExit(
+            f"data folder {data_root} not found: run `python fineweb.py` to write the token shards, "
+            f"or pass --data_dir with the folder that holds them"
+        )
+    patterns = [os.path.join(data_root, f"*_{split}_*{ext}") for ext in (".npy", ".bin")]
+    shards = sorted(path for pattern in patterns for path in glob.glob(pattern))
+    if not shards:
+        raise SystemExit(
+            f"no {split} shards (*_{split}_*.npy or *_{split}_*.bin) in {data_root}: "
+            f"run `python fineweb.py`, or pass --data_dir with the folder that holds them"
+        )
+    return shards
+
+
+def npy_layout(path):
+    """(byte offset of the first token, number of tokens) of a .npy shard, checked against the file."""
+    with open(path, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            if major not in (1, 2):  # version 3 only differs for structured dtypes, never token arrays
+                raise ValueError(f".npy format version {major}")
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as e:
+            raise SystemExit(f"shard {path} is not a .npy file written by np.save ({e}): re-run fineweb.py")
+        offset = f.tell()
+    if len(shape) != 1:
+        raise SystemExit(f"shard {path} holds an array of shape {shape}; a shard must be 1-D (one token stream)")
+    if dtype != TOKEN_DTYPE:
+        raise SystemExit(
+            f"shard {path} holds {dtype} values; expected uint16 GPT-2 token ids as fineweb.py writes them "
+            f"(convert with `np.save(path, tokens.astype(np.uint16))` if every id is below 65,536)"
+        )
+    return offset, check_file_size(path, offset, shape[0])
+
+
+def bin_layout(path):
+    """(byte offset of the first token, number of tokens) of an llm.c .bin shard, header checked."""
+    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    if len(header) < LLMC_HEADER_INTS:
+        raise SystemExit(f"shard {path} is shorter than llm.c's header of {LLMC_HEADER_INTS} int32: truncated file")
+    magic, version, n_tokens = (int(v) for v in header[:3])
+    if magic != LLMC_MAGIC:
+        raise SystemExit(f"shard {path} is not an llm.c token file: magic number {magic}, expected {LLMC_MAGIC}")
+    if version != LLMC_VERSION:
+        raise SystemExit(
+            f"shard {path} is llm.c format version {version}; only version {LLMC_VERSION} "
+            f"(uint16 GPT-2 tokens) is supported"
+        )
+    return header.nbytes, check_file_size(path, header.nbytes, n_tokens)
+
+
+def check_file_size(path, offset, n_tokens):
+    """n_tokens, once the file is exactly its header plus n_tokens uint16 values."""
+    expected, actual = offset + n_tokens * TOKEN_DTYPE.itemsize, os.path.getsize(path)
+    if actual != expected:
+        raise SystemExit(
+            f"shard {path} is {actual:,} bytes, but its header announces {n_tokens:,} tokens "
+            f"({expected:,} bytes): the file is truncated or corrupt; write it again"
+        )
+    return n_tokens
+
+
+def shard_layout(path):
+    return bin_layout(path) if path.endswith(".bin") else npy_layout(path)
+
+
+def permutation(n, seed, epoch, stream):
+    """A permutation of range(n) that depends only on (seed, epoch, stream), so every rank draws the
+    same one without talking to the others, and resuming needs no saved RNG state. Stream 0 orders
+    the shards, stream k+1 the windows of shard k. (All keys have three words: numpy's SeedSequence
+    treats [a, b] and [a, b, 0] as the same seed.)"""
+    return np.random.default_rng([seed, epoch, stream]).permutation(n)
+
+
+class DataLoaderLite:
+    """next_batch() -> (x, y), each (B, T) int64 on `device`. Attributes worth printing: `shards`
+    (paths, sorted by name), `epoch`, `windows_per_epoch` (so one epoch is windows_per_epoch /
+    num_processes steps of each rank)."""
+
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root=DEFAULT_DATA_ROOT,
+                 shuffle=False, seed=0, device="cpu"):
+        if B < 1 or T < 1:
+            raise SystemExit(f"batch size B={B} and sequence length T={T} must both be at least 1")
+        if not 0 <= process_rank < num_processes:
+            raise SystemExit(f"process_rank={process_rank} is not a rank of num_processes={num_processes}")
+        if seed < 0:
+            raise SystemExit(f"seed={seed} must be a non-negative integer")
+        # Plain Python types, so that state_dict() holds nothing a weights_only load would refuse.
+        self.B, self.T = int(B), int(T)
+        self.process_rank, self.num_processes = int(process_rank), int(num_processes)
+        self.split, self.data_root = str(split), data_root
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.device = torch.device(device)
+        # Page-locked memory lets the copy to the GPU run asynchronously (non_blocking=True).
+        self.pin_memory = self.device.type == "cuda"
+
+        self.shards = find_shards(data_root, split)
+        # Only the headers are read here; the tokens stay on disk until a window is needed.
+        layouts = [shard_layout(path) for path in self.shards]
+        self.shard_offsets = [offset for offset, _ in layouts]
+        self.shard_tokens = [n_tokens for _, n_tokens in layouts]
+        self.shard_windows = [(n - 1) // (B * T) for n in self.shard_tokens]
+        for path, n_tokens, n_windows in zip(self.shards, self.shard_tokens, self.shard_windows):
+            if n_windows == 0:
+                raise SystemExit(
+                    f"shard {path} holds {n_tokens:,} tokens, fewer than one window of B*T+1 = {B * T + 1:,}: "
+                    f"lower B or T, or write larger shards"
+                )
+        self.windows_per_epoch = sum(self.shard_windows)
+        if self.windows_per_epoch < num_processes:
+            raise SystemExit(
+                f"the {split} shards in {data_root} hold {self.windows_per_epoch} windows of B*T+1 = "
+                f"{B * T + 1:,} tokens, fewer than num_processes={num_processes}: lower B or T"
+            )
+        self._plan_epoch = self._plan = None  # caches: shard order of one epoch ...
+        self._order_key = self._order = None  # ... and window order of one shard in one epoch
+        self.reset()
+
+    def reset(self):
+        """Back to the first batch (the validation loop calls this before each pass)."""
+        self.position = 0  # stream index of the first window of the next step, the same on every rank
+
+    @property
+    def epoch(self):
+        """Full passes over the split that all ranks together have completed (0 during the first)."""
+        return self.position // self.windows_per_epoch
+
+    def next_batch(self):
+        window = self.position + self.process_rank
+        self.position += self.num_processes
+        buf = self._read_window(*self._locate(window))  # (B*T+1,)
+        if self.device.type != "cpu":
+            buf = buf.to(self.device, non_blocking=self.pin_memory)  # one transfer; x and y are views
+        x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
+        y = buf[1:].view(self.B, self.T)  # (B, T) targets: each input's next token
+        return x, y
+
+    def _locate(self, window):
+        """(shard index, first token) of window number `window` of the endless stream."""
+        epoch, index = divmod(window, self.windows_per_epoch)
+        shard_order, starts = self._epoch_plan(epoch)
+        k = bisect.bisect_right(starts, index) - 1
+        shard, within = shard_order[k], index - starts[k]
+        if self.shuffle:
+            within = self._window_order(epoch, shard)[within]
+        return shard, within * self.B * self.T
+
+    def _epoch_plan(self, epoch):
+        """The shards in the order this epoch reads them, and the stream index (within the epoch)
+        where each one starts."""
+        if self._plan_epoch != epoch:
+            n = len(self.shards)
+            shard_order = permutation(n, self.seed, epoch, 0).tolist() if self.shuffle else list(range(n))
+            starts = np.cumsum([0] + [self.shard_windows[i] for i in shard_order[:-1]]).tolist()
+            self._plan_epoch, self._plan = epoch, (shard_order, starts)
+        return self._plan
+
+    def _window_order(self, epoch, shard):
+        if self._order_key != (epoch, shard):
+            self._order_key = (epoch, shard)
+            self._order = permutation(self.shard_windows[shard], self.seed, epoch, shard + 1)
+        return self._order
+
+    def _read_window(self, shard, start):
+        """Tokens start .. start+B*T of a shard as int64, in pinned memory when bound for a GPU."""
+        n = self.B * self.T + 1
+        # Map only this window's bytes, never the whole shard: once the copy below is done the map is
+        # dropped, and with it the page-cache pages it added to our RSS. A map of the whole shard kept
+        # open would grow RSS up to the shard's size as reading advances (the reference recipe instead
+        # holds an int64 copy of the shard: 800 MB per rank for 100M tokens).
+        tokens = np.memmap(self.shards[shard], dtype=TOKEN_DTYPE, mode="r",
+                           offset=self.shard_offsets[shard] + start * TOKEN_DTYPE.itemsize, shape=(n,))
+        buf = torch.empty(n, dtype=torch.long, pin_memory=self.pin_memory)
+        buf.numpy()[:] = tokens  # uint16 -> int64 in one pass, straight into the (pinned) buffer
+        return buf
+
+    def state_dict(self):
+        """Plain ints, strings and lists (it goes into a checkpoint read with weights_only=True); the
+        same on every rank, so saving rank 0's is enough."""
+        return {
+            "position": self.position,
+            "B": self.B,
+            "T": self.T,
+            "num_processes": self.num_processes,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "split": self.split,
+            "shards": [os.path.basename(path) for path in self.shards],  # the folder may move
+            "shard_tokens": self.shard_tokens,
+        }
+
+    def load_state_dict(self, state):
+        """Continue exactly where the saved loader was. The saved setup must read the same stream of
+        windows (same B, T, shuffle, seed, shards); num_processes may differ (see the docstring)."""
+        mine = self.state_dict()
+        keys = ["B", "T", "shuffle", "split", "shards", "shard_tokens"] + (["seed"] if self.shuffle else [])
+        for key in keys:
+            if state[key] != mine[key]:
+                raise SystemExit(
+                    f"cannot resume the {self.split} data loader: the checkpoint was taken with "
+                    f"{key}={describe(state[key])}, this run has {key}={describe(mine[key])} "
+                    f"(data in {self.data_root}); resume with the same setting"
+                )
+        self.position = state["position"]
+
+
+def describe(value):
+    """A short text for a setting that may be a long list (the shard names)."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{len(value)} items: {value[0]!r}, {value[1]!r}, ..., {value[-1]!r}]"
+    return repr(value)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print what a DataLoaderLite reads from a folder of shards.")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_ROOT, help="folder of token shards")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--B", type=int, default=64, help="sequences per micro-batch")
+    parser.add_argument("--T", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--num_processes", type=int, default=1, help="number of ranks (GPUs)")
+    args = parser.parse_args()
+    loader = DataLoaderLite(args.B, args.T, num_processes=args.num_processes, split=args.split,
+                            data_root=args.data_dir)
+    tokens_per_epoch = loader.windows_per_epoch * args.B * args.T
+    print(f"{len(loader.shards)} {args.split} shards in {args.data_dir}: "
+          f"{os.path.basename(loader.shards[0])} ... {os.path.basename(loader.shards[-1])}")
+    print(f"{sum(loader.shard_tokens):,} tokens; {loader.windows_per_epoch:,} windows of B*T = "
+          f"{args.B * args.T:,} tokens per epoch ({tokens_per_epoch:,} tokens, shard tails left out)")
+    print(f"{loader.windows_per_epoch / args.num_processes:,.1f} micro-steps per epoch on each of "
+          f"{args.num_processes} ranks")
+    x, y = loader.next_batch()
+    print(f"first batch: x {tuple(x.shape)} {x.dtype}, first tokens {x[0, :8].tolist()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Tests for evals.py: LAMBADA's target split, accuracy and perplexity against models whose scores
+are known exactly, StoryCloze from a tiny CSV against a one-row-at-a-time oracle, the task registry,
+data errors and the command line."""
+
+import csv
+import math
+import sys
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import evals
+import hellaswag
+from checkpoint import model_checkpoint, save_checkpoint
+from test_hellaswag import row_scores_one_at_a_time, tiny_model
+
+VOCAB = 50257
+
+
+class PeekingModel(torch.nn.Module):
+    """Reads the next token from its own input and gives it logit 1, every other token 0: greedy
+    decoding is always right, and every scored token costs exactly log(e + V - 1) - 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=1024, vocab_size=VOCAB)
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, VOCAB)  # (B, T, V)
+        logits[:, :-1].scatter_(2, idx[:, 1:, None], 1.0)
+        return logits, None
+
+
+class UniformModel(PeekingModel):
+    """All logits 0: every token costs log(V), and greedy decoding picks token 0 ("!")."""
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, VOCAB), None
+
+
+@pytest.fixture
+def passages(lambada_dir):
+    return evals.load_task("lambada", lambada_dir, limit=6)
+
+
+# ---- LAMBADA ------------------------------------------------------------------------------------
+def test_lambada_target_is_the_last_word_with_its_whitespace(passages, gpt2_tokenizer):
+    enc = gpt2_tokenizer
+    text = passages[0]["text"]
+    assert text.endswith("I don't care about signs")
+    [(context, target)], label = evals.lambada_rows(passages[0])
+    assert target == enc.encode(" signs") and label == 0
+    assert context == enc.encode(text[: -len(" signs")])
+    # a word after a line break keeps the line break, as it reads in the passage
+    [(context, target)], _ = evals.lambada_rows({"text": 'the other\n\n"Ridley'})
+    assert (enc.decode(context), enc.decode(target)) == ("the other\n", '\n"Ridley')
+
+
+def test_lambada_accuracy_and_perplexity_from_models_with_known_scores(passages, gpt2_tokenizer):
+    target_tokens = [len(evals.lambada_rows(p)[0][0][1]) for p in passages]
+    assert target_tokens == [1, 1, 1, 1, 1, 2]  # " Hastin" is two tokens
+    mean_tokens = sum(target_tokens) / len(passages)
+    peeking = evals.evaluate_task("lambada", PeekingModel(), passages, "cpu", batch_size=4)
+    assert peeking["acc"] == 1.0 and peeking["count"] == 6
+    # ppl is per word: exp of the target's summed loss, averaged over passages
+    assert peeking["ppl"] == pytest.approx(math.exp((math.log(math.e + VOCAB - 1) - 1) * mean_tokens), rel=1e-5)
+    uniform = evals.evaluate_task("lambada", UniformModel(), passages, "cpu", batch_size=4)
+    assert uniform["acc"] == 0.0
+    assert uniform["ppl"] == pytest.approx(VOCAB**mean_tokens, rel=1e-5)
+
+
+def test_lambada_real_file_loads_and_bad_rows_are_named(lambada_dir, tmp_path):
+    assert len(evals.load_task("lambada", lambada_dir)) == 5153
+    (tmp_path / "lambada_test.jsonl").write_text('{"text": "two words"}\n{"text": "one"}\n')
+    with pytest.raises(SystemExit, match="line 2: the passage needs at least two words"):
+        evals.load_task("lambada", tmp_path)
+    (tmp_path / "lambada_test.jsonl").write_text('{"text": "two words"}\n' * 3)
+    with pytest.raises(SystemExit, match="holds 3 examples, expected 5,153"):
+        evals.load_task("lambada", tmp_path)
+
+
+def test_lambada_download_failure_names_the_offline_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("LAMBADA_DIR", raising=False)
+    monkeypatch.setenv("EVALS_CACHE_DIR", str(tmp_path))
+
+    def urlopen(url, timeout=None):
+        raise urllib.error.URLError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(SystemExit, match=r"openaipublic.*lambada_test.jsonl[\s\S]*--data_dir[\s\S]*LAMBADA_DIR"):
+        evals.load_task("lambada")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- StoryCloze ---------------------------------------------------------------------------------
+STORIES = [
+    (
+        "Tom was hungry.",
+        "He opened the fridge.",
+        "It was empty.",
+        "He sighed.",
+        "He ordered a pizza.",
+        "He flew to the moon on a bright green bicycle.",
+        1,
+    ),
+    (
+        "Ann had a test.",
+        "She studied all night.",
+        "She was tired.",
+        "She took the test.",
+        "She failed it completely and then won a horse.",
+        "She passed.",
+        2,
+    ),
+    (
+        "The dog barked.",
+        "It saw a cat.",
+        "The cat ran.",
+        "The dog chased it.",
+        "The dog caught nothing.",
+        "The cat sang an opera about the ocean.",
+        1,
+    ),
+    (
+        "It rained all day.",
+        "Sam stayed in.",
+        "He read a book.",
+        "It was good.",
+        "He loved it.",
+        "The book was made of very small elephants.",
+        1,
+    ),
+]
+
+
+def write_storycloze(path, stories, header=evals.STORYCLOZE_COLUMNS):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("InputStoryid",) + tuple(header))
+        for i, story in enumerate(stories):
+            writer.writerow((f"story-{i}",) + tuple(story))
+    return path
+
+
+def test_storycloze_picks_lowest_mean_loss_like_one_row_at_a_time(tmp_path, gpt2_tokenizer):
+    enc = gpt2_tokenizer
+    model = tiny_model()
+    examples = evals.load_task("storycloze", write_storycloze(tmp_path / "cloze.csv", STORIES))
+    assert examples[0] == {
+        "ctx": "Tom was hungry. He opened the fridge. It was empty. He sighed.",
+        "endings": ["He ordered a pizza.", "He flew to the moon on a bright green bicycle."],
+        "label": 0,
+    }
+    by_mean, by_sum = [], []
+    for *sentences, ending1, ending2, right in STORIES:
+        context = enc.encode(" ".join(sentences))
+        scores = row_scores_one_at_a_time(
+            lambda idx: model(idx)[0], [(context, enc.encode(" " + ending1)), (context, enc.encode(" " + ending2))]
+        )
+        means = [loss / n for loss, n, _ in scores]
+        by_mean.append(means.index(min(means)) == right - 1)
+        sums = [loss for loss, _, _ in scores]
+        by_sum.append(sums.index(min(sums)) == right - 1)
+    assert by_mean != by_sum  # the two rules disagree here, so the test tells which one is used
+    results = evals.evaluate_task("storycloze", model, examples, "cpu", batch_size=3)
+    assert results == {"acc": sum(by_mean) / 4, "count": 4}
+
+
+def test_storycloze_has_no_download_and_says_to_pass_the_csv(tmp_path, monkeypatch):
+    monkeypatch.delenv("STORYCLOZE_FILE", raising=False)
+    with pytest.raises(SystemExit, match=r"cannot be downloaded[\s\S]*--data_dir FILE or STORYCLOZE_FILE"):
+        evals.load_task("storycloze")
+    with pytest.raises(SystemExit, match="is not a file; pass the CSV itself"):
+        evals.load_task("storycloze", tmp_path)
+    monkeypatch.setenv("STORYCLOZE_FILE", str(write_storycloze(tmp_path / "cloze.csv", STORIES)))
+    assert [e["label"] for e in evals.load_task("storycloze", limit=3)] == [0, 1, 0]
+
+
+def test_storycloze_bad_csv_is_named(tmp_path):
+    bad_answer = STORIES[:1] + [STORIES[1][:-1] + (3,)]
+    with pytest.raises(SystemExit, match="line 3: AnswerRightEnding must be 1 or 2"):
+        evals.load_task("storycloze", write_storycloze(tmp_path / "a.csv", bad_answer))
+    no_answer_column = evals.STORYCLOZE_COLUMNS[:-1]
+    with pytest.raises(SystemExit, match="no column AnswerRightEnding"):
+        evals.load_task("storycloze", write_storycloze(tmp_path / "b.csv", [s[:-1] for s in STORIES], no_answer_column))
+    with pytest.raises(SystemExit, match="line 2: a column is empty or missing"):
+        evals.load_task("storycloze", write_storycloze(tmp_path / "c.csv", [STORIES[0][:4] + ("",) + STORIES[0][5:]]))
+
+
+# ---- registry and command line ------------------------------------------------------------------
+def test_registry_names_and_result_keys(passages, hellaswag_dir):
+    assert evals.TASKS == ("hellaswag", "lambada", "storycloze")
+    with pytest.raises(SystemExit, match="unknown evaluation 'piqa': choose from hellaswag, lambada, storycloze"):
+        evals.load_task("piqa")
+    model = tiny_model()
+    examples = evals.load_task("hellaswag", hellaswag_dir, limit=3)
+    hella = evals.evaluate_task("hellaswag", model, examples, "cpu")
+    assert hella == hellaswag.evaluate_hellaswag(model, examples, "cpu")
+    assert list(hella) == ["acc", "acc_norm", "count"]
+    assert list(evals.evaluate_task("lambada", model, passages[:2], "cpu")) == ["acc", "ppl", "count"]
+
+
+def test_log_line_uses_the_reference_format():
+    assert (
+        evals.log_line(19072, "hellaswag", {"acc": 0.2859, "acc_norm": 0.29552, "count": 10042}) == "19072 hella 0.2955"
+    )
+    assert evals.log_line(500, "lambada", {"acc": 0.4271, "ppl": 20.0, "count": 5153}) == "500 lambada 0.4271"
+    assert evals.log_line(500, "storycloze", {"acc": 0.633, "count": 1871}) == "500 storycloze 0.6330"
+
+
+def test_cli_runs_lambada_and_storycloze(lambada_dir, passages, tmp_path, monkeypatch, capsys):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(model))
+    common = ["--checkpoint", str(tmp_path / "tiny.pt"), "--device", "cpu", "--batch_size", "2"]
+    monkeypatch.setattr(sys, "argv", ["evals.py", "lambada", "--limit", "6", "--data_dir", str(lambada_dir)] + common)
+    evals.main()
+    expected = evals.evaluate_task("lambada", model, passages, "cpu", batch_size=2)  # same batches, same rounding
+    assert capsys.readouterr().out.strip() == f"lambada acc {expected['acc']:.4f} ppl {expected['ppl']:.4f} count 6"
+    csv_path = write_storycloze(tmp_path / "cloze.csv", STORIES)
+    monkeypatch.setattr(sys, "argv", ["evals.py", "storycloze", "--data_dir", str(csv_path)] + common)
+    evals.main()
+    expected = evals.evaluate_task("storycloze", model, evals.load_task("storycloze", csv_path), "cpu", batch_size=2)
+    assert capsys.readouterr().out.strip() == f"storycloze acc {expected['acc']:.4f} count 4"
