@@ -50,7 +50,7 @@ from device import (
     teardown_distributed,
 )
 from model import GPT, GPTConfig
-from training_log import close_logging, setup_logging
+from training_log import close_logging, log_record, setup_logging
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -215,7 +215,7 @@ def evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log
             _, loss = model(x, y)
         loss_sum += loss.float()
     val_loss = all_reduce_sum(loss_sum).item() / (cfg.val_steps * dist_info.world_size)
-    log.info(f"step {step:5d} | val loss {val_loss:.4f}", extra={"metrics": {"step": step, "kind": "val", "loss": val_loss}})
+    log_record(log, f"step {step:5d} | val loss {val_loss:.4f}", f"{step} val {val_loss:.4f}", step=step, kind="val", loss=val_loss)
     autocast_dtype = None if precision.dtype == torch.float32 else precision.dtype
     for name, examples in eval_tasks.items():
         result = evals.evaluate_task(
@@ -229,7 +229,7 @@ def evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log
             progress=dist_info.is_master,
         )
         summary = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
-        log.info(f"step {step:5d} | {name} {summary}", extra={"metrics": {"step": step, "kind": name, **result}})
+        log_record(log, f"step {step:5d} | {name} {summary}", evals.log_line(step, name, result), step=step, kind=name, **result)
     model.train()
     return val_loss
 
@@ -246,7 +246,7 @@ def sample(step, model, tokenizer, cfg, precision, device, log):
     model.train()
     for i, row in enumerate(out.tolist()):
         text = tokenizer.decode(row).replace("\n", " ")
-        log.info(f"step {step:5d} | sample {i}: {text}", extra={"metrics": {"step": step, "kind": "sample", "text": text}})
+        log_record(log, f"step {step:5d} | sample {i}: {text}", step=step, kind="sample", text=text)
 
 
 def load_tokenizer():
@@ -262,9 +262,8 @@ def load_tokenizer():
 
 
 def save_training_state(path, step, model, optimizer, scaler, train_loader, val_loss, nonfinite_skips, cfg, dist_info):
-    """Everything a resume needs. Every process takes part (its data position and RNG are gathered);
-    rank 0 writes."""
-    loaders = all_gather(train_loader.state_dict(), dist_info.world_size)
+    """Everything a resume needs. Every process takes part (each one's RNG state is gathered); rank 0
+    writes."""
     rngs = all_gather(rng_state(dist_info.device), dist_info.world_size)
     if not dist_info.is_master:
         return
@@ -275,8 +274,8 @@ def save_training_state(path, step, model, optimizer, scaler, train_loader, val_
         "scaler": scaler.state_dict(),
         "args": asdict(cfg),
         "val_loss": val_loss,  # the latest one
-        "dataloader": loaders,
-        "rng": rngs,
+        "dataloader": train_loader.state_dict(),  # the same on every rank
+        "rng": rngs,  # one per rank
         "nonfinite_skips": nonfinite_skips,
     }
     save_checkpoint(path, checkpoint)
@@ -289,13 +288,9 @@ def restore_training_state(checkpoint, model, optimizer, scaler, train_loader, d
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run was not float16
         scaler.load_state_dict(checkpoint["scaler"])
-    saved_world_size = len(checkpoint["dataloader"])
-    if saved_world_size != dist_info.world_size:
-        raise SystemExit(
-            f"the checkpoint was written by {saved_world_size} processes and this run has {dist_info.world_size}: "
-            f"each process resumes its own data position, so resume with {saved_world_size} processes"
-        )
-    train_loader.load_state_dict(checkpoint["dataloader"][dist_info.rank])
+    # The data position is one stream for all ranks: a run may resume on a different number of GPUs
+    # (at the same total_batch_size) and read exactly the tokens it would have read.
+    train_loader.load_state_dict(checkpoint["dataloader"])
 
 
 def train(cfg, dist_info):
@@ -345,19 +340,23 @@ def train(cfg, dist_info):
     flops_per_token = model.flops_per_token(T)
     peak = peak_flops(device, precision.dtype)
     tokens_per_step = cfg.total_batch_size
-    log.info(
+    log_record(
+        log,
         f"{world_size} process(es) on {device}, {str(precision.dtype).removeprefix('torch.')}"
-        f"{' with loss scaling' if precision.scaler.is_enabled() else ''}, "
-        f"{'compiled' if compiled else 'eager'}\n"
+        f"{' with loss scaling' if precision.scaler.is_enabled() else ''}, {'compiled' if compiled else 'eager'}\n"
         f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e9:.3f} GFLOP per token (training)\n"
         f"batch: {tokens_per_step:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
         f"x grad_accum_steps {grad_accum_steps}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * tokens_per_step / 1e9:.3g}B tokens; "
         f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
-        extra={"metrics": {"step": start_step, "kind": "config", **asdict(cfg), "grad_accum_steps": grad_accum_steps,
-                           "world_size": world_size, "num_params": model.num_params()}},
+        step=start_step,
+        kind="config",
+        **asdict(cfg),
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+        num_params=model.num_params(),
     )
-    if checkpoint:
+    if checkpoint and dist_info.rank < len(checkpoint["rng"]):
         set_rng_state(checkpoint["rng"][dist_info.rank], device)  # last, after everything that draws at startup
     del checkpoint  # the optimizer state inside is a second copy of it
 
@@ -414,15 +413,15 @@ def train(cfg, dist_info):
             # the first step of a process compiles and warms up: leave it out of the time estimate
             step_time_ema = dt if step_time_ema is None or step == start_step + 1 else 0.9 * step_time_ema + 0.1 * dt
             eta = timedelta(seconds=round(step_time_ema * (cfg.max_steps - step - 1)))
-            log.info(
+            log_record(
+                log,
                 f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | "
                 f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else 'n/a'} | eta {eta}",
-                extra={"metrics": {
-                    "step": step, "kind": "train", "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                    "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "eta_s": eta.total_seconds(),
-                    "nonfinite_skips": nonfinite_skips, "epoch": train_loader.epoch,
-                }},
-            )
+                f"{step} train {train_loss:.6f}",
+                step=step, kind="train", loss=train_loss, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000,
+                tokens_per_sec=tokens_per_sec, mfu=mfu, eta_s=eta.total_seconds(), nonfinite_skips=nonfinite_skips,
+                epoch=train_loader.epoch,
+            )  # fmt: skip
             step += 1
             # every process must stop after the same step, even if only one of them got the signal
             stopping = any_process(signals.requested, device)

@@ -6,7 +6,7 @@ The record of a training run: one Python logger whose records go to the console 
     log/metrics.jsonl   one JSON object per record with every field (lr, grad norm, tokens/s, MFU, ...)
 
     log = setup_logging("log", start_step=0, is_master=True)
-    log.info("step 1 | loss 10.9", extra={"metrics": {"step": 1, "kind": "train", "loss": 10.9}})
+    log_record(log, "step 1 | loss 10.9", "1 train 10.900000", step=1, kind="train", loss=10.9)
 
 Only rank 0 writes; the logger of every other rank drops everything. On resume from step s, entries
 at step >= s (written after that checkpoint, before the crash) are removed: they are about to be
@@ -20,25 +20,19 @@ import sys
 
 LOGGER_NAME = "train_gpt2"
 
-# kind of record -> (name in log.txt, field, format): the reference layout
-REFERENCE_LINES = {
-    "train": ("train", "loss", "{:.6f}"),
-    "val": ("val", "loss", "{:.4f}"),
-    "hellaswag": ("hella", "acc_norm", "{:.4f}"),
-}
+
+def reference_line(record):
+    return getattr(record, "log_line", None)
 
 
-def reference_line(metrics):
-    """`{step} {name} {value}` for the kinds in the reference format; other records (lambada's "acc" too)
-    get `{step} {kind} {acc}`, and records with no such number none."""
-    name, key, fmt = REFERENCE_LINES.get(metrics["kind"], (metrics["kind"], "acc", "{:.4f}"))
-    if key not in metrics:
-        return None
-    return f"{metrics['step']} {name} {fmt.format(metrics[key])}"
+def json_line(record):
+    metrics = getattr(record, "metrics", None)
+    return json.dumps(metrics) if metrics else None
 
 
-def json_line(metrics):
-    return json.dumps(metrics)
+def log_record(log, message, log_line=None, **metrics):
+    """message to the console, log_line (if any) to log.txt, the metrics to metrics.jsonl."""
+    log.info(message, extra={"metrics": metrics, "log_line": log_line})
 
 
 def read_log(path):
@@ -61,8 +55,8 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-class MetricsFileHandler(logging.Handler):
-    """Appends format_line(record.metrics) for the records that carry metrics, flushed at once so
+class LineFileHandler(logging.Handler):
+    """Appends format_line(record) to a file, for the records that have one, flushed at once so
     that `tail -f` and a crash both see every finished line."""
 
     def __init__(self, path, format_line):
@@ -71,8 +65,7 @@ class MetricsFileHandler(logging.Handler):
         self.format_line = format_line
 
     def emit(self, record):
-        metrics = getattr(record, "metrics", None)
-        line = self.format_line(metrics) if metrics else None
+        line = self.format_line(record)
         if line:
             self.file.write(line + "\n")
             self.file.flush()
@@ -126,5 +119,5 @@ def setup_logging(log_dir, start_step, is_master):
     for name, format_line, step_of in files:
         path = os.path.join(log_dir, name)
         keep_steps_before(path, start_step, step_of)
-        log.addHandler(MetricsFileHandler(path, format_line))
+        log.addHandler(LineFileHandler(path, format_line))
     return log
