@@ -49,6 +49,7 @@ from device import (
     setup_precision,
     teardown_distributed,
 )
+from hellaswag import gpt2_encoding
 from model import GPT, GPTConfig
 from training_log import close_logging, log_record, setup_logging
 
@@ -249,18 +250,6 @@ def sample(step, model, tokenizer, cfg, precision, device, log):
         log_record(log, f"step {step:5d} | sample {i}: {text}", step=step, kind="sample", text=text)
 
 
-def load_tokenizer():
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline: tiktoken downloads the BPE files on first use
-        raise SystemExit(
-            f"cannot load the GPT-2 tokenizer for samples ({e}): set TIKTOKEN_CACHE_DIR to a folder holding "
-            "tiktoken's cached GPT-2 files, or pass --sample_interval 0"
-        )
-
-
 def save_training_state(path, step, model, optimizer, scaler, train_loader, val_loss, nonfinite_skips, cfg, dist_info):
     """Everything a resume needs. Every process takes part (each one's RNG state is gathered); rank 0
     writes."""
@@ -293,6 +282,36 @@ def restore_training_state(checkpoint, model, optimizer, scaler, train_loader, d
     train_loader.load_state_dict(checkpoint["dataloader"])
 
 
+def divergence_message(step, loss, grad_norm, last_saved):
+    return (
+        f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged. The last good checkpoint is "
+        f"{last_saved or 'none (none written yet)'}: resume from it with --resume <checkpoint> and a lower "
+        f"--max_lr, or let training skip such updates with --max_nonfinite_skips N"
+    )
+
+
+def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step):
+    """The setup and the values derived from it, once at the start."""
+    B, T = cfg.batch_size, cfg.seq_len
+    dtype = str(precision.dtype).removeprefix("torch.") + (" with loss scaling" if precision.scaler.is_enabled() else "")
+    log_record(
+        log,
+        f"{world_size} process(es) on {device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token(T) / 1e9:.3f} GFLOP per token "
+        f"(training)\n"
+        f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
+        f"x grad_accum_steps {grad_accum_steps}\n"
+        f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        step=start_step,
+        kind="config",
+        **asdict(cfg),
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+        num_params=model.num_params(),
+    )
+
+
 def train(cfg, dist_info):
     device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
     model_config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
@@ -322,10 +341,10 @@ def train(cfg, dist_info):
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, dist_info.device_type
     )
-    nonfinite_skips = 0
+    nonfinite_skips, val_loss = 0, None
     if checkpoint:
         restore_training_state(checkpoint, model, optimizer, precision.scaler, train_loader, dist_info)
-        nonfinite_skips = checkpoint["nonfinite_skips"]
+        nonfinite_skips, val_loss = checkpoint["nonfinite_skips"], checkpoint["val_loss"]
         log.info(f"resuming from {resume_from} at step {start_step}")
     # `model` stays uncompiled and unwrapped: evaluation, sampling and checkpoints use it directly.
     # `train_model` shares its parameters and is what the training step calls.
@@ -335,32 +354,16 @@ def train(cfg, dist_info):
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     eval_tasks = {name: evals.load_task(name, limit=cfg.eval_limit or None) for name in eval_names}
-    tokenizer = load_tokenizer() if is_master and cfg.sample_interval > 0 else None
+    tokenizer = gpt2_encoding() if is_master and cfg.sample_interval > 0 else None
 
     flops_per_token = model.flops_per_token(T)
     peak = peak_flops(device, precision.dtype)
-    tokens_per_step = cfg.total_batch_size
-    log_record(
-        log,
-        f"{world_size} process(es) on {device}, {str(precision.dtype).removeprefix('torch.')}"
-        f"{' with loss scaling' if precision.scaler.is_enabled() else ''}, {'compiled' if compiled else 'eager'}\n"
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e9:.3f} GFLOP per token (training)\n"
-        f"batch: {tokens_per_step:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
-        f"x grad_accum_steps {grad_accum_steps}\n"
-        f"schedule: {cfg.max_steps} steps = {cfg.max_steps * tokens_per_step / 1e9:.3g}B tokens; "
-        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
-        step=start_step,
-        kind="config",
-        **asdict(cfg),
-        grad_accum_steps=grad_accum_steps,
-        world_size=world_size,
-        num_params=model.num_params(),
-    )
+    log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step)
     if checkpoint and dist_info.rank < len(checkpoint["rng"]):
         set_rng_state(checkpoint["rng"][dist_info.rank], device)  # last, after everything that draws at startup
     del checkpoint  # the optimizer state inside is a second copy of it
 
-    step, val_loss, last_saved = start_step, None, resume_from
+    step, last_saved = start_step, resume_from
     step_time_ema = None
     stopping = False
     with StopOnSignal() as signals:
@@ -391,24 +394,19 @@ def train(cfg, dist_info):
             precision.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             # With fp16 an inf norm is an overflow: the scaler skips that update and lowers its scale.
-            finite = math.isfinite(train_loss) and (math.isfinite(grad_norm) or precision.scaler.is_enabled())
-            if finite:
+            if math.isfinite(train_loss) and (math.isfinite(grad_norm) or precision.scaler.is_enabled()):
                 precision.scaler.step(optimizer)
-            else:
+            else:  # the update would put inf/nan into every weight: skip it, or stop
                 nonfinite_skips += 1
                 if nonfinite_skips > cfg.max_nonfinite_skips:
-                    raise SystemExit(
-                        f"step {step}: loss {train_loss}, gradient norm {grad_norm}: training diverged. The last good "
-                        f"checkpoint is {last_saved or 'none (none written yet)'}; resume with --resume <checkpoint> and "
-                        f"a lower --max_lr, or allow skipped updates with --max_nonfinite_skips N"
-                    )
+                    raise SystemExit(divergence_message(step, train_loss, grad_norm, last_saved))
                 log.warning(f"step {step}: loss {train_loss}, grad norm {grad_norm}: update skipped ({nonfinite_skips} so far)")
             precision.scaler.update()
             if dist_info.device_type == "cuda":
                 torch.cuda.synchronize()  # the step is queued, not done, until the GPU catches up
             dt = time.perf_counter() - t0
 
-            tokens_per_sec = tokens_per_step / dt
+            tokens_per_sec = cfg.total_batch_size / dt
             mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
             # the first step of a process compiles and warms up: leave it out of the time estimate
             step_time_ema = dt if step_time_ema is None or step == start_step + 1 else 0.9 * step_time_ema + 0.1 * dt
