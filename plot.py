@@ -1,8 +1,8 @@
 """
 Plot a training run from its log.txt: train/val loss, and HellaSwag accuracy next to GPT-2 and GPT-3.
 
-    python plot.py --log_dir log                      # reads log/log.txt, writes log/plot.png
-    python plot.py --log_dir log/demo --out demo.png
+    python plot.py log                      # reads log/log.txt, writes log/plot.png
+    python plot.py log/demo --out demo.png
 """
 
 import argparse
@@ -62,12 +62,12 @@ def plot_run(series, out_path, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log_dir", default=os.path.join(SCRIPT_DIR, "log"), help="folder holding log.txt")
+    parser.add_argument("log_dir", nargs="?", default=os.path.join(SCRIPT_DIR, "log"), help="folder holding log.txt")
     parser.add_argument("--out", default=None, help="PNG to write (default: <log_dir>/plot.png)")
     args = parser.parse_args(argv)
     log_path = os.path.join(args.log_dir, "log.txt")
     if not os.path.isfile(log_path):
-        raise SystemExit(f"no {log_path}: train first (python train_gpt2.py --log_dir {args.log_dir}) or pass --log_dir")
+        raise SystemExit(f"no {log_path}: train first (python train_gpt2.py --log_dir {args.log_dir}) or name the folder that holds it")
     series = read_log(log_path)
     if not series:
         raise SystemExit(f"{log_path} holds no `step kind value` lines yet: let training run a step first")

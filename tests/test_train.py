@@ -318,21 +318,35 @@ def test_demo_pipeline_trains_evaluates_samples_and_plots(tmp_path, tinyshakespe
     log_dir = tmp_path / "demo"
     train_gpt2.main([
         "--preset", "cpu", "--data_dir", str(data_dir), "--log_dir", str(log_dir),
-        "--n_layer", "2", "--n_embd", "64", "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256",
-        "--max_steps", "30", "--warmup_steps", "5", "--eval_interval", "15", "--val_steps", "2",
-        "--eval_limit", "8", "--sample_interval", "30", "--sample_tokens", "8", "--ckpt_interval", "30",
+        "--n_layer", "1", "--n_embd", "32", "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128",
+        "--max_steps", "20", "--warmup_steps", "2", "--max_lr", "1e-2", "--eval_interval", "10", "--val_steps", "2",
+        "--eval_limit", "4", "--sample_interval", "20", "--sample_tokens", "8", "--ckpt_interval", "20",
     ])  # fmt: skip
     log_txt = (log_dir / "log.txt").read_text().splitlines()
     assert re.fullmatch(r"0 val \d+\.\d{4}", log_txt[0]) and re.fullmatch(r"0 hella 0\.\d{4}", log_txt[1])
-    assert re.fullmatch(r"29 train \d+\.\d{6}", [l for l in log_txt if " train " in l][-1])
+    assert re.fullmatch(r"19 train \d+\.\d{6}", [l for l in log_txt if " train " in l][-1])
     series = read_log(log_dir / "log.txt")
-    assert series["val"][0] == [0, 15, 30] and series["hella"][0] == [0, 15, 30]
-    assert series["val"][1][-1] < series["val"][1][0] - 2  # from ~10.9 (uniform) toward the unigram loss
+    assert series["val"][0] == [0, 10, 20] and series["hella"][0] == [0, 10, 20]
+    assert series["val"][1][-1] < series["val"][1][0] - 1  # from ~10.9 (uniform) toward the unigram loss
     metrics = read_metrics(log_dir / "metrics.jsonl")
     hella = [m for m in metrics if m["kind"] == "hellaswag"]
-    assert hella[-1]["count"] == 8
+    assert hella[-1]["count"] == 4
     samples = [m["text"] for m in metrics if m["kind"] == "sample"]
     assert len(samples) == 2 and all(s.startswith(train_gpt2.SAMPLE_PROMPT) for s in samples)
-    assert os.path.exists(log_dir / "model_00030.pt")
-    plot.main(["--log_dir", str(log_dir)])
+    assert os.path.exists(log_dir / "model_00020.pt")
+    plot.main([str(log_dir)])
     assert (log_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_train_reports_speed_and_memory_of_the_training_step():
+    import argparse
+
+    import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_train_args(parser)
+    args = parser.parse_args(["--model", "tiny", "--batch_size", "2", "--seq_len", "16", "--warmup", "1", "--steps", "2", "--device", "cpu"])
+    results = bench.bench_train(args)
+    assert results["tokens_per_sec"] == pytest.approx(2 * 16 / (results["ms_per_step"] / 1000))
+    assert results["mfu"] == "n/a" and results["compiled"] is False and results["dtype"] == "float32"
+    assert results["peak_memory_MiB"] > 0
