@@ -137,7 +137,7 @@ def rss_mb(field):
 
 # ---- training step ----------------------------------------------------------------------------
 def add_train_args(parser):
-    parser.add_argument("--model", default="gpt2", help="a size from model.MODEL_SIZES: gpt2, gpt2-medium, mini, tiny, ...")
+    parser.add_argument("--model", default="gpt2", help="a size in model.MODEL_SIZES: gpt2, gpt2-medium, mini, tiny...")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per step (B)")
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")

@@ -104,7 +104,7 @@ def resume_path(resume, log_dir):
         existing = list_checkpoints(log_dir)
         if existing:
             raise SystemExit(
-                f"--resume none, but {log_dir} already holds checkpoints ({os.path.basename(existing[max(existing)])}, ...) "
+                f"--resume none, but {log_dir} already holds checkpoints (the newest: {existing[max(existing)]}) "
                 "from an earlier run: continue it with --resume auto, or pick another --log_dir"
             )
         return None

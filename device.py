@@ -83,11 +83,12 @@ def setup_distributed(requested_device):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(requested_device, local_rank)
+    if device.startswith("cuda"):
+        # the default device of everything that takes none (NCCL, capability and RNG queries)
+        torch.cuda.set_device(device)
     if world_size > 1:
         if device == "mps":
             raise SystemExit("torch.distributed does not support MPS: train on one process, or pass --device cpu")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)  # before NCCL starts, so each rank talks from its own GPU
         # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here).
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)

@@ -31,23 +31,24 @@ def plot_run(series, out_path, title):
         ax_loss.plot(*series["train"], lw=0.8, alpha=0.6, label="train loss")
     if "val" in series:
         ax_loss.plot(*series["val"], marker="o", ms=3, label="val loss")
-    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label=f"OpenAI GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
+    label = f"OpenAI GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})"
+    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label=label)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.set_title("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
 
-    top = 0.4
+    bottom, top = 0.2, 0.4
     if "hella" in series:
         ax_hella.plot(*series["hella"], marker="o", ms=3, label="this run (acc_norm)")
-        top = max(top, max(series["hella"][1]) + 0.02)
+        bottom, top = min(bottom, min(series["hella"][1]) - 0.02), max(top, max(series["hella"][1]) + 0.02)
     else:
         ax_hella.text(0.5, 0.5, "no HellaSwag evaluations in this log", ha="center", transform=ax_hella.transAxes)
     ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", lw=1, label=f"OpenAI GPT-2 124M ({GPT2_124M_HELLASWAG})")
     ax_hella.axhline(GPT3_125M_HELLASWAG, color="g", ls="--", lw=1, label=f"GPT-3 Small 125M ({GPT3_125M_HELLASWAG})")
     ax_hella.axhline(HELLASWAG_CHANCE, color="gray", ls=":", lw=1, label=f"chance ({HELLASWAG_CHANCE})")
-    ax_hella.set_ylim(0.2, top)
+    ax_hella.set_ylim(bottom, top)
     ax_hella.set_xlabel("step")
     ax_hella.set_ylabel("accuracy")
     ax_hella.set_title("HellaSwag")
@@ -67,7 +68,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     log_path = os.path.join(args.log_dir, "log.txt")
     if not os.path.isfile(log_path):
-        raise SystemExit(f"no {log_path}: train first (python train_gpt2.py --log_dir {args.log_dir}) or name the folder that holds it")
+        raise SystemExit(
+            f"no {log_path}: train first (python train_gpt2.py --log_dir {args.log_dir}), or name the folder holding it"
+        )
     series = read_log(log_path)
     if not series:
         raise SystemExit(f"{log_path} holds no `step kind value` lines yet: let training run a step first")

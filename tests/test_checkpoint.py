@@ -85,7 +85,8 @@ def test_resume_path_finds_the_newest_checkpoint_and_ignores_temp_files(tmp_path
     assert ck.resume_path("auto", log_dir) is None  # a fresh start
     for name in ["model_00900.pt", "model_01000.pt", "model_05000.pt.tmp", "model_final.pt"]:
         (tmp_path / name).write_bytes(b"")
-    assert ck.list_checkpoints(log_dir) == {900: str(tmp_path / "model_00900.pt"), 1000: str(tmp_path / "model_01000.pt")}
+    expected = {900: str(tmp_path / "model_00900.pt"), 1000: str(tmp_path / "model_01000.pt")}
+    assert ck.list_checkpoints(log_dir) == expected
     assert ck.resume_path("auto", log_dir) == str(tmp_path / "model_01000.pt")  # by step, not by name length
     assert ck.resume_path(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
     with pytest.raises(SystemExit, match="--resume none, but .* already holds checkpoints"):

@@ -82,6 +82,16 @@ def test_preset_replaces_defaults_and_flags_replace_the_preset():
     assert cfg.max_lr == train_gpt2.PRESETS["cpu"]["max_lr"]
 
 
+def test_help_lists_every_flag_with_its_origin(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.parse_config(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ["--data_dir", "--total_batch_size", "--resume", "--dtype", "--compile", "--seed", "--preset"]:
+        assert name in text
+    assert "cosine decay down to 10%, GPT-3 paper appendix B" in " ".join(text.split())
+
+
 def test_indivisible_batch_size_is_a_clear_error():
     cfg = train_gpt2.parse_config(["--batch_size", "48"])
     with pytest.raises(SystemExit, match=r"--total_batch_size 524288 is not a multiple of .* 48 x 1024 x 1"):
@@ -111,8 +121,9 @@ def test_two_process_ddp_equals_one_process_with_gradient_accumulation(data_dir,
     # val_steps counts batches per process: 4 on one process read the windows 2 x 2 read on two
     single = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
     ddp_log = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "train_gpt2.py"), "--data_dir", data_dir, "--log_dir", str(ddp_log), *TINY, *steps, "--val_steps", "2"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = ["--data_dir", data_dir, "--log_dir", str(ddp_log), *TINY, *steps, "--val_steps", "2"]
+    command = [*torchrun, str(REPO / "train_gpt2.py"), *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ddp = read_metrics(ddp_log / "metrics.jsonl")
@@ -165,7 +176,7 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(data_dir,
 
 
 def test_checkpoint_holds_everything_a_resume_needs(data_dir, tmp_path):
-    run(data_dir, tmp_path / "run", "--max_steps", "2", "--eval_interval", "2", "--keep_last", "1", "--ckpt_interval", "1")
+    run(data_dir, tmp_path / "run", "--max_steps", "2", "--keep_last", "1", "--ckpt_interval", "1")
     assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")) == ["model_00002.pt"]  # pruned
     checkpoint = load_checkpoint(str(tmp_path / "run" / "model_00002.pt"))  # weights_only=True
     assert checkpoint["step"] == 2
@@ -306,7 +317,9 @@ def test_resume_none_refuses_a_log_dir_with_checkpoints(data_dir, tmp_path):
 # ---- the README demo, in miniature ----
 
 
-def test_demo_pipeline_trains_evaluates_samples_and_plots(tmp_path, tinyshakespeare_file, gpt2_tokenizer, hellaswag_dir, monkeypatch):
+def test_demo_pipeline_trains_evaluates_samples_and_plots(
+    tmp_path, tinyshakespeare_file, gpt2_tokenizer, hellaswag_dir, monkeypatch
+):
     import plot
 
     monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
@@ -345,8 +358,8 @@ def test_bench_train_reports_speed_and_memory_of_the_training_step():
 
     parser = argparse.ArgumentParser()
     bench.add_train_args(parser)
-    args = parser.parse_args(["--model", "tiny", "--batch_size", "2", "--seq_len", "16", "--warmup", "1", "--steps", "2", "--device", "cpu"])
-    results = bench.bench_train(args)
+    flags = ["--model", "tiny", "--batch_size", "2", "--seq_len", "16", "--warmup", "1", "--steps", "2"]
+    results = bench.bench_train(parser.parse_args(flags))
     assert results["tokens_per_sec"] == pytest.approx(2 * 16 / (results["ms_per_step"] / 1000))
     assert results["mfu"] == "n/a" and results["compiled"] is False and results["dtype"] == "float32"
     assert results["peak_memory_MiB"] > 0
