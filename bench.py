@@ -15,12 +15,133 @@ import json
 
 
 # ---- fineweb.py -------------------------------------------------------------------------------
+# Each measurement runs in a fresh interpreter: its peak RSS is its own, and so is tiktoken's regex
+# cache. (tiktoken gives each thread one of 128 regex copies; the first thread to use a copy owns it
+# and later threads on it pay a lock, ~25% slower: repeated runs in one process would skew the figures.)
+# The texts are read and the tokenizer loaded before the clock starts, except for "pipeline", whose
+# time is fineweb.py's whole read, tokenize, write. Peak RSS is VmHWM: ru_maxrss would start at the
+# RSS of the parent that forked the child (Linux keeps it across exec).
+FINEWEB_CHILD = """
+import json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import fineweb, bench
+
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+def cpu_seconds():  # this process and its finished children (the process pool's workers)
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+mode, num_proc, data_dir, out_dir, shard_size = sys.argv[1:]
+num_proc = int(num_proc)
+enc = fineweb.gpt2_tokenizer()
+if mode != "pipeline":
+    texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
+    batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
+rss_before = peak_rss_mb()
+t0, cpu0 = time.perf_counter(), cpu_seconds()
+if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
+    enc.encode_ordinary_batch(texts, num_threads=num_proc)
+elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them (start-up timed)
+    bench.encode_in_process_pool(batches, num_proc)
+elif mode == "encode":  # fineweb.py's encoding of the same batches, without reading or writing
+    with ThreadPoolExecutor(num_proc) as pool:
+        list(pool.map(lambda batch: fineweb.encode_batch(enc, batch.texts), batches))
+else:
+    flags = {"--data_files": data_dir, "--out_dir": out_dir, "--shard_size": shard_size, "--num_proc": str(num_proc)}
+    fineweb.main([word for flag in flags.items() for word in flag] + ["--overwrite"])
+seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}))
+"""
+
+
 def add_fineweb_args(parser):
-    pass
+    parser.add_argument("--data_files", nargs="+", required=True, help="local files as for fineweb.py")
+    parser.add_argument("--num_proc", type=int, default=None, help="cores to use (default: all)")
+    parser.add_argument("--copies", type=int, default=4, help="the timed input is the data this many times over")
+    parser.add_argument("--shard_size", default="1e6", help="tokens per shard in the pipeline runs")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of each measurement")
+
+
+def encode_pool_chunk(texts):
+    import numpy as np
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")  # loaded once per process, then cached by tiktoken
+    return [np.array(tokens, dtype=np.uint16) for tokens in enc.encode_ordinary_batch(texts, num_threads=1)]
+
+
+def encode_in_process_pool(batches, num_proc):
+    import multiprocessing
+
+    with multiprocessing.Pool(num_proc) as pool:
+        list(pool.imap(encode_pool_chunk, (batch.texts for batch in batches)))
+
+
+def linked_copies(files, copies, folder):
+    """A folder in which `files` appear `copies` times over (symlinks, in order): a bigger dataset for free."""
+    import os
+
+    os.makedirs(folder)
+    for copy in range(copies):
+        for i, path in enumerate(files):
+            os.symlink(os.path.abspath(path), os.path.join(folder, f"{copy:03d}_{i:05d}_{os.path.basename(path)}"))
+    return folder
+
+
+def fineweb_child(mode, data_dir, out_dir, args):
+    """One measurement (FINEWEB_CHILD) in a fresh interpreter: its seconds, CPU seconds and peak RSS."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [mode, str(args.num_proc), data_dir, out_dir, args.shard_size]
+    child = subprocess.run([sys.executable, "-c", FINEWEB_CHILD, *argv], cwd=here, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"bench.py fineweb {mode} failed:\n{child.stderr[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def bench_fineweb(args):
-    raise SystemExit("bench.py fineweb: not written yet")
+    """Raw tiktoken throughput and the fineweb.py pipeline's, on the same texts with the same cores."""
+    import tempfile
+
+    import fineweb
+
+    args.num_proc = args.num_proc or fineweb.available_cores()
+    files = fineweb.resolve_data_files(args.data_files)
+    modes = ("raw", "pool", "encode", "pipeline")
+    best = {mode: {"seconds": float("inf")} for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        many = linked_copies(files, args.copies, f"{tmp}/many")
+        for _ in range(args.rounds):  # interleaved, so that a noisy neighbour hurts every figure alike
+            for mode in modes:
+                best[mode] = min(best[mode], fineweb_child(mode, many, f"{tmp}/out", args), key=lambda r: r["seconds"])
+        with open(f"{tmp}/out/meta.json") as f:
+            tokens = sum(shard["tokens"] for shard in json.load(f)["shards"])
+        one = fineweb_child("pipeline", linked_copies(files, 1, f"{tmp}/one"), f"{tmp}/out", args)
+    seconds = {mode: best[mode]["seconds"] for mode in modes}
+    return {
+        "num_proc": args.num_proc,
+        "tokens": tokens,  # [EOT] + text tokens of every document; the raw figures encode the same texts
+        "raw_tiktoken_tok_per_s": tokens / seconds["raw"],
+        "raw_process_pool_tok_per_s": tokens / seconds["pool"],
+        "encode_only_tok_per_s": tokens / seconds["encode"],
+        "pipeline_tok_per_s": tokens / seconds["pipeline"],
+        "pipeline_vs_raw_tiktoken": seconds["raw"] / seconds["pipeline"],
+        "pipeline_vs_encode_only": seconds["encode"] / seconds["pipeline"],
+        "raw_tiktoken_cpu_ns_per_tok": best["raw"]["cpu_seconds"] / tokens * 1e9,
+        "pipeline_cpu_ns_per_tok": best["pipeline"]["cpu_seconds"] / tokens * 1e9,
+        "pipeline_rss_mb_at_start": best["pipeline"]["rss_before_mb"],
+        "pipeline_peak_rss_mb_1x_data": one["rss_mb"],
+        f"pipeline_peak_rss_mb_{args.copies}x_data": best["pipeline"]["rss_mb"],
+    }
 
 
 # ---- dataloader.py ----------------------------------------------------------------------------

@@ -37,6 +37,10 @@ MODEL_SIZES = {
     "mini": (4, 4, 128),  # for CPU demos: learns English-looking text in minutes
 }
 
+# GPTConfig field -> the name of the same setting in Hugging Face's GPT2Config
+HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
+                   "n_head": "n_head", "n_embd": "n_embd"}
+
 
 @dataclass
 class GPTConfig:
@@ -246,13 +250,7 @@ class GPT(nn.Module):
         hf_cfg = hf_model.config
         if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise SystemExit(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(
-            block_size=hf_cfg.n_positions,
-            vocab_size=hf_cfg.vocab_size,
-            n_layer=hf_cfg.n_layer,
-            n_head=hf_cfg.n_head,
-            n_embd=hf_cfg.n_embd,
-        )
+        config = GPTConfig(**{ours: getattr(hf_cfg, theirs) for ours, theirs in HF_CONFIG_NAMES.items()})
         model = cls(config)
         ours = model.state_dict()
         theirs = hf_model.state_dict()
@@ -279,14 +277,8 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = self.config
-        hf_config = GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.block_size,
-            n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            activation_function="gelu_new",
-        )
+        sizes = {theirs: getattr(cfg, ours) for ours, theirs in HF_CONFIG_NAMES.items()}
+        hf_config = GPT2Config(activation_function="gelu_new", **sizes)  # gelu_new: the tanh GELU
         hf_model = GPT2LMHeadModel(hf_config)
         ours = self.state_dict()
         theirs = hf_model.state_dict()

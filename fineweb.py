@@ -1,0 +1,667 @@
+"""
+FineWeb-Edu, or any text dataset, -> GPT-2 token shards for dataloader.py.
+
+    python fineweb.py                # FineWeb-Edu sample-10BT from the Hugging Face hub -> edu_fineweb10B/
+    python fineweb.py --streaming    # the same shards, streamed: no dataset download on disk first
+    python fineweb.py --data_files ../shared/data/fineweb_sample --out_dir log/demo/data --shard_size 1e6
+    HF_ENDPOINT=https://hf-mirror.com python fineweb.py    # through a mirror when the hub is slow or blocked
+
+Each document becomes [<|endoftext|>] + its GPT-2 tokens; documents follow each other in input order
+and are cut wherever a shard ends. A shard is a 1-D uint16 array saved with np.save, named
+{prefix}_val_000000.npy (shard 0: the validation split), {prefix}_train_000001.npy, ...; each holds
+--shard_size tokens except the last. meta.json beside the shards records the settings and, per
+shard, its token and document counts and where in the input the next shard starts: re-running the
+same command after a crash resumes there and writes the same bytes as an uninterrupted run.
+
+Local files (--data_files: files, folders or globs; no network needed): .parquet (column
+--text_field), .jsonl / .json (field --text_field of one JSON object per line, or of one array of
+objects), .txt (a whole file is one document, like tinyshakespeare); .jsonl.gz, .json.gz and .txt.gz
+too. Empty and null documents are skipped and counted.
+"""
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+
+import numpy as np
+import pyarrow.parquet as pq
+import tiktoken
+from tqdm import tqdm
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
+DEFAULT_NAME = "sample-10BT"
+TOKENIZER = "gpt2"
+DTYPE = np.uint16  # GPT-2 ids are < 50,257 < 2**16: half the disk and memory of int32
+LOCAL_FORMATS = (".parquet", ".jsonl", ".json", ".txt")
+# Shard files the data loader picks up (it globs *_{split}_*): a folder may hold only ours.
+SHARD_PATTERNS = ("*_val_*.npy", "*_train_*.npy", "*_val_*.bin", "*_train_*.bin")
+# One encoding task: ~256K characters (~60K tokens, tens of ms on one core) hides the cost of a task,
+# yet even the 2,800-document sample makes ~80 of them, enough to keep 16 cores busy.
+BATCH_CHARS = 2**18
+BATCH_ROWS = 4096  # ... or this many rows, so that a run of empty documents still makes a batch
+BATCHES_PER_THREAD = 4  # read-ahead: keeps every thread fed while bounding the memory in flight
+
+
+def available_cores():
+    """Cores this process may run on (taskset and container limits included, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Config:
+    dataset: str = None  # Hugging Face dataset id; FineWeb-Edu when neither it nor data_files is given
+    name: str = None  # the dataset's config: sample-10BT for FineWeb-Edu
+    split: str = None  # train when a dataset is given
+    text_field: str = "text"
+    data_files: list = None  # local files, folders or globs, read instead of a dataset
+    streaming: bool = False
+    cache_dir: str = None  # where `datasets` keeps downloads (default ~/.cache/huggingface/datasets)
+    out_dir: str = os.path.join(SCRIPT_DIR, "edu_fineweb10B")
+    prefix: str = "edufineweb"
+    shard_size: int = 10**8  # 100M tokens = 200 MB per shard
+    max_tokens: int = None
+    num_proc: int = field(default_factory=available_cores)
+    overwrite: bool = False
+
+
+@dataclass
+class Position:
+    """Where a shard starts in the document stream. Documents straddle shards, so it is a row of the
+    input and a number of that row's tokens ([EOT] + text) that the previous shard already holds."""
+
+    row: int = 0
+    offset: int = 0
+    stream_state: dict = None  # --streaming: the dataset's state_dict() at some row at or before `row`,
+    stream_skip: int = 0  # ... and how many rows after that state `row` is (skips earlier files fast)
+
+
+@dataclass
+class Batch:
+    texts: list  # (B,) str, or None for a null document
+    first_row: int  # row of texts[0] in the input
+    stream_state: dict = None  # as in Position, for texts[0]
+    stream_skip: int = 0
+
+
+# ---- reading documents ------------------------------------------------------------------------
+def local_format(path):
+    """'.parquet', '.jsonl', '.json' or '.txt' (looking through a .gz suffix), or None."""
+    base, ext = os.path.splitext(path.lower())
+    if ext == ".gz":
+        base, ext = os.path.splitext(base)
+        return ext if ext in (".jsonl", ".json", ".txt") else None  # parquet compresses itself
+    return ext if ext in LOCAL_FORMATS else None
+
+
+def files_in(path):
+    """A supported file, or the supported files below a folder, sorted by path."""
+    if os.path.isfile(path):
+        return [path] if local_format(path) else []
+    found = glob.glob(os.path.join(path, "**", "*"), recursive=True)  # skips hidden files like .gitattributes
+    return sorted(p for p in found if os.path.isfile(p) and local_format(p))
+
+
+def resolve_data_files(patterns):
+    """The input files in order: each pattern is a file, a folder or a glob (its matches sorted)."""
+    files = []
+    for pattern in patterns:
+        if os.path.exists(pattern):
+            found = files_in(pattern)
+        elif any(c in pattern for c in "*?["):
+            found = [f for match in sorted(glob.glob(pattern, recursive=True)) for f in files_in(match)]
+        else:
+            raise SystemExit(f"--data_files {pattern}: no such file or folder")
+        if not found:
+            raise SystemExit(f"--data_files {pattern}: no files matched (supported: {', '.join(LOCAL_FORMATS)})")
+        files += found
+    return files
+
+
+def parquet_rows(path, text_field, skip):
+    """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
+    try:
+        # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
+        parquet = pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
+    except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
+        raise SystemExit(f"{path}: not a readable parquet file ({e})")
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise SystemExit(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
+    # skip whole row groups by their metadata, so resuming deep into a file reads little of it
+    group = 0
+    while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
+        skip -= parquet.metadata.row_group(group).num_rows
+        group += 1
+    if group < parquet.num_row_groups:
+        row_groups = range(group, parquet.num_row_groups)
+        for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=[text_field]):
+            texts = record_batch.column(0).to_pylist()
+            yield from texts[skip:]
+            skip = max(0, skip - len(texts))
+    return parquet.metadata.num_rows
+
+
+def open_text(path):
+    """UTF-8 text as stored: a byte-order mark dropped, but "\r\n" kept (the tokens should see the file's bytes)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def json_rows(path, text_field, skip):
+    """Texts of a .jsonl/.json file after its first `skip` rows; returns the file's row count.
+    A row is a non-blank line holding a JSON object, or an element of a top-level JSON array."""
+    with open_text(path) as f:
+        is_array = f.read(256).lstrip().startswith("[")
+        f.seek(0)
+        if is_array:
+            items = enumerate(json.load(f), 1)
+        else:
+            items = ((number, line) for number, line in enumerate(f, 1) if line.strip())
+        rows = 0
+        for number, item in items:
+            rows += 1
+            if rows <= skip:
+                continue  # resuming: counting lines is enough, no need to parse them
+            try:
+                record = item if is_array else json.loads(item)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number}: not valid JSON ({e})")
+            if not isinstance(record, dict):
+                raise SystemExit(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
+            if text_field not in record:
+                raise SystemExit(
+                    f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
+                )
+            yield record[text_field]
+    return rows
+
+
+def txt_rows(path, text_field, skip):
+    """A .txt file is one document; returns the row count, 1."""
+    if not skip:
+        with open_text(path) as f:
+            yield f.read()
+    return 1
+
+
+def local_rows(files, text_field, skip):
+    """Texts (or None) of all files in order, after the first `skip` rows."""
+    readers = {".parquet": parquet_rows, ".jsonl": json_rows, ".json": json_rows, ".txt": txt_rows}
+    for path in files:
+        try:
+            rows_in_file = yield from readers[local_format(path)](path, text_field, skip)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{path}: not UTF-8 text ({e})")
+        skip = max(0, skip - rows_in_file)
+
+
+def local_row_count(files):
+    """Rows in the files if their metadata says so cheaply (parquet, txt), else None."""
+    if any(local_format(path) in (".jsonl", ".json") for path in files):
+        return None
+    return sum(pq.ParquetFile(p).metadata.num_rows if local_format(p) == ".parquet" else 1 for p in files)
+
+
+def hub_unreachable(cfg, error):
+    return (
+        f"could not reach the Hugging Face hub for {cfg.dataset} ({type(error).__name__}: {error}). Offline, "
+        f"pass local files with --data_files; behind a slow or blocked hub, use a mirror: HF_ENDPOINT=<mirror url>"
+    )
+
+
+def hub_dataset(cfg):
+    """The dataset from the hub: downloaded once and memory-mapped, or a stream with --streaming."""
+    import datasets  # imported here: a second of startup that local files do not need
+
+    try:
+        ds = datasets.load_dataset(
+            cfg.dataset, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir
+        )
+    except FileNotFoundError as e:  # DatasetNotFoundError, DataFilesNotFoundError
+        raise SystemExit(f"--dataset {cfg.dataset}: not found ({e}). For local files use --data_files")
+    except ValueError as e:  # unknown config or split: datasets names those that exist
+        raise SystemExit(f"--dataset {cfg.dataset}: {e}")
+    except OSError as e:  # ConnectionError, HTTP errors, timeouts
+        raise SystemExit(hub_unreachable(cfg, e))
+    if ds.column_names is not None and cfg.text_field not in ds.column_names:
+        raise SystemExit(
+            f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field"
+        )
+    return ds.select_columns([cfg.text_field]) if ds.column_names is not None else ds
+
+
+def hub_rows(cfg, ds, start):
+    """Texts of a hub dataset from row start.row on."""
+    if not cfg.streaming:
+        rows = (text for batch in ds.skip(start.row).iter(batch_size=1024) for text in batch[cfg.text_field])
+    elif start.stream_state is not None and loads_state(ds, start.stream_state):
+        rows = islice((row[cfg.text_field] for row in ds), start.stream_skip, None)
+    else:
+        rows = islice((row[cfg.text_field] for row in ds), start.row, None)
+    try:
+        yield from rows
+    except KeyError:
+        raise SystemExit(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
+    except Exception as e:  # the network failing hours into a stream: the shards so far are kept
+        raise SystemExit(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
+
+
+def loads_state(ds, state):
+    """Point a stream at a saved state: it jumps over whole files instead of streaming them again."""
+    try:
+        ds.load_state_dict(state)
+        return True
+    except Exception as e:  # a state saved by another version of datasets
+        print(f"cannot restore the stream's state ({e!r}): skipping rows from the start instead")
+        return False
+
+
+def json_state(ds):
+    """A stream's state_dict() as meta.json will hold it, or None (then a resume skips rows)."""
+    try:
+        return json.loads(json.dumps(ds.state_dict()))
+    except (TypeError, ValueError):
+        return None
+
+
+def hub_row_count(cfg, ds):
+    if not cfg.streaming:
+        return len(ds)
+    splits = ds.info.splits
+    return splits[cfg.split].num_examples if splits and cfg.split in splits else None
+
+
+def no_state():
+    return None  # local files and downloaded datasets resume from a row number alone
+
+
+def document_batches(rows, start, stream_state):
+    """Group texts into batches of about BATCH_CHARS characters, each knowing where it starts."""
+    position = (start.row, start.stream_state, start.stream_skip)
+    texts, chars = [], 0
+    for text in rows:
+        if text is not None and not isinstance(text, str):
+            raise SystemExit(
+                f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text"
+            )
+        texts.append(text)
+        chars += len(text) if text else 0
+        if chars >= BATCH_CHARS or len(texts) == BATCH_ROWS:
+            yield Batch(texts, *position)
+            # rows has just handed over texts[-1]: a stream's state now points at the next row
+            position = (position[0] + len(texts), stream_state(), 0)
+            texts, chars = [], 0
+    if texts:
+        yield Batch(texts, *position)
+
+
+# ---- tokenizing -------------------------------------------------------------------------------
+def gpt2_tokenizer():
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+        raise SystemExit(f"fineweb.py needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
+    try:
+        return tiktoken.get_encoding(TOKENIZER)
+    except Exception as e:  # the BPE files are downloaded on first use
+        raise SystemExit(
+            f"could not load the {TOKENIZER} tokenizer ({e}): tiktoken downloads it on first use. "
+            f"Offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached BPE files"
+        )
+
+
+def encode_ordinary(enc, text):
+    """GPT-2 tokens of text, (T,) uint32, "<|endoftext|>" inside a text counting as plain text.
+    encode_to_numpy skips building a Python list of ints, the part of encoding that holds the GIL."""
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800"): replace it, as enc.encode_ordinary does
+        return enc.encode_to_numpy(
+            text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
+        )
+
+
+def encode_batch(enc, texts):
+    """[EOT] + tokens of each text, concatenated: (N,) uint16; and each row's token count (B,),
+    0 for an empty or null text, which adds nothing (not even an EOT)."""
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+    pieces = []
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        if text:
+            tokens = encode_ordinary(enc, text)
+            pieces += (eot, tokens)
+            lengths[i] = 1 + len(tokens)
+    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
+    if tokens.size and tokens.max() > np.iinfo(DTYPE).max:
+        raise SystemExit(f"token id {tokens.max()} does not fit in {np.dtype(DTYPE).name}")
+    return tokens.astype(DTYPE), lengths
+
+
+def encoded_batches(enc, batches, num_threads):
+    """(batch, encode_batch(batch)) in input order, encoded by num_threads threads. tiktoken lets go
+    of the GIL while it encodes, so threads scale like processes, without pickling texts and tokens
+    between processes; at most BATCHES_PER_THREAD batches per thread are read ahead (flat memory)."""
+    pending = deque()
+    with ThreadPoolExecutor(num_threads) as pool:
+        try:
+            while True:
+                while len(pending) < BATCHES_PER_THREAD * num_threads and (batch := next(batches, None)) is not None:
+                    pending.append((batch, pool.submit(encode_batch, enc, batch.texts)))
+                if not pending:
+                    return
+                batch, encoded = pending.popleft()
+                yield batch, encoded.result()
+        finally:  # stopped early (--max_tokens, an error): drop the work not started yet
+            for _, encoded in pending:
+                encoded.cancel()
+
+
+# ---- writing shards ---------------------------------------------------------------------------
+def shard_name(prefix, index):
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def save_atomically(path, write):
+    """write(f) into path.tmp, fsync, rename: a crash never leaves a truncated file under its name."""
+    tmp_path = f"{path}.tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:  # disk full, permissions
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise SystemExit(f"could not write {path} ({e}): fix that, then re-run the same command to resume")
+
+
+def save_json(path, obj):
+    save_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def save_shard(out_dir, entry, tokens, meta):
+    """Save one shard, then the meta.json that lists it (in that order, so meta never lies)."""
+    save_atomically(os.path.join(out_dir, entry["file"]), lambda f: np.save(f, tokens))
+    save_json(os.path.join(out_dir, "meta.json"), meta)
+
+
+class ShardWriter:
+    """Cuts the token stream into shards. A full shard is saved by a background thread while the next
+    one fills the other of two buffers, so encoding never waits on the disk: memory is two shards."""
+
+    def __init__(self, cfg, settings, shards, start):
+        self.cfg = cfg
+        self.meta = {"settings": settings, "shards": shards, "complete": False}
+        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
+        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=DTYPE), np.empty(cfg.shard_size, dtype=DTYPE)
+        self.fill = 0  # tokens in the current shard
+        self.shard_docs = 0  # documents whose EOT is in the current shard
+        self.tokens = sum(s["tokens"] for s in shards)
+        self.docs = sum(s["docs"] for s in shards)
+        self.empty_docs = shards[-1]["empty_docs"] if shards else 0
+        self.position = start
+        self.skip = start.offset  # the first tokens of the stream are already in the last shard
+        self.saver = ThreadPoolExecutor(1)
+        self.saving = None
+
+    def done(self):
+        return self.tokens == self.cfg.max_tokens
+
+    def write(self, batch, tokens, lengths):
+        """Append one encoded batch: tokens (N,) and its rows' token counts (B,)."""
+        ends = np.cumsum(lengths)  # (B,) where each row's tokens end in `tokens`
+        starts = (ends - lengths)[lengths > 0]  # (D,) where each document's EOT is
+        empty_before = self.empty_docs
+        pos, self.skip = self.skip, 0
+        while pos < len(tokens) and not self.done():
+            budget = self.cfg.max_tokens - self.tokens if self.cfg.max_tokens else len(tokens)
+            take = min(len(tokens) - pos, self.cfg.shard_size - self.fill, budget)
+            self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
+            self.shard_docs += int(np.searchsorted(starts, pos + take) - np.searchsorted(starts, pos))
+            self.fill, self.tokens, pos = self.fill + take, self.tokens + take, pos + take
+            self.advance(batch, lengths, ends, pos, empty_before)
+            if self.fill == self.cfg.shard_size:
+                self.save_shard()
+        if pos == len(tokens):  # the whole batch is in: count the empty rows at its end too
+            self.advance(batch, lengths, ends, pos, empty_before)
+
+    def advance(self, batch, lengths, ends, pos, empty_before):
+        """Move the stream position to just after the batch's first `pos` tokens."""
+        row = int(np.searchsorted(ends, pos, side="right"))  # the first row not completely written
+        offset = pos - int(ends[row - 1]) if row else pos
+        stream_skip = batch.stream_skip + row if batch.stream_state is not None else 0
+        self.position = Position(batch.first_row + row, offset, batch.stream_state, stream_skip)
+        self.empty_docs = empty_before + int(np.count_nonzero(lengths[:row] == 0))
+
+    def save_shard(self):
+        position = self.position
+        entry = {
+            "file": shard_name(self.cfg.prefix, len(self.meta["shards"])),
+            "tokens": self.fill,
+            "docs": self.shard_docs,  # documents that start in this shard
+            "empty_docs": self.empty_docs,  # empty or null documents skipped so far (all shards)
+            "next_row": position.row,
+            "next_offset": position.offset,
+            "stream_state": position.stream_state,
+            "stream_skip": position.stream_skip,
+        }
+        self.wait_for_save()  # the spare buffer, which the next shard fills, must be on disk
+        self.meta["shards"].append(entry)
+        meta = dict(self.meta, shards=list(self.meta["shards"]))  # a snapshot for the saving thread
+        self.saving = self.saver.submit(save_shard, self.cfg.out_dir, entry, self.buffer[: self.fill], meta)
+        self.buffer, self.spare = self.spare, self.buffer
+        self.docs += self.shard_docs
+        self.fill, self.shard_docs = 0, 0
+
+    def wait_for_save(self):
+        if self.saving is not None:
+            self.saving.result()  # re-raises a failed save here
+            self.saving = None
+
+    def finish(self):
+        """Save the last, partial shard and mark the run complete in meta.json."""
+        if self.fill:
+            self.save_shard()
+        self.wait_for_save()
+        self.saver.shutdown()
+        if not self.meta["shards"]:
+            raise SystemExit(f"no tokens to write: all {self.empty_docs} documents were empty")
+        self.meta["complete"] = True
+        save_json(os.path.join(self.cfg.out_dir, "meta.json"), self.meta)
+
+
+# ---- resuming ---------------------------------------------------------------------------------
+def settings_for(cfg, files, eot):
+    """What decides the bytes of the shards: a run resumes only into a folder made with the same."""
+    if files:
+        source = {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
+    else:  # streaming or not gives the same bytes, so a streamed run may resume downloaded
+        source = {"dataset": cfg.dataset, "name": cfg.name, "split": cfg.split}
+    settings = {
+        "tokenizer": TOKENIZER,
+        "eot": eot,
+        "dtype": np.dtype(DTYPE).name,
+        "shard_size": cfg.shard_size,
+        "max_tokens": cfg.max_tokens,
+        "prefix": cfg.prefix,
+        "text_field": cfg.text_field,
+        "source": source,
+    }
+    return json.loads(json.dumps(settings))  # as meta.json gives it back: lists, not tuples
+
+
+def files_matching(folder, patterns):
+    return sorted(path for pattern in patterns for path in glob.glob(os.path.join(folder, pattern)))
+
+
+def shard_is_intact(path, tokens):
+    try:
+        shard = np.load(path, mmap_mode="r")  # reads the header only; fails on a short file
+    except (OSError, ValueError):
+        return False
+    return shard.dtype == DTYPE and shard.shape == (tokens,)
+
+
+def completed_shards(cfg, settings):
+    """The shards that an earlier run with the same settings completed in cfg.out_dir, to resume after
+    ([] to start afresh), or None when that run finished."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out_dir {cfg.out_dir}: cannot create it ({e})")
+    meta_path = os.path.join(cfg.out_dir, "meta.json")
+    if cfg.overwrite:  # only what we write, and what the data loader would read: never the whole folder
+        for path in files_matching(cfg.out_dir, SHARD_PATTERNS + ("meta.json",)):
+            os.remove(path)
+    for path in files_matching(cfg.out_dir, ("*.npy.tmp", "meta.json.tmp")):
+        os.remove(path)  # left by a crash in the middle of a save
+    if not os.path.exists(meta_path):
+        if files_matching(cfg.out_dir, SHARD_PATTERNS):
+            raise SystemExit(
+                f"{cfg.out_dir} holds shards but no meta.json (made by another tool?): "
+                f"pass --overwrite to replace them, or choose another --out_dir"
+            )
+        return []
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        old_settings, old_shards = meta["settings"], meta["shards"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{meta_path} is unreadable ({e!r}): pass --overwrite to start afresh")
+    if old_settings != settings:
+        keys = sorted(set(old_settings) | set(settings))
+        changed = [
+            f"{k}: {old_settings.get(k)!r:.80} there, {settings.get(k)!r:.80} now"
+            for k in keys
+            if old_settings.get(k) != settings.get(k)
+        ]
+        raise SystemExit(
+            f"{cfg.out_dir} holds shards made with other settings ({'; '.join(changed)}): "
+            f"pass --overwrite to replace them, or choose another --out_dir"
+        )
+    shards = []
+    for entry in old_shards:
+        if not shard_is_intact(os.path.join(cfg.out_dir, entry["file"]), entry["tokens"]):
+            print(f"{entry['file']} is missing or damaged: writing it again, and what follows it")
+            break
+        shards.append(entry)
+    return None if meta.get("complete") and len(shards) == len(old_shards) else shards
+
+
+def resume_position(shards):
+    if not shards:
+        return Position()
+    last = shards[-1]
+    return Position(last["next_row"], last["next_offset"], last["stream_state"], last["stream_skip"])
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+def show_progress(bar, writer, num_rows):
+    """Tokens on the bar; its total (for the ETA) is --max_tokens, or else estimated from the rows read."""
+    if writer.cfg.max_tokens is None and num_rows and writer.position.row:
+        bar.total = round(writer.tokens * num_rows / writer.position.row)
+    bar.set_postfix(docs=f"{writer.docs + writer.shard_docs:,}", shards=len(writer.meta["shards"]), refresh=False)
+    bar.update(writer.tokens - bar.n)
+
+
+def tokenize(cfg):
+    """Write the shards of cfg's input into cfg.out_dir; returns a one-line summary."""
+    files = resolve_data_files(cfg.data_files) if cfg.data_files else None
+    enc = gpt2_tokenizer()
+    settings = settings_for(cfg, files, enc.eot_token)
+    shards = completed_shards(cfg, settings)
+    if shards is None:
+        return f"{cfg.out_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
+    start, start_shard = resume_position(shards), len(shards)
+    if files:
+        rows, num_rows, stream_state = local_rows(files, cfg.text_field, start.row), local_row_count(files), no_state
+    else:
+        ds = hub_dataset(cfg)
+        rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
+        stream_state = partial(json_state, ds) if cfg.streaming else no_state
+
+    writer = ShardWriter(cfg, settings, shards, start)
+    tokens_before, t0 = writer.tokens, time.perf_counter()
+    bar = tqdm(total=cfg.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing")
+    batches = document_batches(rows, start, stream_state)
+    with bar, closing(encoded_batches(enc, batches, cfg.num_proc)) as encoded:
+        for batch, (tokens, lengths) in encoded:
+            writer.write(batch, tokens, lengths)
+            show_progress(bar, writer, num_rows)
+            if writer.done():
+                break
+    writer.finish()
+
+    seconds = time.perf_counter() - t0
+    new_tokens = writer.tokens - tokens_before
+    resumed = f"resumed at shard {start_shard}, " if start_shard else ""
+    shards = writer.meta["shards"]
+    summary = (
+        f"{cfg.out_dir}: {len(shards)} shards, {writer.tokens:,} tokens, {writer.docs:,} documents "
+        f"({writer.empty_docs:,} empty skipped); {resumed}{new_tokens:,} tokens in {seconds:.1f}s "
+        f"({new_tokens / seconds / 1e6:.2f}M tokens/s)"
+    )
+    if len(shards) == 1:
+        summary += ". Warning: all of it is the val shard; lower --shard_size to get train shards"
+    return summary
+
+
+def parse_count(text):
+    """'100000000', '1e8' or '100_000_000' -> 100000000."""
+    try:
+        value = float(text.replace("_", ""))
+        if value >= 1 and value == int(value):
+            return int(value)
+    except (ValueError, OverflowError):  # not a number, or inf
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number (1e6-style is fine)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help=f"Hugging Face dataset id or dataset folder (default: {DEFAULT_DATASET})")
+    parser.add_argument("--name", help=f"the dataset's config (default: {DEFAULT_NAME} for {DEFAULT_DATASET})")
+    parser.add_argument("--split", help="the dataset's split (default: train)")
+    parser.add_argument("--text_field", default="text", help="column or JSON field holding the text (default: text)")
+    parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (no network)")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
+    parser.add_argument("--cache_dir", help="where datasets keeps downloads (default: ~/.cache/huggingface/datasets)")
+    parser.add_argument("--out_dir", default=Config.out_dir, help="shard folder (default: edu_fineweb10B beside this)")
+    parser.add_argument("--prefix", default=Config.prefix, help="shard file name prefix (default: edufineweb)")
+    parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (1e8)")
+    parser.add_argument("--max_tokens", type=parse_count, help="stop after this many tokens (small demos)")
+    parser.add_argument("--num_proc", type=int, default=available_cores(), help="encoding threads (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --out_dir")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.data_files:
+        hub_flags = [f"--{flag}" for flag in ("dataset", "name", "split") if getattr(cfg, flag)]
+        if hub_flags:
+            raise SystemExit(f"--data_files reads local files: drop {', '.join(hub_flags)}")
+    elif cfg.dataset is None:
+        cfg.dataset, cfg.name = DEFAULT_DATASET, cfg.name or DEFAULT_NAME
+    cfg.split = cfg.split or (None if cfg.data_files else "train")
+    if cfg.num_proc < 1:
+        raise SystemExit("--num_proc must be at least 1")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        print(tokenize(cfg))
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: re-run the same command to resume after the last complete shard")
+
+
+if __name__ == "__main__":
+    main()
