@@ -318,16 +318,16 @@ def test_resume_none_refuses_a_log_dir_with_checkpoints(data_dir, tmp_path):
 
 
 def test_demo_pipeline_trains_evaluates_samples_and_plots(
-    tmp_path, tinyshakespeare_file, gpt2_tokenizer, hellaswag_dir, monkeypatch
+    tmp_path, fineweb_sample_dir, gpt2_tokenizer, hellaswag_dir, monkeypatch
 ):
+    """make demo in miniature: fineweb.py -> shards -> train_gpt2.py -> val, HellaSwag, sample, checkpoint -> plot.py"""
+    import fineweb
     import plot
 
     monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
-    tokens = np.array(gpt2_tokenizer.encode(tinyshakespeare_file.read_text()[:60_000]), dtype=np.uint16)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    np.save(data_dir / "edufineweb_val_000000.npy", tokens[:4000])
-    np.save(data_dir / "edufineweb_train_000001.npy", tokens[4000:])
+    fineweb.main(["--data_files", str(fineweb_sample_dir), "--out_dir", str(data_dir), "--shard_size", "20000",
+                  "--max_tokens", "60000", "--num_proc", "1"])  # fmt: skip
     log_dir = tmp_path / "demo"
     train_gpt2.main([
         "--preset", "cpu", "--data_dir", str(data_dir), "--log_dir", str(log_dir),
