@@ -1,0 +1,208 @@
+"""
+Where training runs: processes, device, precision, compilation and the hardware's peak speed.
+
+    from device import setup_distributed, setup_precision, compile_model, peak_flops
+    dist_info = setup_distributed("auto")        # reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE
+    precision = setup_precision("auto", dist_info.device_type)
+    with precision.autocast():
+        logits, loss = model(x, y)
+
+Kept out of `train_gpt2.py` so the training loop reads the same on a laptop CPU and on 8 GPUs.
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Peak dense bf16/fp16 tensor-core FLOPS by (part of) the name torch.cuda.get_device_name returns,
+# from NVIDIA's datasheets. First match wins, so the specific names come before the generic ones.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("V100-PCIE", 112e12),  # fp16
+    ("V100", 125e12),  # SXM2, fp16
+]
+
+
+@dataclass
+class DistInfo:
+    rank: int  # this process among all processes
+    local_rank: int  # this process among those on this node: picks the GPU
+    world_size: int
+    device: str  # "cuda:3", "mps", "cpu"
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def is_master(self):
+        """Rank 0 alone logs, writes checkpoints and samples text."""
+        return self.rank == 0
+
+
+def pick_device(requested, local_rank):
+    """"auto" picks cuda > mps > cpu; an explicit device that is not there is an error, not a fallback."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device {requested}: PyTorch sees no CUDA GPU (torch {torch.__version__}). Check nvidia-smi and "
+                "CUDA_VISIBLE_DEVICES, install a CUDA build of torch, or pass --device cpu"
+            )
+        if requested == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise SystemExit(
+                    f"process with LOCAL_RANK={local_rank} has no GPU: only {torch.cuda.device_count()} are visible; "
+                    "pass --nproc_per_node at most the number of GPUs"
+                )
+            requested = f"cuda:{local_rank}"  # one GPU per process
+    elif requested == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("--device mps: the Apple MPS backend is not available here; pass --device cpu")
+    elif requested not in ("cpu", "mps"):
+        raise SystemExit(f"--device {requested}: choose auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def setup_distributed(requested_device):
+    """One process (`python train_gpt2.py`) or one of many (`torchrun`, which sets the env variables)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(requested_device, local_rank)
+    if device.startswith("cuda"):
+        # the default device of everything that takes none (NCCL, capability and RNG queries)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        if device == "mps":
+            raise SystemExit("torch.distributed does not support MPS: train on one process, or pass --device cpu")
+        # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here).
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks in place (a no-op on one process). SUM, not AVG: gloo has no AVG (Windows, CPU)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_process(flag, device):
+    """True on every rank if flag is True on any rank."""
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+
+
+def all_gather(obj, world_size):
+    """[rank 0's obj, rank 1's obj, ...] of a picklable object, on every rank."""
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype  # what matmuls run in: autocast's dtype, or float32 for no autocast
+    device_type: str
+    scaler: torch.amp.GradScaler  # scales the loss for float16 and is a no-op otherwise
+
+    def autocast(self):
+        """Parameters stay float32; autocast runs matmuls in bf16/fp16 and keeps reductions (softmax,
+        LayerNorm, the loss) in float32."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def setup_precision(requested, device_type):
+    """"auto": bf16 on GPUs that have it (Ampere and newer), fp16 with loss scaling on those that
+    do not (V100, T4, RTX 20xx), float32 on CPU and MPS."""
+    if requested == "auto":
+        if device_type == "cuda":
+            # compute capability 8.0 = Ampere. Not torch.cuda.is_bf16_supported(): by default it also
+            # says yes on a V100, where bf16 only runs emulated, several times slower than fp16.
+            has_bf16 = torch.cuda.get_device_capability() >= (8, 0)
+            requested = "bfloat16" if has_bf16 else "float16"
+        else:
+            requested = "float32"
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if requested not in dtypes:
+        raise SystemExit(f"--dtype {requested}: choose auto, {', '.join(dtypes)}")
+    if device_type == "cuda":
+        # TF32 for the float32 matmuls autocast leaves alone (and all of them with --dtype float32):
+        # ~8x the float32 speed on Ampere+, 10 mantissa bits, which training does not notice.
+        torch.set_float32_matmul_precision("high")
+    # fp16 has 5 exponent bits: small gradients underflow to zero unless the loss is scaled up first.
+    # bf16 has float32's range and needs no scaling.
+    scaler = torch.amp.GradScaler(device_type, enabled=requested == "float16")
+    return Precision(dtype=dtypes[requested], device_type=device_type, scaler=scaler)
+
+
+def compile_model(model, requested, device_type, example_batch, precision, log):
+    """torch.compile(model) when asked for ("1") or on CUDA ("auto"); otherwise the model itself.
+
+    Compilation happens lazily, on the first call, and that is where it fails (no C compiler, the
+    `cannot find -lcuda` linker error). So one forward/backward on example_batch runs here: with
+    "auto" a failure means a one-line warning and eager training, with "1" it is an error.
+    The returned module shares its parameters with `model`, which stays uncompiled: evaluation and
+    sampling call `model` directly, so their changing shapes never trigger recompilation.
+    """
+    if requested not in ("auto", "1", "0"):
+        raise SystemExit(f"--compile {requested}: choose auto, 1 or 0")
+    if requested == "0" or (requested == "auto" and device_type != "cuda"):
+        return model
+    compiled = torch.compile(model)
+    try:
+        x, y = example_batch
+        with precision.autocast():
+            _, loss = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # inductor raises many types: BackendCompilerFailed, CalledProcessError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if requested == "1":
+            raise SystemExit(f"torch.compile failed: {reason} (train without it: --compile 0)")
+        log.warning(f"torch.compile failed, training uncompiled (--compile 0 skips the attempt): {reason}")
+        compiled = model
+    model.zero_grad(set_to_none=True)
+    return compiled
+
+
+def peak_flops(device, dtype):
+    """The GPU's peak bf16/fp16 FLOPS, or None where it is unknown (CPU, MPS, float32, unlisted GPUs)."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def peak_memory_bytes(device):
+    """Most memory this process has held: on the GPU for CUDA, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    if sys.platform == "win32":
+        return 0  # no getrusage there
+    import resource
+
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss if sys.platform == "darwin" else max_rss * 1024  # macOS reports bytes, Linux KiB
+

@@ -1,0 +1,112 @@
+"""Tests for checkpoint.py: atomic writes, safe loading, prefixes, RNG state, finding and pruning."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as ck
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)
+
+
+def test_save_is_atomic_and_a_failed_save_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "model_00001.pt")
+    ck.save_checkpoint(path, {"step": 1})
+    assert os.listdir(tmp_path) == ["model_00001.pt"]
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ck.save_checkpoint(path, {"step": 2})
+    assert os.listdir(tmp_path) == ["model_00001.pt"]
+    assert ck.load_checkpoint(path) == {"step": 1}
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.makedirs, ("/tmp/checkpoint_test_code_ran",))
+
+
+def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"model": RunsCode()}, path)
+    with pytest.raises(SystemExit, match=f"cannot read checkpoint {path}"):
+        ck.load_checkpoint(path)
+    assert not os.path.exists("/tmp/checkpoint_test_code_ran")
+
+
+def test_load_of_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="model_00005.pt does not exist"):
+        ck.load_checkpoint(str(tmp_path / "model_00005.pt"))
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes():
+    cleaned = ck.clean_state_dict({"_orig_mod.a.weight": 1, "module._orig_mod.b.bias": 2, "c": 3})
+    assert cleaned == {"a.weight": 1, "b.bias": 2, "c": 3}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised while torch.compile imports its parts
+def test_checkpoint_of_a_compiled_model_round_trips_without_prefixes(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    saved = ck.model_checkpoint(compiled)
+    assert set(saved["model"]) == set(model.state_dict())  # no `_orig_mod.`
+    path = str(tmp_path / "model.pt")
+    ck.save_checkpoint(path, saved)
+    loaded = ck.model_from_checkpoint(path, "cpu")
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_rng_state_survives_a_weights_only_round_trip_and_restores_every_generator(tmp_path):
+    state = ck.rng_state("cpu")
+    path = str(tmp_path / "rng.pt")
+    ck.save_checkpoint(path, {"rng": [state]})
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    expected = draws()
+    draws()
+    ck.set_rng_state(ck.load_checkpoint(path)["rng"][0], "cpu")
+    assert draws() == expected
+
+
+def test_resume_path_finds_the_newest_checkpoint_and_ignores_temp_files(tmp_path):
+    log_dir = str(tmp_path)
+    assert ck.resume_path("auto", log_dir) is None  # a fresh start
+    for name in ["model_00900.pt", "model_01000.pt", "model_05000.pt.tmp", "model_final.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    expected = {900: str(tmp_path / "model_00900.pt"), 1000: str(tmp_path / "model_01000.pt")}
+    assert ck.list_checkpoints(log_dir) == expected
+    assert ck.resume_path("auto", log_dir) == str(tmp_path / "model_01000.pt")  # by step, not by name length
+    assert ck.resume_path(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
+    with pytest.raises(SystemExit, match="--resume none, but .* already holds checkpoints"):
+        ck.resume_path("none", log_dir)
+    with pytest.raises(SystemExit, match="--resume nope.pt: no such checkpoint file"):
+        ck.resume_path("nope.pt", log_dir)
+
+
+def test_prune_keeps_the_newest_checkpoints(tmp_path):
+    for step in [5, 10, 15, 20]:
+        (tmp_path / f"model_{step:05d}.pt").write_bytes(b"")
+    ck.prune_checkpoints(str(tmp_path), keep_last=0)
+    assert len(os.listdir(tmp_path)) == 4
+    ck.prune_checkpoints(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["model_00015.pt", "model_00020.pt"]
+
+
+def test_a_checkpoint_of_another_model_shape_names_the_differing_flags():
+    saved = ck.model_checkpoint(GPT(TINY))
+    ck.check_model_config(saved, TINY, "x.pt")  # same shape: fine
+    wider = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    with pytest.raises(SystemExit, match=r"x.pt holds a model with n_embd=8 \(flags say 16\)"):
+        ck.check_model_config(saved, wider, "x.pt")
