@@ -77,7 +77,7 @@ def test_defaults_are_the_gpt2_124m_recipe():
 
 def test_preset_replaces_defaults_and_flags_replace_the_preset():
     cfg = train_gpt2.parse_config(["--preset", "cpu", "--max_steps", "7", "--shuffle", "0"])
-    assert (cfg.n_layer, cfg.n_embd) == (4, 128)  # from the preset
+    assert (cfg.n_layer, cfg.n_embd) == (4, 64)  # from the preset
     assert cfg.max_steps == 7 and cfg.shuffle is False  # from the flags
     assert cfg.max_lr == train_gpt2.PRESETS["cpu"]["max_lr"]
 
