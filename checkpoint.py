@@ -13,8 +13,14 @@ Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 `torch.load(..., weights_only=True)` reads it: opening a checkpoint cannot run code.
 
     model = model_from_checkpoint("log/model_19073.pt", "cuda")     # for evaluation or sampling
+
+Export a checkpoint as a Hugging Face GPT2LMHeadModel folder (for the EleutherAI evaluation harness,
+transformers' pipelines, or `python hellaswag.py --model FOLDER`):
+
+    python checkpoint.py log/model_19073.pt --hf_dir gpt2-fineweb
 """
 
+import argparse
 import glob
 import os
 import random
@@ -166,3 +172,16 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
     elif "mps" in state and device == "mps":
         torch.mps.set_rng_state(state["mps"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a training checkpoint in Hugging Face GPT-2 format.")
+    parser.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
+    parser.add_argument("--hf_dir", required=True, help="folder to write the GPT2LMHeadModel into")
+    args = parser.parse_args(argv)
+    model_from_checkpoint(args.checkpoint).save_pretrained(args.hf_dir)
+    print(f"wrote {args.hf_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.hf_dir!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -110,3 +110,16 @@ def test_a_checkpoint_of_another_model_shape_names_the_differing_flags():
     wider = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     with pytest.raises(SystemExit, match=r"x.pt holds a model with n_embd=8 \(flags say 16\)"):
         ck.check_model_config(saved, wider, "x.pt")
+
+
+def test_export_writes_a_hugging_face_model_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    path = str(tmp_path / "model_00010.pt")
+    ck.save_checkpoint(path, ck.model_checkpoint(model))
+    ck.main([path, "--hf_dir", str(tmp_path / "hf")])
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
