@@ -4,9 +4,9 @@ Checkpoints: written atomically, read without running code, complete enough to r
 A checkpoint is a dict saved with torch.save:
     model       state_dict, without torch.compile's `_orig_mod.` or DDP's `module.` prefixes
     config      dataclasses.asdict(GPTConfig): enough to rebuild the model with no other file
-    step        optimizer updates done; training resumes with update step + 1
-    optimizer, scaler, args, val_loss
-    dataloader  [state_dict() of each rank's train loader]
+    step        optimizer updates done (0-based steps 0..step-1); training resumes at step `step`
+    optimizer, scaler, args, val_loss, nonfinite_skips (updates skipped for an inf/nan loss)
+    dataloader  the train loader's state_dict(): one stream position, the same on every rank
     rng         [rng_state() of each rank]
 
 Every value is a tensor, a number, a string or a list/dict/tuple of those, so

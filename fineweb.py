@@ -127,13 +127,17 @@ def resolve_data_files(patterns):
     return files
 
 
-def parquet_rows(path, text_field, skip):
-    """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
+def open_parquet(path):
     try:
         # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
-        parquet = pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
+        return pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
     except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
         raise SystemExit(f"{path}: not a readable parquet file ({e})")
+
+
+def parquet_rows(path, text_field, skip):
+    """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
+    parquet = open_parquet(path)
     columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise SystemExit(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
@@ -163,8 +167,11 @@ def json_rows(path, text_field, skip):
     with open_text(path) as f:
         is_array = f.read(256).lstrip().startswith("[")
         f.seek(0)
-        if is_array:
-            items = enumerate(json.load(f), 1)
+        if is_array:  # a top-level array is parsed whole: convert big ones to .jsonl to keep memory flat
+            try:
+                items = enumerate(json.load(f), 1)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}: not valid JSON ({e})")
         else:
             items = ((number, line) for number, line in enumerate(f, 1) if line.strip())
         rows = 0
@@ -209,7 +216,7 @@ def local_row_count(files):
     """Rows in the files if their metadata says so cheaply (parquet, txt), else None."""
     if any(local_format(path) in (".jsonl", ".json") for path in files):
         return None
-    return sum(pq.ParquetFile(p).metadata.num_rows if local_format(p) == ".parquet" else 1 for p in files)
+    return sum(open_parquet(p).metadata.num_rows if local_format(p) == ".parquet" else 1 for p in files)
 
 
 def hub_unreachable(cfg, error):
@@ -379,10 +386,12 @@ def save_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:  # disk full, permissions
+    except BaseException as e:  # disk full, permissions, Ctrl-C: no half-written file stays behind
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        raise SystemExit(f"could not write {path} ({e}): fix that, then re-run the same command to resume")
+        if isinstance(e, OSError):
+            raise SystemExit(f"could not write {path} ({e}): fix that, then re-run the same command to resume")
+        raise
 
 
 def save_json(path, obj):

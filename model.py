@@ -11,7 +11,6 @@ Parameter names follow the Hugging Face GPT-2 layout (`transformer.h.0.attn.c_at
 so OpenAI's checkpoint maps onto ours one tensor at a time.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -206,9 +205,7 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         # The fused CUDA kernel updates all parameters in a few launches instead of one per tensor.
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if use_fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

@@ -38,7 +38,7 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dataloader import DataLoaderLite
+from dataloader import DEFAULT_DATA_ROOT, DataLoaderLite
 from device import (
     all_gather,
     all_reduce_sum,
@@ -65,7 +65,7 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     # data and outputs
-    data_dir: str = flag(os.path.join(SCRIPT_DIR, "edu_fineweb10B"), "token shards written by fineweb.py")
+    data_dir: str = flag(DEFAULT_DATA_ROOT, "token shards written by fineweb.py")
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
     # model: GPT-2 small
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)")
@@ -88,15 +88,15 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B")
     max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)")
     # evaluation
-    eval_interval: int = flag(250, "steps between validation loss + eval tasks (build-nanogpt)")
+    eval_interval: int = flag(250, "steps between validation loss + eval tasks, and at the end (build-nanogpt; 0: never)")
     val_steps: int = flag(20, "batches per process for the validation loss: 20 x 64 x 1024 = 1.3M tokens")
     evals: str = flag("hellaswag", f"comma-separated eval tasks ({', '.join(evals.TASKS)}), '' for none")
     eval_limit: int = flag(0, "score only the first N examples of each task (0: all; HellaSwag has 10,042)")
-    sample_interval: int = flag(250, "steps between text samples (0: never)")
+    sample_interval: int = flag(250, "steps between text samples, and at the end (0: never)")
     num_samples: int = flag(4, "completions of the prompt per sample")
     sample_tokens: int = flag(32, "tokens per completion")
     # checkpoints
-    ckpt_interval: int = flag(5000, "steps between checkpoints (one is always written at the end)")
+    ckpt_interval: int = flag(5000, "steps between checkpoints (0: only the one always written at the end)")
     keep_last: int = flag(0, "keep only the newest N checkpoints (0: keep all)")
     resume: str = flag("auto", "auto (newest checkpoint in log_dir, else a fresh start), none, or a .pt path")
     # system
@@ -164,6 +164,11 @@ def get_grad_accum_steps(cfg, world_size):
             f"(powers of two divide 2**19) or --total_batch_size"
         )
     return cfg.total_batch_size // tokens_per_micro_step
+
+
+def due(interval, step, max_steps):
+    """Every `interval` steps and at the last one; never with an interval of 0."""
+    return interval > 0 and (step % interval == 0 or step == max_steps)
 
 
 def get_lr(step, cfg):
@@ -269,7 +274,7 @@ def save_training_state(path, step, model, optimizer, scaler, train_loader, val_
     prune_checkpoints(cfg.log_dir, cfg.keep_last)
 
 
-def restore_training_state(checkpoint, model, optimizer, scaler, train_loader, dist_info):
+def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
     """The inverse of save_training_state, on every process."""
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -323,6 +328,12 @@ def train(cfg, dist_info):
     if unknown:
         raise SystemExit(f"--evals: unknown task {', '.join(unknown)}; choose from {', '.join(evals.TASKS)}")
 
+    # The data first: without shards there is nothing to do, and nothing should be written to log_dir.
+    B, T = cfg.batch_size, cfg.seq_len
+    loader_args = dict(process_rank=dist_info.rank, num_processes=world_size, data_root=cfg.data_dir, device=device)
+    train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
+    val_loader = DataLoaderLite(B, T, split="val", **loader_args)
+
     # Rank 0 picks the checkpoint, so that every process resumes from the same one.
     resume_from = all_gather(resume_path(cfg.resume, cfg.log_dir), world_size)[0]
     checkpoint = load_checkpoint(resume_from) if resume_from else None
@@ -333,17 +344,13 @@ def train(cfg, dist_info):
     precision = setup_precision(cfg.dtype, dist_info.device_type)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    B, T = cfg.batch_size, cfg.seq_len
-    loader_args = dict(process_rank=dist_info.rank, num_processes=world_size, data_root=cfg.data_dir, device=device)
-    train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
-    val_loader = DataLoaderLite(B, T, split="val", **loader_args)
     model = GPT(model_config).to(device)
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, dist_info.device_type
     )
     nonfinite_skips, val_loss = 0, None
     if checkpoint:
-        restore_training_state(checkpoint, model, optimizer, precision.scaler, train_loader, dist_info)
+        restore_training_state(checkpoint, model, optimizer, precision.scaler, train_loader)
         nonfinite_skips, val_loss = checkpoint["nonfinite_skips"], checkpoint["val_loss"]
         log.info(f"resuming from {resume_from} at step {start_step}")
     # `model` stays uncompiled and unwrapped: evaluation, sampling and checkpoints use it directly.
@@ -368,9 +375,9 @@ def train(cfg, dist_info):
     stopping = False
     with StopOnSignal() as signals:
         while not stopping:
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if due(cfg.eval_interval, step, cfg.max_steps):
                 val_loss = evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log)
-            if tokenizer and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
+            if tokenizer and due(cfg.sample_interval, step, cfg.max_steps):
                 sample(step, model, tokenizer, cfg, precision, device, log)
             if step == cfg.max_steps:
                 break
@@ -425,7 +432,7 @@ def train(cfg, dist_info):
             # every process must stop after the same step, even if only one of them got the signal
             stopping = any_process(signals.requested, device)
             # Saved before the evaluations of this step: a crash in them loses no training.
-            if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping:
+            if due(cfg.ckpt_interval, step, cfg.max_steps) or step == cfg.max_steps or stopping:
                 last_saved = checkpoint_path(cfg.log_dir, step)
                 save_training_state(
                     last_saved, step, model, optimizer, precision.scaler, train_loader, val_loss, nonfinite_skips,

@@ -42,6 +42,23 @@ def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
     assert not os.path.exists("/tmp/checkpoint_test_code_ran")
 
 
+def test_load_maps_tensors_to_the_cpu_and_allows_only_weights(tmp_path, monkeypatch):
+    """Without map_location a checkpoint written on cuda:3 fails to load on a machine with fewer GPUs,
+    and loads into GPU memory on the one that has them (a second copy beside the model)."""
+    path = str(tmp_path / "model_00001.pt")
+    ck.save_checkpoint(path, {"w": torch.ones(2)})
+    seen = {}
+    torch_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        seen.update(kwargs)
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "load", recording_load)
+    assert torch.equal(ck.load_checkpoint(path)["w"], torch.ones(2))
+    assert seen == {"map_location": "cpu", "weights_only": True}
+
+
 def test_load_of_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="model_00005.pt does not exist"):
         ck.load_checkpoint(str(tmp_path / "model_00005.pt"))

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from conftest import data_path
+from conftest import REPO, data_path
 
 EOT = 50256
 SAMPLE_TOKENS = 4_364_780  # ../shared/data/README.md: 2,800 documents, one <|endoftext|> before each
@@ -376,6 +376,16 @@ def test_counts_accept_scientific_notation():
             (),
             "a.jsonl:2: not valid JSON",
         ),
+        (
+            lambda d: (d / "a.json").write_text('[{"text": "x"}, oops]') and d / "a.json",
+            (),
+            "a.json: not valid JSON",
+        ),
+        (
+            lambda d: (d / "a.parquet").write_bytes(b"not parquet at all") and d / "a.parquet",
+            (),
+            "a.parquet: not a readable parquet file",
+        ),
         (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), "row 0: --text_field holds int values, not text"),
         (
             lambda d: write_jsonl(d / "a.jsonl", [{"text": ""}, {"text": None}]),
@@ -395,3 +405,28 @@ def test_bad_input_gets_one_clear_error(make_input, flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run(tmp_path / "out", "--data_files", make_input(tmp_path / "in"), *flags)
     assert not glob.glob(f"{tmp_path}/out/*.npy*")  # nothing half-written left behind
+
+
+def test_importing_any_script_runs_nothing_and_writes_nothing(tmp_path):
+    """multiprocessing's spawn start method (macOS, Windows) imports the main script again in every
+    worker: a script whose work is not behind `if __name__ == "__main__"` would start over in each."""
+    scripts = ["fineweb", "dataloader", "model", "train_gpt2", "hellaswag", "evals", "checkpoint", "bench", "plot"]
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {', '.join(scripts)}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
+    import tiktoken
+
+    import hellaswag
+
+    def offline(name):
+        raise ConnectionError(f"could not download the {name} BPE files")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    for load_tokenizer in (fineweb.gpt2_tokenizer, hellaswag.gpt2_encoding):
+        with pytest.raises(SystemExit, match="(?s)could not download the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
+            load_tokenizer()

@@ -287,12 +287,70 @@ def test_compile_failure_falls_back_to_eager_with_auto_and_is_an_error_with_1(mo
     assert device.compile_model(model, "auto", "cpu", batch, precision, log) is model  # no attempt on CPU
 
 
+# ---- compiled training, evaluations and crashes ----
+
+
+class TrainingShapeOnly(torch.nn.Module):
+    """Stands in for torch.compile: records every call. A compiled graph is specialised to the
+    training shape and mode; evaluation and sampling (other shapes, eval mode) must not call it."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self._orig_mod = model  # the attribute name torch.compile uses
+        self.calls = calls
+
+    def forward(self, idx, targets=None):
+        self.calls.append((tuple(idx.shape), self._orig_mod.training))
+        return self._orig_mod(idx, targets)
+
+
+def test_compiled_module_runs_only_training_steps_while_evals_and_samples_run(
+    data_dir, tmp_path, hellaswag_dir, gpt2_tokenizer, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(device.torch, "compile", lambda model: TrainingShapeOnly(model, calls))
+    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
+    metrics = run(
+        data_dir, tmp_path / "log", "--compile", "1", "--max_steps", "4", "--eval_interval", "2",
+        "--evals", "hellaswag", "--eval_limit", "2", "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "4",
+    )  # fmt: skip
+    # one warm-up call in compile_model, then 4 steps x 2 micro-steps, all (B, T) = (2, 16) in train mode
+    assert calls == [((2, 16), True)] * (1 + 4 * 2)
+    assert [m["step"] for m in metrics if m["kind"] == "val"] == [0, 2, 4]
+    assert [m["step"] for m in metrics if m["kind"] == "hellaswag"] == [0, 2, 4]
+    assert [m["step"] for m in metrics if m["kind"] == "sample"] == [0, 2, 4]
+
+
+def test_checkpoint_is_written_before_the_evaluations_that_crash(data_dir, tmp_path, monkeypatch):
+    evaluate = train_gpt2.evaluate
+
+    def crash_at_step_2(step, *args):
+        if step == 2:
+            raise RuntimeError("evaluation crashed")
+        return evaluate(step, *args)
+
+    monkeypatch.setattr(train_gpt2, "evaluate", crash_at_step_2)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        run(data_dir, tmp_path / "log", "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2")
+    assert load_checkpoint(str(tmp_path / "log" / "model_00002.pt"))["step"] == 2
+    monkeypatch.setattr(train_gpt2, "evaluate", evaluate)
+    resumed = run(data_dir, tmp_path / "log", "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2")
+    assert sorted(losses(resumed)) == [0, 1, 2, 3]  # the two steps before the crash kept, two more trained
+
+
+def test_zero_intervals_mean_never_and_still_checkpoint_at_the_end(data_dir, tmp_path):
+    metrics = run(data_dir, tmp_path / "log", "--max_steps", "3", "--eval_interval", "0", "--ckpt_interval", "0")
+    assert [m["kind"] for m in metrics if m["kind"] not in ("config", "train")] == []
+    assert sorted(os.listdir(tmp_path / "log")) == ["log.txt", "metrics.jsonl", "model_00003.pt"]
+
+
 # ---- errors ----
 
 
-def test_missing_data_dir_points_to_fineweb(tmp_path):
+def test_missing_data_dir_points_to_fineweb_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="fineweb.py"):
         run(tmp_path / "nothing_here", tmp_path / "log", "--max_steps", "1")
+    assert not (tmp_path / "log").exists()  # no empty log.txt left to confuse the next run
 
 
 def test_seq_len_longer_than_block_size_is_an_error(data_dir, tmp_path):
