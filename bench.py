@@ -343,10 +343,8 @@ def add_hellaswag_args(parser):
     )
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--limit", type=int, default=1000, help="examples to score")
-    parser.add_argument("--device", help="default: cuda if available, else mps, else cpu")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="autocast dtype (CUDA only)"
-    )
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1 or mps")
+    parser.add_argument("--dtype", default="float32", help="auto, bfloat16, float16 or float32, as in train_gpt2.py")
     parser.add_argument(
         "--data_dir", help="folder holding hellaswag_val.jsonl (default: $HELLASWAG_DIR, else download)"
     )
@@ -358,12 +356,14 @@ def bench_hellaswag(args):
 
     import torch
 
-    from hellaswag import DTYPES, default_device, evaluate_hellaswag, hellaswag_rows, load_hellaswag
+    from device import pick_device, setup_precision
+    from hellaswag import evaluate_hellaswag, hellaswag_rows, load_hellaswag
     from model import GPT, MODEL_SIZES, GPTConfig
 
     if not args.pretrained and args.model not in MODEL_SIZES:
         raise SystemExit(f"--model {args.model}: choose a size from {', '.join(MODEL_SIZES)}, or pass --pretrained")
-    device = args.device or default_device()
+    device = pick_device(args.device, local_rank=0)
+    precision = setup_precision(args.dtype, device.split(":")[0])
     torch.manual_seed(0)  # the same random weights on every run, so acc is comparable too
     model = GPT.from_pretrained(args.model) if args.pretrained else GPT(GPTConfig.from_name(args.model))
     model.to(device)
@@ -374,7 +374,7 @@ def bench_hellaswag(args):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        results = evaluate_hellaswag(model, subset, device, args.batch_size, autocast_dtype=DTYPES[args.dtype])
+        results = evaluate_hellaswag(model, subset, device, args.batch_size, autocast=precision.autocast)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return results, time.perf_counter() - start
@@ -386,7 +386,7 @@ def bench_hellaswag(args):
     figures = {
         "model": args.model + (" (pretrained)" if args.pretrained else " (random weights)"),
         "device": device,
-        "dtype": args.dtype,
+        "dtype": str(precision.dtype).removeprefix("torch."),  # what "auto" resolved to
         "batch_size": args.batch_size,
         "examples": len(examples),
         "seconds": seconds,

@@ -99,16 +99,18 @@ def teardown_distributed():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """Sum over ranks in place (a no-op on one process). SUM, not AVG: gloo has no AVG (Windows, CPU)."""
-    if dist.is_initialized():
+def all_reduce_sum(tensor, world_size):
+    """Sum over ranks in place (a no-op on one process). SUM, not AVG: gloo has no AVG (Windows, CPU).
+    world_size, not dist.is_initialized(), decides: a caller inside a DDP job may run on its own
+    (world_size=1, rank 0 alone), and an all-reduce the other ranks never join would hang."""
+    if world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def any_process(flag, device):
+def any_process(flag, device, world_size):
     """True on every rank if flag is True on any rank."""
-    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+    return all_reduce_sum(torch.tensor(float(flag), device=device), world_size).item() > 0
 
 
 def all_gather(obj, world_size):

@@ -2,7 +2,7 @@
 Zero-shot evaluations beyond HellaSwag: LAMBADA and StoryCloze, and the registry train_gpt2.py uses.
 
     python evals.py lambada --model gpt2                                   # OpenAI's 124M weights
-    python evals.py lambada --checkpoint log/model_19072.pt --limit 500
+    python evals.py lambada --checkpoint log/model_19073.pt --limit 500
     python evals.py storycloze --model gpt2 --data_dir "cloze_test_test__spring2016 - cloze_test_ALL_test.csv"
     python evals.py hellaswag --model gpt2                                 # same as python hellaswag.py
     offline: --data_dir FOLDER or LAMBADA_DIR=FOLDER (holding lambada_test.jsonl); STORYCLOZE_FILE=CSV
@@ -24,6 +24,7 @@ import csv
 import math
 import os
 import re
+from contextlib import nullcontext
 
 from hellaswag import (
     add_eval_args,
@@ -79,10 +80,12 @@ def lambada_rows(example):
     return [(enc.encode(text[:split]), enc.encode(text[split:]))], 0
 
 
-def evaluate_lambada(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate_lambada(
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
+):
     """{"acc", "ppl", "count"} over the passages (of all ranks; see hellaswag.score_examples)."""
     totals = score_examples(
-        model, examples, lambada_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "lambada"
+        model, examples, lambada_rows, device, batch_size, rank, world_size, autocast, progress, "lambada"
     )
     n = totals["count"]
     return {"acc": totals["greedy"] / n, "ppl": math.exp(totals["loss"] / n), "count": int(n)}
@@ -128,11 +131,11 @@ def load_storycloze(data_path=None, limit=None):
 
 
 def evaluate_storycloze(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
 ):
     """{"acc", "count"}: the ending with the lowest mean loss per token is the model's choice."""
     totals = score_examples(
-        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "storycloze"
+        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast, progress, "storycloze"
     )
     return {"acc": totals["correct_norm"] / totals["count"], "count": int(totals["count"])}
 
@@ -158,13 +161,14 @@ def load_task(name, data_path=None, limit=None):
 
 
 def evaluate_task(
-    name, model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+    name, model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
 ):
     """A flat dict of figures, the same on every rank: {"acc", "acc_norm", "count"} for hellaswag,
     {"acc", "ppl", "count"} for lambada, {"acc", "count"} for storycloze. Rank r scores examples
-    r, r + world_size, ...; all ranks must call it. autocast_dtype applies on CUDA only."""
+    r, r + world_size, ...; all ranks must call it. autocast() is the context the forward
+    pass runs in (see hellaswag.score_batch)."""
     _, evaluate = task_functions(name)
-    return evaluate(model, examples, device, batch_size, rank, world_size, autocast_dtype, progress)
+    return evaluate(model, examples, device, batch_size, rank, world_size, autocast, progress)
 
 
 def log_line(step, name, results):

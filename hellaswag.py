@@ -2,8 +2,8 @@
 HellaSwag: zero-shot commonsense evaluation, and the scoring core that every evaluation here shares.
 
     python hellaswag.py --model gpt2                          # OpenAI's 124M weights (hub name or local folder)
-    python hellaswag.py --checkpoint log/model_19072.pt       # a checkpoint written by train_gpt2.py
-    python hellaswag.py --checkpoint log/model_19072.pt --limit 200 --device cpu
+    python hellaswag.py --checkpoint log/model_19073.pt       # a checkpoint written by train_gpt2.py
+    python hellaswag.py --checkpoint log/model_19073.pt --limit 200 --device cpu
     torchrun --standalone --nproc_per_node=8 hellaswag.py --model gpt2-xl   # examples split across GPUs
     offline: --data_dir FOLDER (or HELLASWAG_DIR=FOLDER), FOLDER holding hellaswag_val.jsonl
 
@@ -22,20 +22,20 @@ continuation tokens), and one forward pass scores many examples at once. LAMBADA
 """
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
 import urllib.error
 import urllib.request
+from contextlib import nullcontext
 
 import tiktoken
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import model_from_checkpoint
+from device import all_reduce_sum, setup_distributed, setup_precision, teardown_distributed
 from model import GPT
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -46,7 +46,6 @@ NUM_ENDINGS = 4
 # What score_examples adds up, over every example of every rank. All refer to the labelled row
 # (the right ending; LAMBADA's only row): `loss` and `tokens` are its summed loss and token count.
 TOTALS = ("count", "correct", "correct_norm", "greedy", "loss", "tokens")
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- the scoring core --------------------------------------------------------------------------
@@ -83,19 +82,13 @@ def pad_rows(rows, max_len=None):
     return tokens, mask
 
 
-def autocast(device, dtype):
-    """torch.autocast on CUDA when a dtype is given; plain float32 otherwise."""
-    if dtype is None or torch.device(device).type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 @torch.no_grad()
-def score_batch(model, tokens, mask, autocast_dtype=None):
+def score_batch(model, tokens, mask, autocast=nullcontext):
     """tokens, mask: (N, L), as pad_rows makes them. Returns, per row, the loss summed over the
     continuation tokens (N,), their number (N,), and whether greedy decoding reproduces every one
-    of them (N,) bool."""
-    with autocast(tokens.device, autocast_dtype):
+    of them (N,) bool. autocast() is the context the forward pass runs in: the `autocast` method of
+    device.py's Precision, the same one training uses, or by default none (float32)."""
+    with autocast():
         logits, _ = model(tokens)  # (N, L, vocab_size)
     # The logits at position t predict token t+1. Only the continuation tokens are scored, so pick
     # out their positions before the float32 log-softmax: a fraction of the (N, L, vocab) logits.
@@ -135,14 +128,23 @@ def unwrap(model):
 
 
 def score_examples(
-    model, examples, render, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False, desc=None
+    model,
+    examples,
+    render,
+    device,
+    batch_size=16,
+    rank=0,
+    world_size=1,
+    autocast=nullcontext,
+    progress=False,
+    desc=None,
 ):
     """Score examples, batch_size examples per forward pass; returns TOTALS summed over all ranks.
 
     render(example) -> (rows, label): rows is a list of (context tokens, continuation tokens), the
     same number for every example; label is the index of the right row. Rank r scores examples
-    r, r + world_size, ...; when torch.distributed is initialised the totals are all-reduced, so
-    every rank returns the same figures. Every rank must call this, even one with no examples."""
+    r, r + world_size, ...; with world_size > 1 the totals are all-reduced, so every rank returns
+    the same figures, and every rank must call this, even one with no examples."""
     model = unwrap(model)
     rendered = [render(example) for example in examples[rank::world_size]]
     # Longest first: neighbours in a batch have similar lengths, so little of it is padding, and a
@@ -158,15 +160,12 @@ def score_examples(
         batch = rendered[start : start + batch_size]
         rows = [row for example_rows, _ in batch for row in example_rows]
         tokens, mask = pad_rows(rows, model.config.block_size)
-        scores = score_batch(model, tokens.to(device), mask.to(device), autocast_dtype)
+        scores = score_batch(model, tokens.to(device), mask.to(device), autocast)
         labels = torch.tensor([label for _, label in batch], device=device)
         per_example = [score.view(len(batch), -1) for score in scores]  # each (E, k)
         totals += batch_totals(*per_example, labels, dtype)
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        # SUM, not AVG: gloo (Windows, CPU) rejects ReduceOp.AVG, and shards may differ in size anyway
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    totals = dict(zip(TOTALS, totals.tolist()))
+    totals = dict(zip(TOTALS, all_reduce_sum(totals, world_size).tolist()))
     if totals["count"] == 0:
         raise SystemExit("no examples to evaluate")
     return totals
@@ -299,11 +298,11 @@ def render_example(example):
 
 
 def evaluate_hellaswag(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
 ):
     """{"acc", "acc_norm", "count"} over the examples (of all ranks; see score_examples)."""
     totals = score_examples(
-        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast_dtype, progress, "hellaswag"
+        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast, progress, "hellaswag"
     )
     n = totals["count"]
     return {"acc": totals["correct"] / n, "acc_norm": totals["correct_norm"] / n, "count": int(n)}
@@ -315,19 +314,19 @@ def add_eval_args(parser):
     weights.add_argument(
         "--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face folder"
     )
-    weights.add_argument("--checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19072.pt")
+    weights.add_argument("--checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
     parser.add_argument(
         "--data_dir",
         help="folder holding the data file, or the file itself (default: $HELLASWAG_DIR etc., else download)",
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else mps, else cpu)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1 or mps")
     parser.add_argument(
         "--dtype",
-        choices=DTYPES,
         default="float32",
-        help="autocast dtype on CUDA; bfloat16 is faster, float32 reproduces the reference figures",
+        help="auto, bfloat16, float16 or float32, as train_gpt2.py's --dtype (on CUDA float32 matmuls run in TF32, "
+        "as in training); bfloat16 is faster on a GPU, float32 gives the reference figures",
     )
 
 
@@ -338,30 +337,10 @@ def positive_int(text):
     return value
 
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def setup_distributed(device):
-    """(rank, world_size, device): under torchrun, one process per GPU (NCCL), or gloo on CPU."""
-    device = device or default_device()
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    on_gpu = device.startswith("cuda")
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-    if on_gpu:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def load_model(args, device):
-    model = model_from_checkpoint(args.checkpoint, device) if args.checkpoint else GPT.from_pretrained(args.model)
-    return model.to(device)
+    if args.checkpoint:
+        return model_from_checkpoint(args.checkpoint, device)
+    return GPT.from_pretrained(args.model).to(device)
 
 
 def format_results(name, results):
@@ -372,23 +351,23 @@ def format_results(name, results):
 def run_eval(name, args, load, evaluate):
     """The whole command line run: load(data_path, limit) -> examples, evaluate(model, examples,
     device, ...) -> results, printed by rank 0."""
-    rank, world_size, device = setup_distributed(args.device)
+    dist_info = setup_distributed(args.device)  # the same checks and torchrun setup as train_gpt2.py
+    precision = setup_precision(args.dtype, dist_info.device_type)
     examples = load(args.data_dir, args.limit)  # before the model: a data problem shows up in a second
-    model = load_model(args, device)
+    model = load_model(args, dist_info.device)
     results = evaluate(
         model,
         examples,
-        device,
+        dist_info.device,
         batch_size=args.batch_size,
-        rank=rank,
-        world_size=world_size,
-        autocast_dtype=DTYPES[args.dtype],
-        progress=rank == 0,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        autocast=precision.autocast,
+        progress=dist_info.is_master,
     )
-    if rank == 0:
+    if dist_info.is_master:
         print(format_results(name, results))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     return results
 
 

@@ -216,10 +216,9 @@ def evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log
         with precision.autocast():
             _, loss = model(x, y)
         loss_sum += loss.float()
-    val_loss = all_reduce_sum(loss_sum).item() / (cfg.val_steps * dist_info.world_size)
+    val_loss = all_reduce_sum(loss_sum, dist_info.world_size).item() / (cfg.val_steps * dist_info.world_size)
     message = f"step {step:5d} | val loss {val_loss:.4f}"
     log_record(log, message, f"{step} val {val_loss:.4f}", step=step, kind="val", loss=val_loss)
-    autocast_dtype = None if precision.dtype == torch.float32 else precision.dtype
     for name, examples in eval_tasks.items():
         result = evals.evaluate_task(
             name,
@@ -228,7 +227,7 @@ def evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log
             dist_info.device,
             rank=dist_info.rank,
             world_size=dist_info.world_size,
-            autocast_dtype=autocast_dtype,
+            autocast=precision.autocast,
             progress=dist_info.is_master,
         )
         summary = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
@@ -397,7 +396,7 @@ def train(cfg, dist_info):
                     loss = loss / grad_accum_steps
                     loss_sum += loss.detach()
                     precision.scaler.scale(loss).backward()
-            train_loss = all_reduce_sum(loss_sum).item() / world_size  # the mean over processes
+            train_loss = all_reduce_sum(loss_sum, world_size).item() / world_size  # the mean over processes
             precision.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             # With fp16 an inf norm is an overflow: the scaler skips that update and lowers its scale.
@@ -430,7 +429,7 @@ def train(cfg, dist_info):
             )  # fmt: skip
             step += 1
             # every process must stop after the same step, even if only one of them got the signal
-            stopping = any_process(signals.requested, device)
+            stopping = any_process(signals.requested, device, world_size)
             # Saved before the evaluations of this step: a crash in them loses no training.
             if due(cfg.ckpt_interval, step, cfg.max_steps) or step == cfg.max_steps or stopping:
                 last_saved = checkpoint_path(cfg.log_dir, step)

@@ -7,6 +7,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from datetime import timedelta
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import evals
 import hellaswag
 from checkpoint import model_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import data_path
+from device import setup_precision
 from model import GPT, GPTConfig
 
 # The first validation example, as the original file has it.
@@ -147,27 +149,28 @@ def test_evaluation_unwraps_compiled_model_and_restores_training_mode(examples):
     assert model.training
 
 
-def test_autocast_dtype_is_ignored_off_cuda(examples):
-    model = tiny_model()
-    expected = hellaswag.evaluate_hellaswag(model, examples[:4], "cpu")
-    assert hellaswag.evaluate_hellaswag(model, examples[:4], "cpu", autocast_dtype=torch.bfloat16) == expected
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bfloat16_autocast_on_cuda_scores_close_to_float32(hellaswag_dir):
-    examples = hellaswag.load_hellaswag(hellaswag_dir, limit=64)
-    model = tiny_model().cuda()
+@pytest.mark.parametrize(
+    "device_type", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU"))]
+)
+def test_scores_run_in_the_precision_training_uses(examples, device_type):
+    model = tiny_model().to(device_type)
     rows = [row for example in examples for row in hellaswag.hellaswag_rows(example)[0]]
-    tokens, mask = hellaswag.pad_rows(rows, model.config.block_size)
-    full = hellaswag.score_batch(model, tokens.cuda(), mask.cuda())[0]
-    half = hellaswag.score_batch(model, tokens.cuda(), mask.cuda(), torch.bfloat16)[0]
+    tokens, mask = (t.to(device_type) for t in hellaswag.pad_rows(rows, model.config.block_size))
+    full = hellaswag.score_batch(model, tokens, mask)[0]
+    if device_type == "cpu":  # "auto" is float32 on CPU: no autocast at all
+        auto = hellaswag.score_batch(model, tokens, mask, setup_precision("auto", device_type).autocast)[0]
+        assert torch.equal(auto, full)
+    half = hellaswag.score_batch(model, tokens, mask, setup_precision("bfloat16", device_type).autocast)[0]
+    assert not torch.equal(half, full)  # bf16 really ran
     torch.testing.assert_close(half, full, rtol=2e-2, atol=0.5)
 
 
 # ---- distributed: gloo, two ranks ---------------------------------------------------------------
 def distributed_worker(rank, world_size, port, checkpoint_path, hellaswag_dir, lambada_dir, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # a short timeout: an all-reduce that the other rank never joins fails the test instead of hanging it
+    init = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     model = model_from_checkpoint(checkpoint_path)
     hella = hellaswag.load_hellaswag(hellaswag_dir, limit=11)  # 6 + 5: unequal shards
     lambada = evals.load_task("lambada", lambada_dir, limit=5)
@@ -180,6 +183,8 @@ def distributed_worker(rank, world_size, port, checkpoint_path, hellaswag_dir, l
         ),
         # one example: rank 1 has nothing to score, yet must join the all-reduce
         "one": hellaswag.evaluate_hellaswag(model, hella[:1], "cpu", rank=rank, world_size=world_size),
+        # rank 0 alone (world_size=1) inside the DDP job: no all-reduce, which rank 1 would never join
+        "alone": hellaswag.evaluate_hellaswag(model, hella[:3], "cpu") if rank == 0 else None,
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(results, f)
@@ -201,6 +206,7 @@ def test_two_gloo_ranks_equal_single_process(hellaswag_dir, lambada_dir, tmp_pat
         "hellaswag": evals.evaluate_task("hellaswag", model, hella, "cpu"),
         "lambada": evals.evaluate_task("lambada", model, lambada, "cpu"),
         "one": hellaswag.evaluate_hellaswag(model, hella[:1], "cpu"),
+        "alone": hellaswag.evaluate_hellaswag(model, hella[:3], "cpu"),
     }
     args = (2, free_port(), str(tmp_path / "tiny.pt"), str(hellaswag_dir), str(lambada_dir), str(tmp_path))
     mp.spawn(distributed_worker, args=args, nprocs=2, join=True)
@@ -209,6 +215,7 @@ def test_two_gloo_ranks_equal_single_process(hellaswag_dir, lambada_dir, tmp_pat
             ranked = json.load(f)
         assert ranked["hellaswag"] == single["hellaswag"]
         assert ranked["one"] == single["one"]
+        assert ranked["alone"] == (single["alone"] if rank == 0 else None)
         assert ranked["lambada"]["acc"] == single["lambada"]["acc"]
         assert ranked["lambada"]["count"] == single["lambada"]["count"] == 5
         assert ranked["lambada"]["ppl"] == pytest.approx(single["lambada"]["ppl"], rel=1e-5)
@@ -306,3 +313,22 @@ def test_cli_prints_acc_acc_norm_and_count(oracle, hellaswag_dir, tmp_path, monk
     hellaswag.main()
     line = f"hellaswag acc {expected['acc']:.4f} acc_norm {expected['acc_norm']:.4f} count 12"
     assert capsys.readouterr().out.strip() == line == "hellaswag acc 0.2500 acc_norm 0.5833 count 12"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        pytest.param(
+            ["--device", "cuda"],
+            r"--device cuda: PyTorch sees no CUDA GPU.*--device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA"),
+        ),
+        (["--device", "tpu"], r"--device tpu: choose auto, cpu, cuda"),
+        (["--dtype", "float8"], r"--dtype float8: choose auto, bfloat16, float16, float32"),
+    ],
+)
+def test_cli_rejects_a_missing_device_or_unknown_dtype_before_loading_anything(flags, message, monkeypatch):
+    # --model gpt2 is never loaded (the hub may be unreachable): the check comes first
+    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "--model", "gpt2"] + flags)
+    with pytest.raises(SystemExit, match=message):
+        hellaswag.main()
