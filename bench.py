@@ -266,6 +266,10 @@ def add_train_args(parser):
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument(
+        "--cpu_malloc", choices=["reuse", "default"], default="reuse",
+        help="on CPU: keep freed memory for reuse as train_gpt2.py does (device.keep_freed_memory), or glibc's default",
+    )  # fmt: skip
 
 
 def bench_train(args):
@@ -275,11 +279,12 @@ def bench_train(args):
 
     import torch
 
-    from device import compile_model, peak_flops, peak_memory_bytes, pick_device, setup_precision
+    from device import compile_model, keep_freed_memory, peak_flops, peak_memory_bytes, pick_device, setup_precision
     from model import GPT, GPTConfig
 
     device = pick_device(args.device, local_rank=0)
     device_type = device.split(":")[0]
+    reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
     precision = setup_precision(args.dtype, device_type)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).to(device)
@@ -322,6 +327,7 @@ def bench_train(args):
         "seq_len": args.seq_len,
         "dtype": str(precision.dtype).removeprefix("torch."),
         "compiled": train_model is not model,
+        "cpu_malloc": "reuse" if reused else "default",
         "ms_per_step": seconds_per_step * 1000,
         "tokens_per_sec": tokens_per_sec,
         "mfu": flops_per_token * tokens_per_sec / peak if peak else "n/a",
@@ -356,13 +362,13 @@ def bench_hellaswag(args):
 
     import torch
 
-    from device import pick_device, setup_precision
+    from device import setup_distributed, setup_precision
     from hellaswag import evaluate_hellaswag, hellaswag_rows, load_hellaswag
     from model import GPT, MODEL_SIZES, GPTConfig
 
     if not args.pretrained and args.model not in MODEL_SIZES:
         raise SystemExit(f"--model {args.model}: choose a size from {', '.join(MODEL_SIZES)}, or pass --pretrained")
-    device = pick_device(args.device, local_rank=0)
+    device = setup_distributed(args.device).device  # one process, set up as hellaswag.py's CLI does
     precision = setup_precision(args.dtype, device.split(":")[0])
     torch.manual_seed(0)  # the same random weights on every run, so acc is comparable too
     model = GPT.from_pretrained(args.model) if args.pretrained else GPT(GPTConfig.from_name(args.model))

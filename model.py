@@ -166,9 +166,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         # The padding ids are not tokens: a logit of -inf gives them probability exactly 0, in the loss
-        # and when sampling. (Writing 47 columns in place is cheap; the matmul's backward needs only
-        # its inputs, so autograd allows it.)
-        logits[..., self.config.vocab_size :] = float("-inf")
+        # and when sampling. The write is hidden from autograd: recorded, its backward would clone the
+        # whole (B, T, padded_vocab_size) gradient to zero 47 columns that are zero anyway (softmax
+        # gives them probability 0). The matmul's backward needs only its inputs, so this is safe.
+        with torch.no_grad():
+            logits[..., self.config.vocab_size :] = float("-inf")
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

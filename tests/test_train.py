@@ -250,6 +250,11 @@ def test_auto_dtype_is_fp16_with_loss_scaling_on_gpus_without_bf16(monkeypatch):
     assert device.setup_precision("float16", "cpu").scaler.is_enabled()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_cpu_training_keeps_freed_memory_for_reuse_on_linux():
+    assert device.keep_freed_memory() is True  # glibc accepted both thresholds
+
+
 @pytest.mark.parametrize(
     "name, flops",
     [
