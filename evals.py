@@ -31,7 +31,7 @@ from hellaswag import (
     check_row_count,
     data_file,
     evaluate_hellaswag,
-    gpt2_encoding,
+    gpt2_tokenizer,
     hellaswag_rows,
     load_hellaswag,
     read_jsonl,
@@ -74,7 +74,7 @@ def load_lambada(data_path=None, limit=None):
 def lambada_rows(example):
     """(rows, label): one row, the passage up to its last word, then that word with the whitespace
     before it (" signs"), which is how the word is tokenized inside running text."""
-    enc = gpt2_encoding()
+    enc = gpt2_tokenizer()
     text = example["text"].rstrip()
     split = re.search(r"\s\S+$", text).start()
     return [(enc.encode(text[:split]), enc.encode(text[split:]))], 0

@@ -314,8 +314,9 @@ def document_batches(rows, start, stream_state):
 
 # ---- tokenizing -------------------------------------------------------------------------------
 def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE, for the shards here and for every script that encodes or decodes text."""
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
-        raise SystemExit(f"fineweb.py needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
+        raise SystemExit(f"this repo needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
     try:
         return tiktoken.get_encoding(TOKENIZER)
     except Exception as e:  # the BPE files are downloaded on first use

@@ -29,13 +29,13 @@ import urllib.error
 import urllib.request
 from contextlib import nullcontext
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import model_from_checkpoint
 from device import all_reduce_sum, setup_distributed, setup_precision, teardown_distributed
+from fineweb import gpt2_tokenizer  # the same GPT-2 BPE the shards were written with
 from model import GPT
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -49,18 +49,6 @@ TOTALS = ("count", "correct", "correct_norm", "greedy", "loss", "tokens")
 
 
 # ---- the scoring core --------------------------------------------------------------------------
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE (tiktoken caches it after the first call). It downloads the BPE files
-    on first use, which fails offline unless TIKTOKEN_CACHE_DIR holds them."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' connection errors, or a cache folder without the files
-        raise SystemExit(
-            f"could not load the GPT-2 tokenizer: {e}\n"
-            "Offline? Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 BPE files."
-        )
-
-
 def pad_rows(rows, max_len=None):
     """rows: (context tokens, continuation tokens) pairs. Returns tokens (N, L) right-padded with 0
     and mask (N, L), 1 on the continuation tokens, L the longest row. Right padding is safe with
@@ -284,7 +272,7 @@ def load_hellaswag(data_path=None, limit=None):
 
 def hellaswag_rows(example):
     """(rows, label): one row per ending, the context followed by " " + ending."""
-    enc = gpt2_encoding()
+    enc = gpt2_tokenizer()
     context = enc.encode(example["ctx"])
     return [(context, enc.encode(" " + ending)) for ending in example["endings"]], example["label"]
 

@@ -49,7 +49,7 @@ from device import (
     setup_precision,
     teardown_distributed,
 )
-from hellaswag import gpt2_encoding
+from fineweb import gpt2_tokenizer
 from model import GPT, GPTConfig
 from training_log import close_logging, log_record, setup_logging
 
@@ -362,7 +362,7 @@ def train(cfg, dist_info):
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     eval_tasks = {name: evals.load_task(name, limit=cfg.eval_limit or None) for name in eval_names}
-    tokenizer = gpt2_encoding() if is_master and cfg.sample_interval > 0 else None
+    tokenizer = gpt2_tokenizer() if is_master and cfg.sample_interval > 0 else None
 
     flops_per_token = model.flops_per_token(T)
     peak = peak_flops(device, precision.dtype)
@@ -447,11 +447,13 @@ def train(cfg, dist_info):
 def main(argv=None):
     cfg = parse_config(argv)
     dist_info = setup_distributed(cfg.device)
+    finished = False
     try:
         train(cfg, dist_info)
+        finished = True
     finally:
         close_logging()
-        teardown_distributed()
+        teardown_distributed(finished)
 
 
 if __name__ == "__main__":
