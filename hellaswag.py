@@ -344,15 +344,9 @@ def run_eval(name, args, load, evaluate):
     examples = load(args.data_dir, args.limit)  # before the model: a data problem shows up in a second
     model = load_model(args, dist_info.device)
     results = evaluate(
-        model,
-        examples,
-        dist_info.device,
-        batch_size=args.batch_size,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        autocast=precision.autocast,
-        progress=dist_info.is_master,
-    )
+        model, examples, dist_info.device, batch_size=args.batch_size, rank=dist_info.rank,
+        world_size=dist_info.world_size, autocast=precision.autocast, progress=dist_info.is_master,
+    )  # fmt: skip
     if dist_info.is_master:
         print(format_results(name, results))
     teardown_distributed()

@@ -88,7 +88,7 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B")
     max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)")
     # evaluation
-    eval_interval: int = flag(250, "steps between validation loss + eval tasks, and at the end (build-nanogpt; 0: never)")
+    eval_interval: int = flag(250, "steps between val loss + eval tasks, and at the end (build-nanogpt; 0: never)")
     val_steps: int = flag(20, "batches per process for the validation loss: 20 x 64 x 1024 = 1.3M tokens")
     evals: str = flag("hellaswag", f"comma-separated eval tasks ({', '.join(evals.TASKS)}), '' for none")
     eval_limit: int = flag(0, "score only the first N examples of each task (0: all; HellaSwag has 10,042)")
@@ -223,15 +223,9 @@ def evaluate(step, model, val_loader, eval_tasks, cfg, precision, dist_info, log
     log_record(log, message, f"{step} val {val_loss:.4f}", step=step, kind="val", loss=val_loss)
     for name, examples in eval_tasks.items():
         result = evals.evaluate_task(
-            name,
-            model,
-            examples,
-            dist_info.device,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            autocast=precision.autocast,
-            progress=dist_info.is_master,
-        )
+            name, model, examples, dist_info.device, rank=dist_info.rank, world_size=dist_info.world_size,
+            autocast=precision.autocast, progress=dist_info.is_master,
+        )  # fmt: skip
         summary = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
         message = f"step {step:5d} | {name} {summary}"
         log_record(log, message, evals.log_line(step, name, result), step=step, kind=name, **result)
