@@ -316,8 +316,8 @@ def test_compiled_module_runs_only_training_steps_while_evals_and_samples_run(
     monkeypatch.setattr(device.torch, "compile", lambda model: TrainingShapeOnly(model, calls))
     monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
     metrics = run(
-        data_dir, tmp_path / "log", "--compile", "1", "--max_steps", "4", "--eval_interval", "2", "--evals", "hellaswag",
-        "--eval_limit", "2", "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "4",
+        data_dir, tmp_path / "log", "--compile", "1", "--max_steps", "4", "--eval_interval", "2", "--evals",
+        "hellaswag", "--eval_limit", "2", "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "4",
     )  # fmt: skip
     # one warm-up call in compile_model, then 4 steps x 2 micro-steps, all (B, T) = (2, 16) in train mode
     assert calls == [((2, 16), True)] * (1 + 4 * 2)
