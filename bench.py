@@ -26,13 +26,6 @@ import json, resource, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import fineweb, bench
 
-def peak_rss_mb():
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
 def cpu_seconds():  # this process and its finished children (the process pool's workers)
     usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(usage.ru_utime + usage.ru_stime for usage in usages)
@@ -43,7 +36,7 @@ enc = fineweb.gpt2_tokenizer()
 if mode != "pipeline":
     texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
     batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
-rss_before = peak_rss_mb()
+rss_before = bench.rss_mb("VmHWM")
 t0, cpu0 = time.perf_counter(), cpu_seconds()
 if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
     enc.encode_ordinary_batch(texts, num_threads=num_proc)
@@ -56,7 +49,8 @@ else:
     flags = {"--data_files": data_dir, "--out_dir": out_dir, "--shard_size": shard_size, "--num_proc": str(num_proc)}
     fineweb.main([word for flag in flags.items() for word in flag] + ["--overwrite"])
 seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}))
+peak_rss = bench.rss_mb("VmHWM")
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss, "rss_before_mb": rss_before}))
 """
 
 
@@ -245,15 +239,25 @@ def reference_loader(shard, offset, B, T):
 
 
 def rss_mb(field):
-    """VmRSS (now) or VmHWM (peak so far) of this process, in MB. (Not getrusage's ru_maxrss, which
-    after a spawn can report the parent's peak.)"""
-    import os
+    """VmHWM (peak so far) or VmRSS (now) of this process in MB, from /proc. (Not getrusage's
+    ru_maxrss on Linux: a forked child's starts at its parent's peak.) Without /proc (macOS) the peak
+    comes from ru_maxrss, in bytes there; the current RSS is then unknown (None)."""
     import re
+    import resource
 
-    if not os.path.exists("/proc/self/status"):
-        raise SystemExit("bench.py dataloader reads memory figures from /proc: it runs on Linux only")
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if field == "VmHWM" else None
+
+
+def synchronize(device):
+    """The GPU runs behind the Python loop: wait for it before reading the clock."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 # ---- training step ----------------------------------------------------------------------------
@@ -279,7 +283,7 @@ def bench_train(args):
 
     import torch
 
-    from device import compile_model, keep_freed_memory, peak_flops, peak_memory_bytes, pick_device, setup_precision
+    from device import compile_model, keep_freed_memory, peak_flops, pick_device, setup_precision
     from model import GPT, GPTConfig
 
     device = pick_device(args.device, local_rank=0)
@@ -291,10 +295,6 @@ def bench_train(args):
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, device_type)  # fused on CUDA
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
     train_model = compile_model(model, args.compile, device_type, (x, x), precision, logging.getLogger("bench"))
-
-    def sync():
-        if device_type == "cuda":
-            torch.cuda.synchronize()
 
     def train_step():
         with precision.autocast():
@@ -310,12 +310,13 @@ def bench_train(args):
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         train_step()
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         train_step()
-    sync()  # the GPU runs behind the Python loop: wait for it before reading the clock
+    synchronize(device)
     seconds_per_step = (time.perf_counter() - t0) / args.steps
+    peak_rss = rss_mb("VmHWM")
     tokens_per_sec = args.batch_size * args.seq_len / seconds_per_step
     flops_per_token = model.flops_per_token(args.seq_len)
     peak = peak_flops(device, precision.dtype)
@@ -331,7 +332,8 @@ def bench_train(args):
         "ms_per_step": seconds_per_step * 1000,
         "tokens_per_sec": tokens_per_sec,
         "mfu": flops_per_token * tokens_per_sec / peak if peak else "n/a",
-        "peak_memory_MiB": peak_memory_bytes(device) / 2**20,
+        # what PyTorch allocated on a GPU; elsewhere the whole process's peak RSS
+        "peak_memory_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else peak_rss,
     }
 
 
@@ -377,12 +379,10 @@ def bench_hellaswag(args):
     tokens = sum(len(c) + len(e) for example in examples for c, e in hellaswag_rows(example)[0])
 
     def run(subset):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         results = evaluate_hellaswag(model, subset, device, args.batch_size, autocast=precision.autocast)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         return results, time.perf_counter() - start
 
     run(examples[: args.batch_size])  # warm-up: CUDA context, kernel selection, tokenizer cache

@@ -222,16 +222,3 @@ def peak_flops(device, dtype):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-
-
-def peak_memory_bytes(device):
-    """Most memory this process has held: on the GPU for CUDA, else the process's peak RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    if sys.platform == "win32":
-        return 0  # no getrusage there
-    import resource
-
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss if sys.platform == "darwin" else max_rss * 1024  # macOS reports bytes, Linux KiB
-
