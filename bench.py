@@ -1,7 +1,7 @@
 """
 Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
 
-    python bench.py fineweb --data_files ../shared/data/fineweb_sample   # tokenizer pipeline vs raw tiktoken
+    python bench.py fineweb --data_files path/to/parquet_folder          # tokenizer pipeline vs raw tiktoken
     python bench.py dataloader                                            # DataLoaderLite on a 100M-token shard
     python bench.py train --model gpt2 --batch_size 64 --seq_len 1024     # training step tokens/s and MFU
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
@@ -13,45 +13,58 @@ Every figure in docs/benchmarks.md comes from one of these commands.
 import argparse
 import json
 
+from errors import UserError, exit_on_error
+
 
 # ---- fineweb.py -------------------------------------------------------------------------------
-# Each measurement runs in a fresh interpreter: its peak RSS is its own, and so is tiktoken's regex
-# cache. (tiktoken gives each thread one of 128 regex copies; the first thread to use a copy owns it
-# and later threads on it pay a lock, ~25% slower: repeated runs in one process would skew the figures.)
-# The texts are read and the tokenizer loaded before the clock starts, except for "pipeline", whose
-# time is fineweb.py's whole read, tokenize, write. Peak RSS is VmHWM: ru_maxrss would start at the
-# RSS of the parent that forked the child (Linux keeps it across exec).
-FINEWEB_CHILD = """
-import json, resource, sys, time
-from concurrent.futures import ThreadPoolExecutor
-import fineweb, bench
+# Each measurement runs in a fresh process (spawned, not forked): its peak RSS is its own, and so is
+# tiktoken's regex cache. (tiktoken gives each thread one of 128 regex copies; the first thread to
+# use a copy owns it and later threads on it pay a lock, ~25% slower: repeated runs in one process
+# would skew the figures.) The texts are read and the tokenizer loaded before the clock starts,
+# except for "pipeline", whose time is fineweb.py's whole read, tokenize, write.
+def in_fresh_process(function, *args):
+    """function(*args) in a newly spawned Python process; its return value."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-def cpu_seconds():  # this process and its finished children (the process pool's workers)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def cpu_seconds():
+    """CPU time of this process and of its finished children (a process pool's workers)."""
+    import resource
+
     usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
-mode, num_proc, data_dir, out_dir, shard_size = sys.argv[1:]
-num_proc = int(num_proc)
-enc = fineweb.gpt2_tokenizer()
-if mode != "pipeline":
-    texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
-    batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
-rss_before = bench.rss_mb("VmHWM")
-t0, cpu0 = time.perf_counter(), cpu_seconds()
-if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
-    enc.encode_ordinary_batch(texts, num_threads=num_proc)
-elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them (start-up timed)
-    bench.encode_in_process_pool(batches, num_proc)
-elif mode == "encode":  # fineweb.py's encoding of the same batches, without reading or writing
-    with ThreadPoolExecutor(num_proc) as pool:
-        list(pool.map(lambda batch: fineweb.encode_batch(enc, batch.texts), batches))
-else:
-    flags = {"--data_files": data_dir, "--out_dir": out_dir, "--shard_size": shard_size, "--num_proc": str(num_proc)}
-    fineweb.main([word for flag in flags.items() for word in flag] + ["--overwrite"])
-seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-peak_rss = bench.rss_mb("VmHWM")
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss, "rss_before_mb": rss_before}))
-"""
+
+def fineweb_measurement(mode, num_proc, data_dir, out_dir, shard_size):
+    """One timed run of `mode` (in a fresh process): seconds, CPU seconds and peak RSS."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fineweb
+    from tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    if mode != "pipeline":
+        texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
+        batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
+    rss_before = rss_mb("VmHWM")
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
+        tokenizer.encoding.encode_ordinary_batch(texts, num_threads=num_proc)
+    elif mode == "pool":  # processes instead of threads: texts and tokens pickled between them (start-up timed)
+        encode_in_process_pool(batches, num_proc)
+    elif mode == "encode":  # fineweb.py's encoding of the same batches, without reading or writing
+        with ThreadPoolExecutor(num_proc) as pool:
+            list(pool.map(lambda batch: fineweb.encode_batch(tokenizer, batch.texts), batches))
+    else:
+        flags = {"--data_files": data_dir, "--data_dir": out_dir, "--shard_size": shard_size, "--num_proc": num_proc}
+        fineweb.main([str(word) for flag in flags.items() for word in flag] + ["--overwrite"])
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    return {"seconds": seconds, "cpu_seconds": cpu, "rss_mb": rss_mb("VmHWM"), "rss_before_mb": rss_before}
 
 
 def add_fineweb_args(parser):
@@ -64,10 +77,11 @@ def add_fineweb_args(parser):
 
 def encode_pool_chunk(texts):
     import numpy as np
-    import tiktoken
 
-    enc = tiktoken.get_encoding("gpt2")  # loaded once per process, then cached by tiktoken
-    return [np.array(tokens, dtype=np.uint16) for tokens in enc.encode_ordinary_batch(texts, num_threads=1)]
+    from tokenizer import get_tokenizer
+
+    encoding = get_tokenizer().encoding  # loaded once per process, then cached by tiktoken
+    return [np.array(tokens, dtype=np.uint16) for tokens in encoding.encode_ordinary_batch(texts, num_threads=1)]
 
 
 def encode_in_process_pool(batches, num_proc):
@@ -88,20 +102,6 @@ def linked_copies(files, copies, folder):
     return folder
 
 
-def fineweb_child(mode, data_dir, out_dir, args):
-    """One measurement (FINEWEB_CHILD) in a fresh interpreter: its seconds, CPU seconds and peak RSS."""
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    argv = [mode, str(args.num_proc), data_dir, out_dir, args.shard_size]
-    child = subprocess.run([sys.executable, "-c", FINEWEB_CHILD, *argv], cwd=here, capture_output=True, text=True)
-    if child.returncode != 0:
-        raise SystemExit(f"bench.py fineweb {mode} failed:\n{child.stderr[-2000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
-
-
 def bench_fineweb(args):
     """Raw tiktoken throughput and the fineweb.py pipeline's, on the same texts with the same cores."""
     import tempfile
@@ -116,10 +116,14 @@ def bench_fineweb(args):
         many = linked_copies(files, args.copies, f"{tmp}/many")
         for _ in range(args.rounds):  # interleaved, so that a noisy neighbour hurts every figure alike
             for mode in modes:
-                best[mode] = min(best[mode], fineweb_child(mode, many, f"{tmp}/out", args), key=lambda r: r["seconds"])
+                run = in_fresh_process(fineweb_measurement, mode, args.num_proc, many, f"{tmp}/out", args.shard_size)
+                best[mode] = min(best[mode], run, key=lambda r: r["seconds"])
         with open(f"{tmp}/out/meta.json") as f:
             tokens = sum(shard["tokens"] for shard in json.load(f)["shards"])
-        one = fineweb_child("pipeline", linked_copies(files, 1, f"{tmp}/one"), f"{tmp}/out", args)
+        one = in_fresh_process(
+            fineweb_measurement, "pipeline", args.num_proc, linked_copies(files, 1, f"{tmp}/one"), f"{tmp}/out",
+            args.shard_size,
+        )  # fmt: skip
     seconds = {mode: best[mode]["seconds"] for mode in modes}
     return {
         "num_proc": args.num_proc,
@@ -158,46 +162,46 @@ def bench_dataloader(args):
 
     if args.data_dir is not None:
         return dataloader_results(args, args.data_dir)
-    with tempfile.TemporaryDirectory() as data_root:  # deleted afterwards, even on Ctrl-C
-        write_random_shard(os.path.join(data_root, "bench_train_000000.npy"), args.shard_tokens)
-        return dataloader_results(args, data_root)
+    from shards import shard_name
+
+    with tempfile.TemporaryDirectory() as data_dir:  # deleted afterwards, even on Ctrl-C
+        write_random_shard(os.path.join(data_dir, shard_name("bench", 1)), args.shard_tokens)
+        return dataloader_results(args, data_dir)
 
 
 def write_random_shard(path, n_tokens, chunk=2**24):
     """A shard as fineweb.py writes it, filled piece by piece so this process never holds it whole."""
     import numpy as np
 
+    from shards import TOKEN_DTYPE
+
     rng = np.random.default_rng(0)
-    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(n_tokens,))
+    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=TOKEN_DTYPE, shape=(n_tokens,))
     for start in range(0, n_tokens, chunk):
         tokens[start : start + chunk] = rng.integers(0, 50257, size=min(chunk, n_tokens - start), dtype=np.uint16)
     tokens.flush()
 
 
-def dataloader_results(args, data_root):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def dataloader_results(args, data_dir):
+    from shards import find_shards, shard_layout
 
-    from dataloader import DataLoaderLite
-
-    loader = DataLoaderLite(args.batch_size, args.seq_len, data_root=data_root)  # checks the shards
-    shard, offset = loader.shards[0], loader.shard_offsets[0]
-    batches = args.batches or loader.shard_windows[0]
+    shard = find_shards(data_dir, "train")[0]
+    offset, shard_tokens = shard_layout(shard)
+    batches = args.batches or (shard_tokens - 1) // (args.batch_size * args.seq_len)  # the shard once
     with open(shard, "rb") as f:  # into the page cache first, so neither approach pays for the disk
         while f.read(2**24):
             pass
-    results = {"shard": shard, "shard_tokens": loader.shard_tokens[0], "batch_tokens": args.batch_size * args.seq_len,
+    results = {"shard": shard, "shard_tokens": shard_tokens, "batch_tokens": args.batch_size * args.seq_len,
                "batches": batches}
     for approach in ("reference", "ours"):
         # A fresh process for each approach, so that each peak RSS is its own.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            figures = pool.submit(dataloader_figures, approach, data_root, shard, offset, args.batch_size,
-                                  args.seq_len, batches).result()
+        figures = in_fresh_process(dataloader_figures, approach, data_dir, shard, offset, args.batch_size,
+                                   args.seq_len, batches)
         results.update({f"{approach}_{name}": value for name, value in figures.items()})
     return results
 
 
-def dataloader_figures(approach, data_root, shard, offset, B, T, batches):
+def dataloader_figures(approach, data_dir, shard, offset, B, T, batches):
     """Run in a fresh process: seconds to open the shard, batches/s, and RSS in MB before and at peak."""
     import time
 
@@ -206,7 +210,7 @@ def dataloader_figures(approach, data_root, shard, offset, B, T, batches):
     baseline = rss_mb("VmHWM")  # Python, numpy and torch
     start = time.perf_counter()
     if approach == "ours":
-        next_batch = DataLoaderLite(B, T, data_root=data_root).next_batch
+        next_batch = DataLoaderLite(B, T, data_dir=data_dir).next_batch
     else:
         next_batch = reference_loader(shard, offset, B, T)
     opened = time.perf_counter()
@@ -223,7 +227,7 @@ def reference_loader(shard, offset, B, T):
     import numpy as np
     import torch
 
-    tokens = np.load(shard) if shard.endswith(".npy") else np.fromfile(shard, dtype=np.uint16, offset=offset)
+    tokens = np.load(shard) if shard.endswith(".npy") else np.fromfile(shard, dtype="<u2", offset=offset)
     tokens = torch.tensor(tokens.astype(np.int32), dtype=torch.long)  # the recipe's steps: uint16 -> int32 -> int64
     position = 0
 
@@ -262,11 +266,12 @@ def synchronize(device):
 
 # ---- training step ----------------------------------------------------------------------------
 def add_train_args(parser):
+    from device import add_device_args
+
     parser.add_argument("--model", default="gpt2", help="a size in model.MODEL_SIZES: gpt2, gpt2-medium, mini, tiny...")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per step (B)")
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (as in train_gpt2.py)")
+    add_device_args(parser)
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -277,7 +282,8 @@ def add_train_args(parser):
 
 
 def bench_train(args):
-    """Speed of train_gpt2.py's step (forward, backward, clip, AdamW) on random tokens, one process."""
+    """Speed of train_gpt2.py's train_step (forward, backward, clip, AdamW) on random tokens, one process,
+    without gradient accumulation."""
     import logging
     import time
 
@@ -285,35 +291,32 @@ def bench_train(args):
 
     from device import compile_model, keep_freed_memory, peak_flops, pick_device, setup_precision
     from model import GPT, GPTConfig
+    from train_gpt2 import TrainConfig, train_step
 
     device = pick_device(args.device, local_rank=0)
     device_type = device.split(":")[0]
     reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
     precision = setup_precision(args.dtype, device_type)
+    recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, device_type)  # fused on CUDA
+    optimizer = model.configure_optimizers(
+        recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2), recipe.adam_eps, device_type
+    )
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
     train_model = compile_model(model, args.compile, device_type, (x, x), precision, logging.getLogger("bench"))
 
-    def train_step():
-        with precision.autocast():
-            _, loss = train_model(x, x)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def step():
+        train_step(train_model, model, optimizer, precision, lambda: (x, x), 1, recipe.grad_clip, world_size=1)
 
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
-        train_step()
+        step()
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step()
+        step()
     synchronize(device)
     seconds_per_step = (time.perf_counter() - t0) / args.steps
     peak_rss = rss_mb("VmHWM")
@@ -339,6 +342,8 @@ def bench_train(args):
 
 # ---- hellaswag.py -----------------------------------------------------------------------------
 def add_hellaswag_args(parser):
+    from device import add_device_args
+
     parser.add_argument(
         "--model",
         default="gpt2",
@@ -351,37 +356,40 @@ def add_hellaswag_args(parser):
     )
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--limit", type=int, default=1000, help="examples to score")
-    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1 or mps")
-    parser.add_argument("--dtype", default="float32", help="auto, bfloat16, float16 or float32, as in train_gpt2.py")
+    add_device_args(parser, dtype="float32")
     parser.add_argument(
-        "--data_dir", help="folder holding hellaswag_val.jsonl (default: $HELLASWAG_DIR, else download)"
+        "--data_file", help="hellaswag_val.jsonl or the folder holding it (default: $HELLASWAG_DIR, else download)"
     )
 
 
 def bench_hellaswag(args):
-    """Examples/s of hellaswag.evaluate_hellaswag, the function train_gpt2.py and the CLI both run."""
+    """Examples/s of scoring.evaluate on HellaSwag, what train_gpt2.py and the CLI both run."""
     import time
 
     import torch
 
     from device import setup_distributed, setup_precision
-    from hellaswag import evaluate_hellaswag, hellaswag_rows, load_hellaswag
+    from hellaswag import HELLASWAG, hellaswag_rows
     from model import GPT, MODEL_SIZES, GPTConfig
+    from scoring import evaluate
+    from tokenizer import get_tokenizer
 
     if not args.pretrained and args.model not in MODEL_SIZES:
-        raise SystemExit(f"--model {args.model}: choose a size from {', '.join(MODEL_SIZES)}, or pass --pretrained")
-    device = setup_distributed(args.device).device  # one process, set up as hellaswag.py's CLI does
+        raise UserError(f"--model {args.model}: choose a size from {', '.join(MODEL_SIZES)}, or pass --pretrained")
+    dist = setup_distributed(args.device)  # one process, set up as hellaswag.py's CLI does
+    device = dist.device
     precision = setup_precision(args.dtype, device.split(":")[0])
     torch.manual_seed(0)  # the same random weights on every run, so acc is comparable too
     model = GPT.from_pretrained(args.model) if args.pretrained else GPT(GPTConfig.from_name(args.model))
     model.to(device)
-    examples = load_hellaswag(args.data_dir, args.limit)
-    tokens = sum(len(c) + len(e) for example in examples for c, e in hellaswag_rows(example)[0])
+    examples = HELLASWAG.load(args.data_file, args.limit)
+    tokenizer = get_tokenizer()
+    tokens = sum(len(c) + len(e) for example in examples for c, e in hellaswag_rows(example, tokenizer)[0])
 
     def run(subset):
         synchronize(device)
         start = time.perf_counter()
-        results = evaluate_hellaswag(model, subset, device, args.batch_size, autocast=precision.autocast)
+        results = evaluate(HELLASWAG, model, subset, tokenizer, dist, precision, args.batch_size)
         synchronize(device)
         return results, time.perf_counter() - start
 
@@ -425,6 +433,7 @@ def print_results(results, as_json):
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
 
 
+@exit_on_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="benchmark", required=True)

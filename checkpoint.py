@@ -1,13 +1,19 @@
 """
 Checkpoints: written atomically, read without running code, complete enough to resume exactly.
 
-A checkpoint is a dict saved with torch.save:
-    model       state_dict, without torch.compile's `_orig_mod.` or DDP's `module.` prefixes
-    config      dataclasses.asdict(GPTConfig): enough to rebuild the model with no other file
-    step        optimizer updates done (0-based steps 0..step-1); training resumes at step `step`
-    optimizer, scaler, args, val_loss, nonfinite_skips (updates skipped for an inf/nan loss)
-    dataloader  the train loader's state_dict(): one stream position, the same on every rank
-    rng         [rng_state() of each rank]
+A training checkpoint is a dict saved with torch.save; this file writes and reads every key of it:
+    model           state_dict of the plain GPT (no torch.compile `_orig_mod.` or DDP `module.` prefixes)
+    config          dataclasses.asdict(GPTConfig): enough to rebuild the model with no other file
+    step            optimizer updates done (steps 0 .. step-1); training resumes at step `step`
+    optimizer       AdamW's state_dict (moments and step counts)
+    scaler          the fp16 GradScaler's state_dict ({} when not training in float16)
+    args            dataclasses.asdict(TrainConfig) of the run that wrote it
+    dataloader      the train loader's state_dict(): one stream position, the same on every rank
+    rng             [rng_state() of each rank]
+    nonfinite_skips updates skipped so far for an inf/nan loss or gradient
+    last_val        {"step", "loss"} of the newest validation before this checkpoint, or None. The
+                    checkpoint of step s is saved before step s's own evaluation (so a crash in the
+                    evaluation loses no training): its last_val is from an earlier step.
 
 Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 `torch.load(..., weights_only=True)` reads it: opening a checkpoint cannot run code.
@@ -30,52 +36,46 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from device import all_gather, unwrap
+from errors import UserError, exit_on_error
+from files import atomic_write
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
+# what torch.compile (`_orig_mod.`) and DDP (`module.`) put before every parameter name
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def clean_state_dict(state_dict):
-    """Strip the prefixes that wrappers add: torch.compile's `_orig_mod.` and DDP's `module.`."""
-    prefixes = ("_orig_mod.", "module.")
+    """Strip the prefixes of wrapped models from a state dict saved by another tool."""
     cleaned = {}
     for name, tensor in state_dict.items():
-        while name.startswith(prefixes):
+        while name.startswith(WRAPPER_PREFIXES):
             name = name.split(".", 1)[1]
         cleaned[name] = tensor
     return cleaned
 
 
 def save_checkpoint(path, checkpoint):
-    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a truncated
-    checkpoint under the final name (os.replace is atomic on POSIX and Windows)."""
-    tmp_path = f"{path}.tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:  # disk full, Ctrl-C: no half-written file stays behind
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """torch.save through files.atomic_write: a crash mid-write never leaves a truncated checkpoint."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
     """weights_only=True: a checkpoint can only hold tensors and plain containers, never code.
     map_location="cpu" by default, so loading does not allocate a second copy on the GPU."""
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or a pickle that would run code
-        raise SystemExit(f"cannot read checkpoint {path}: {e}")
+        raise UserError(f"cannot read checkpoint {path}: {e}")
 
 
 def model_checkpoint(model):
     """The part of a checkpoint that describes the model: its weights and its config."""
-    return {"model": clean_state_dict(model.state_dict()), "config": asdict(model.config)}
+    model = unwrap(model)
+    return {"model": model.state_dict(), "config": asdict(model.config)}
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -84,6 +84,61 @@ def model_from_checkpoint(path, device="cpu"):
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model.to(device)
+
+
+# ---- the training state ----
+
+
+def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg, loop, dist_info):
+    """Everything a resume needs (the keys of the module docstring). Every process takes part (each
+    one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}."""
+    rngs = all_gather(rng_state(dist_info.device), dist_info.world_size)
+    if not dist_info.is_master:
+        return
+    checkpoint = {
+        **model_checkpoint(model),
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "args": asdict(cfg),
+        "dataloader": train_loader.state_dict(),  # the same on every rank
+        "rng": rngs,  # one per rank
+        **loop,
+    }
+    save_checkpoint(path, checkpoint)
+    prune_checkpoints(cfg.log_dir, cfg.keep_last)
+
+
+def resume_checkpoint(resume, log_dir, model_config, world_size):
+    """The checkpoint a run starts from (None for a fresh start), checked against model_config.
+    Rank 0 picks it, so every process resumes from the same one even if a save lands meanwhile."""
+    path = all_gather(resume_path(resume, log_dir), world_size)[0]
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(path)
+    check_model_config(checkpoint, model_config, path)
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
+    """The inverse of save_training_state, on every process. Returns the loop's saved state."""
+    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run was not float16
+        scaler.load_state_dict(checkpoint["scaler"])
+    # The data position is one stream for all ranks: a run may resume on a different number of GPUs
+    # (at the same total_batch_size) and read exactly the tokens it would have read.
+    train_loader.load_state_dict(checkpoint["dataloader"])
+    return {"nonfinite_skips": checkpoint["nonfinite_skips"], "last_val": checkpoint["last_val"]}
+
+
+def restore_rng(checkpoint, dist_info):
+    """This rank's generators as they were at the save. Call it last, after everything that draws
+    random numbers at startup (the model's initialisation). A rank the saving run did not have
+    keeps its fresh seed: its data does not depend on it, only its samples would."""
+    if dist_info.rank < len(checkpoint["rng"]):
+        set_rng_state(checkpoint["rng"][dist_info.rank], dist_info.device)
 
 
 # ---- where checkpoints live ----
@@ -109,7 +164,7 @@ def resume_path(resume, log_dir):
     if resume == "none":
         existing = list_checkpoints(log_dir)
         if existing:
-            raise SystemExit(
+            raise UserError(
                 f"--resume none, but {log_dir} already holds checkpoints (the newest: {existing[max(existing)]}) "
                 "from an earlier run: continue it with --resume auto, or pick another --log_dir"
             )
@@ -118,7 +173,7 @@ def resume_path(resume, log_dir):
         existing = list_checkpoints(log_dir)
         return existing[max(existing)] if existing else None
     if not os.path.isfile(resume):
-        raise SystemExit(f"--resume {resume}: no such checkpoint file (or pass --resume auto / none)")
+        raise UserError(f"--resume {resume}: no such checkpoint file (or pass --resume auto / none)")
     return resume
 
 
@@ -137,7 +192,7 @@ def check_model_config(checkpoint, config, path):
     wanted = asdict(config)
     diffs = [f"{k}={saved[k]} (flags say {wanted[k]})" for k in wanted if saved.get(k) != wanted[k]]
     if diffs:
-        raise SystemExit(
+        raise UserError(
             f"checkpoint {path} holds a model with {', '.join(diffs)}: pass the same model flags "
             "(--n_layer --n_head --n_embd, or the same --preset) to resume it, or a new --log_dir to start afresh"
         )
@@ -174,6 +229,7 @@ def set_rng_state(state, device):
         torch.mps.set_rng_state(state["mps"])
 
 
+@exit_on_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a training checkpoint in Hugging Face GPT-2 format.")
     parser.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")

@@ -3,16 +3,14 @@ DataLoaderLite: (x, y) batches of GPT-2 tokens, read straight from the shards on
 
     from dataloader import DataLoaderLite
     loader = DataLoaderLite(B=64, T=1024, process_rank=rank, num_processes=world_size, split="train",
-                            data_root="edu_fineweb10B", shuffle=True, seed=1337, device="cuda")
+                            data_dir="edu_fineweb10B", shuffle=True, seed=1337, device="cuda")
     x, y = loader.next_batch()          # (B, T) int64 each; y[b, t] is the token after x[b, t]
 
 To see what a loader would read from a folder of shards (counts, tokens per epoch, steps per epoch):
 
     python dataloader.py --data_dir edu_fineweb10B --split train --B 64 --T 1024 --num_processes 8
 
-Shards are what `fineweb.py` writes, `{prefix}_{split}_{index:06d}.npy` (1-D uint16 arrays saved
-with np.save), or llm.c's `.bin` files (a header of 256 int32: magic 20240520, version 1, token
-count; then the uint16 tokens), so data prepared for llm.c or modded-nanogpt works as it is.
+Shards are what `fineweb.py` writes, or llm.c's `.bin` files: shards.py holds that file contract.
 
 How the tokens are cut and dealt out
 ------------------------------------
@@ -55,89 +53,13 @@ What follows from that numbering (each point is pinned by a test in tests/test_d
 
 import argparse
 import bisect
-import glob
 import os
 
 import numpy as np
 import torch
 
-DEFAULT_DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
-
-TOKEN_DTYPE = np.dtype("<u2")  # GPT-2 ids are < 50,257, so uint16 halves the disk and page cache
-# llm.c's .bin shards: 256 int32 header words (magic, version, token count, zeros), then the tokens.
-LLMC_MAGIC = 20240520
-LLMC_VERSION = 1  # version 2 holds uint32 tokens (llm.c's Llama 3 data): not GPT-2, not supported
-LLMC_HEADER_INTS = 256
-
-
-def find_shards(data_root, split):
-    """The split's shard files in data_root, sorted by name (fineweb.py's names sort by index)."""
-    if not os.path.isdir(data_root):
-        raise SystemExit(
-            f"data folder {data_root} not found: run `python fineweb.py` to write the token shards, "
-            f"or pass --data_dir with the folder that holds them"
-        )
-    patterns = [os.path.join(data_root, f"*_{split}_*{ext}") for ext in (".npy", ".bin")]
-    shards = sorted(path for pattern in patterns for path in glob.glob(pattern))
-    if not shards:
-        raise SystemExit(
-            f"no {split} shards (*_{split}_*.npy or *_{split}_*.bin) in {data_root}: "
-            f"run `python fineweb.py`, or pass --data_dir with the folder that holds them"
-        )
-    return shards
-
-
-def npy_layout(path):
-    """(byte offset of the first token, number of tokens) of a .npy shard, checked against the file."""
-    with open(path, "rb") as f:
-        try:
-            major, _ = np.lib.format.read_magic(f)
-            if major not in (1, 2):  # version 3 only differs for structured dtypes, never token arrays
-                raise ValueError(f".npy format version {major}")
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-        except ValueError as e:
-            raise SystemExit(f"shard {path} is not a .npy file written by np.save ({e}): re-run fineweb.py")
-        offset = f.tell()
-    if len(shape) != 1:
-        raise SystemExit(f"shard {path} holds an array of shape {shape}; a shard must be 1-D (one token stream)")
-    if dtype != TOKEN_DTYPE:
-        raise SystemExit(
-            f"shard {path} holds {dtype} values; expected uint16 GPT-2 token ids as fineweb.py writes them "
-            f"(convert with `np.save(path, tokens.astype(np.uint16))` if every id is below 65,536)"
-        )
-    return offset, check_file_size(path, offset, shape[0])
-
-
-def bin_layout(path):
-    """(byte offset of the first token, number of tokens) of an llm.c .bin shard, header checked."""
-    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
-    if len(header) < LLMC_HEADER_INTS:
-        raise SystemExit(f"shard {path} is shorter than llm.c's header of {LLMC_HEADER_INTS} int32: truncated file")
-    magic, version, n_tokens = (int(v) for v in header[:3])
-    if magic != LLMC_MAGIC:
-        raise SystemExit(f"shard {path} is not an llm.c token file: magic number {magic}, expected {LLMC_MAGIC}")
-    if version != LLMC_VERSION:
-        raise SystemExit(
-            f"shard {path} is llm.c format version {version}; only version {LLMC_VERSION} "
-            f"(uint16 GPT-2 tokens) is supported"
-        )
-    return header.nbytes, check_file_size(path, header.nbytes, n_tokens)
-
-
-def check_file_size(path, offset, n_tokens):
-    """n_tokens, once the file is exactly its header plus n_tokens uint16 values."""
-    expected, actual = offset + n_tokens * TOKEN_DTYPE.itemsize, os.path.getsize(path)
-    if actual != expected:
-        raise SystemExit(
-            f"shard {path} is {actual:,} bytes, but its header announces {n_tokens:,} tokens "
-            f"({expected:,} bytes): the file is truncated or corrupt; write it again"
-        )
-    return n_tokens
-
-
-def shard_layout(path):
-    return bin_layout(path) if path.endswith(".bin") else npy_layout(path)
+from errors import UserError, exit_on_error
+from shards import DEFAULT_DATA_DIR, check_token_ids, find_shards, read_tokens, shard_layout
 
 
 def permutation(n, seed, epoch, stream):
@@ -151,26 +73,28 @@ def permutation(n, seed, epoch, stream):
 class DataLoaderLite:
     """next_batch() -> (x, y), each (B, T) int64 on `device`. Attributes worth printing: `shards`
     (paths, sorted by name), `epoch`, `windows_per_epoch` (so one epoch is windows_per_epoch /
-    num_processes steps of each rank)."""
+    num_processes steps of each rank). With vocab_size, each shard's ids are checked against it the
+    first time the shard is read: an id the model has no embedding row for is a clear error, not a
+    crash deep in the embedding (or a CUDA device-side assert)."""
 
-    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root=DEFAULT_DATA_ROOT,
-                 shuffle=False, seed=0, device="cpu"):
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_dir=DEFAULT_DATA_DIR,
+                 shuffle=False, seed=0, device="cpu", vocab_size=None):
         if B < 1 or T < 1:
-            raise SystemExit(f"batch size B={B} and sequence length T={T} must both be at least 1")
+            raise UserError(f"batch size B={B} and sequence length T={T} must both be at least 1")
         if not 0 <= process_rank < num_processes:
-            raise SystemExit(f"process_rank={process_rank} is not a rank of num_processes={num_processes}")
+            raise UserError(f"process_rank={process_rank} is not a rank of num_processes={num_processes}")
         if seed < 0:
-            raise SystemExit(f"seed={seed} must be a non-negative integer")
+            raise UserError(f"seed={seed} must be a non-negative integer")
         # Plain Python types, so that state_dict() holds nothing a weights_only load would refuse.
         self.B, self.T = int(B), int(T)
         self.process_rank, self.num_processes = int(process_rank), int(num_processes)
-        self.split, self.data_root = str(split), data_root
+        self.split, self.data_dir = str(split), data_dir
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.device = torch.device(device)
         # Page-locked memory lets the copy to the GPU run asynchronously (non_blocking=True).
         self.pin_memory = self.device.type == "cuda"
 
-        self.shards = find_shards(data_root, split)
+        self.shards = find_shards(data_dir, split)
         # Only the headers are read here; the tokens stay on disk until a window is needed.
         layouts = [shard_layout(path) for path in self.shards]
         self.shard_offsets = [offset for offset, _ in layouts]
@@ -178,16 +102,18 @@ class DataLoaderLite:
         self.shard_windows = [(n - 1) // (B * T) for n in self.shard_tokens]
         for path, n_tokens, n_windows in zip(self.shards, self.shard_tokens, self.shard_windows):
             if n_windows == 0:
-                raise SystemExit(
+                raise UserError(
                     f"shard {path} holds {n_tokens:,} tokens, fewer than one window of B*T+1 = {B * T + 1:,}: "
                     f"lower B or T, or write larger shards"
                 )
         self.windows_per_epoch = sum(self.shard_windows)
         if self.windows_per_epoch < num_processes:
-            raise SystemExit(
-                f"the {split} shards in {data_root} hold {self.windows_per_epoch} windows of B*T+1 = "
+            raise UserError(
+                f"the {split} shards in {data_dir} hold {self.windows_per_epoch} windows of B*T+1 = "
                 f"{B * T + 1:,} tokens, fewer than num_processes={num_processes}: lower B or T"
             )
+        self.vocab_size = vocab_size
+        self._checked = set()  # shards whose ids were checked against vocab_size
         self._plan_epoch = self._plan = None  # caches: shard order of one epoch ...
         self._order_key = self._order = None  # ... and window order of one shard in one epoch
         self.reset()
@@ -240,12 +166,15 @@ class DataLoaderLite:
     def _read_window(self, shard, start):
         """Tokens start .. start+B*T of a shard as int64, in pinned memory when bound for a GPU."""
         n = self.B * self.T + 1
+        path, offset = self.shards[shard], self.shard_offsets[shard]
+        if self.vocab_size is not None and shard not in self._checked:
+            check_token_ids(path, offset, self.shard_tokens[shard], self.vocab_size)
+            self._checked.add(shard)
         # Map only this window's bytes, never the whole shard: once the copy below is done the map is
         # dropped, and with it the page-cache pages it added to our RSS. A map of the whole shard kept
         # open would grow RSS up to the shard's size as reading advances (the reference recipe instead
         # holds an int64 copy of the shard: 800 MB per rank for 100M tokens).
-        tokens = np.memmap(self.shards[shard], dtype=TOKEN_DTYPE, mode="r",
-                           offset=self.shard_offsets[shard] + start * TOKEN_DTYPE.itemsize, shape=(n,))
+        tokens = read_tokens(path, offset, start, n)
         buf = torch.empty(n, dtype=torch.long, pin_memory=self.pin_memory)
         buf.numpy()[:] = tokens  # uint16 -> int64 in one pass, straight into the (pinned) buffer
         return buf
@@ -272,10 +201,10 @@ class DataLoaderLite:
         keys = ["B", "T", "shuffle", "split", "shards", "shard_tokens"] + (["seed"] if self.shuffle else [])
         for key in keys:
             if state[key] != mine[key]:
-                raise SystemExit(
+                raise UserError(
                     f"cannot resume the {self.split} data loader: the checkpoint was taken with "
                     f"{key}={describe(state[key])}, this run has {key}={describe(mine[key])} "
-                    f"(data in {self.data_root}); resume with the same setting"
+                    f"(data in {self.data_dir}); resume with the same setting"
                 )
         self.position = state["position"]
 
@@ -287,16 +216,17 @@ def describe(value):
     return repr(value)
 
 
+@exit_on_error
 def main():
     parser = argparse.ArgumentParser(description="Print what a DataLoaderLite reads from a folder of shards.")
-    parser.add_argument("--data_dir", default=DEFAULT_DATA_ROOT, help="folder of token shards")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="folder of token shards")
     parser.add_argument("--split", default="train")
     parser.add_argument("--B", type=int, default=64, help="sequences per micro-batch")
     parser.add_argument("--T", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--num_processes", type=int, default=1, help="number of ranks (GPUs)")
     args = parser.parse_args()
     loader = DataLoaderLite(args.B, args.T, num_processes=args.num_processes, split=args.split,
-                            data_root=args.data_dir)
+                            data_dir=args.data_dir)
     tokens_per_epoch = loader.windows_per_epoch * args.B * args.T
     print(f"{len(loader.shards)} {args.split} shards in {args.data_dir}: "
           f"{os.path.basename(loader.shards[0])} ... {os.path.basename(loader.shards[-1])}")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 # Peak dense bf16/fp16 tensor-core FLOPS by (part of) the name torch.cuda.get_device_name returns,
 # from NVIDIA's datasheets. First match wins, so the specific names come before the generic ones.
 PEAK_FLOPS = [
@@ -30,6 +32,17 @@ PEAK_FLOPS = [
     ("V100-PCIE", 112e12),  # fp16
     ("V100", 125e12),  # SXM2, fp16
 ]
+
+
+# The --device and --dtype flags of every script (train_gpt2.py, the evaluations, sample.py, ...).
+DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"
+DTYPE_HELP = "auto (bf16 on Ampere+ GPUs, fp16 + loss scaling before, fp32 on CPU), bfloat16, float16, float32"
+
+
+def add_device_args(parser, dtype="auto"):
+    """--device and --dtype, as train_gpt2.py has them; `dtype` is this script's default."""
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    parser.add_argument("--dtype", default=dtype, help=f"{DTYPE_HELP} (default: {dtype})")
 
 
 @dataclass
@@ -48,6 +61,11 @@ class DistInfo:
         """Rank 0 alone logs, writes checkpoints and samples text."""
         return self.rank == 0
 
+    @classmethod
+    def single(cls, device="cpu"):
+        """One process on `device`: what an evaluation called from a script or a test runs as."""
+        return cls(rank=0, local_rank=0, world_size=1, device=device)
+
 
 def pick_device(requested, local_rank):
     """"auto" picks cuda > mps > cpu; an explicit device that is not there is an error, not a fallback."""
@@ -60,21 +78,21 @@ def pick_device(requested, local_rank):
             requested = "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit(
+            raise UserError(
                 f"--device {requested}: PyTorch sees no CUDA GPU (torch {torch.__version__}). Check nvidia-smi and "
                 "CUDA_VISIBLE_DEVICES, install a CUDA build of torch, or pass --device cpu"
             )
         if requested == "cuda":
             if local_rank >= torch.cuda.device_count():
-                raise SystemExit(
+                raise UserError(
                     f"process with LOCAL_RANK={local_rank} has no GPU: only {torch.cuda.device_count()} are visible; "
                     "pass --nproc_per_node at most the number of GPUs"
                 )
             requested = f"cuda:{local_rank}"  # one GPU per process
     elif requested == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device mps: the Apple MPS backend is not available here; pass --device cpu")
+        raise UserError("--device mps: the Apple MPS backend is not available here; pass --device cpu")
     elif requested not in ("cpu", "mps"):
-        raise SystemExit(f"--device {requested}: choose auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device {requested}: choose auto, cpu, cuda, cuda:N or mps")
     return requested
 
 
@@ -84,7 +102,7 @@ def keep_freed_memory():
     A CPU training step allocates and frees tensors of tens of MB: the (B*T, 50304) logits, their
     softmax and their gradient. glibc's malloc maps such blocks from the OS and unmaps them on free,
     so every step page-faults them in again, zero-filled by the kernel: for the demo model that took
-    more time than the matmuls (docs/benchmarks.md: 2.5x tokens/s with this). Raising the two
+    more time than the matmuls (measured in docs/benchmarks.md, "Training step"). Raising the two
     thresholds of mallopt(3) to 1 GiB serves those blocks from the process's heap again and again.
     Elsewhere (macOS, Windows, musl) this does nothing. Returns whether the setting took effect."""
     if not sys.platform.startswith("linux"):
@@ -109,7 +127,7 @@ def setup_distributed(requested_device):
         keep_freed_memory()
     if world_size > 1:
         if device == "mps":
-            raise SystemExit("torch.distributed does not support MPS: train on one process, or pass --device cpu")
+            raise UserError("torch.distributed does not support MPS: train on one process, or pass --device cpu")
         # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here).
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
@@ -176,7 +194,7 @@ def setup_precision(requested, device_type):
             requested = "float32"
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if requested not in dtypes:
-        raise SystemExit(f"--dtype {requested}: choose auto, {', '.join(dtypes)}")
+        raise UserError(f"--dtype {requested}: choose auto, {', '.join(dtypes)}")
     if device_type == "cuda":
         # TF32 for the float32 matmuls autocast leaves alone (and all of them with --dtype float32):
         # ~8x the float32 speed on Ampere+, 10 mantissa bits, which training does not notice.
@@ -185,6 +203,14 @@ def setup_precision(requested, device_type):
     # bf16 has float32's range and needs no scaling.
     scaler = torch.amp.GradScaler(device_type, enabled=requested == "float16")
     return Precision(dtype=dtypes[requested], device_type=device_type, scaler=scaler)
+
+
+def unwrap(model):
+    """The plain module under torch.compile and DDP wrappers: the one that owns the parameters under
+    their own names, and that evaluation, sampling and checkpoints use."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 def compile_model(model, requested, device_type, example_batch, precision, log):
@@ -197,7 +223,7 @@ def compile_model(model, requested, device_type, example_batch, precision, log):
     sampling call `model` directly, so their changing shapes never trigger recompilation.
     """
     if requested not in ("auto", "1", "0"):
-        raise SystemExit(f"--compile {requested}: choose auto, 1 or 0")
+        raise UserError(f"--compile {requested}: choose auto, 1 or 0")
     if requested == "0" or (requested == "auto" and device_type != "cuda"):
         return model
     compiled = torch.compile(model)
@@ -209,7 +235,7 @@ def compile_model(model, requested, device_type, example_batch, precision, log):
     except Exception as e:  # inductor raises many types: BackendCompilerFailed, CalledProcessError, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if requested == "1":
-            raise SystemExit(f"torch.compile failed: {reason} (train without it: --compile 0)")
+            raise UserError(f"torch.compile failed: {reason} (train without it: --compile 0)")
         log.warning(f"torch.compile failed, training uncompiled (--compile 0 skips the attempt): {reason}")
         compiled = model
     model.zero_grad(set_to_none=True)

@@ -1,11 +1,11 @@
 """
-Zero-shot evaluations beyond HellaSwag: LAMBADA and StoryCloze, and the registry train_gpt2.py uses.
+Zero-shot evaluations beyond HellaSwag (LAMBADA, StoryCloze), and TASKS, the table of all of them.
 
     python evals.py lambada --model gpt2                                   # OpenAI's 124M weights
     python evals.py lambada --checkpoint log/model_19073.pt --limit 500
-    python evals.py storycloze --model gpt2 --data_dir "cloze_test_test__spring2016 - cloze_test_ALL_test.csv"
+    python evals.py storycloze --model gpt2 --data_file "cloze_test_test__spring2016 - cloze_test_ALL_test.csv"
     python evals.py hellaswag --model gpt2                                 # same as python hellaswag.py
-    offline: --data_dir FOLDER or LAMBADA_DIR=FOLDER (holding lambada_test.jsonl); STORYCLOZE_FILE=CSV
+    offline: --data_file FILE_OR_FOLDER or LAMBADA_DIR=FOLDER (holding lambada_test.jsonl); STORYCLOZE_FILE=CSV
 
 LAMBADA (OpenAI's version: 5,153 passages from novels, whose last word needs the whole passage):
 the model reads the passage up to its last word, and scores that word (" " + word, one or a few
@@ -16,30 +16,18 @@ StoryCloze 2016: four sentences of a story and two possible endings; the model p
 with the lowest mean loss per token. Its authors hand out the CSV on request and it may not be
 redistributed, so it is never downloaded: pass its path. GPT-3 Small zero-shot: 63.3%.
 
-All of them run through hellaswag.py's scoring core: batched, sharded across DDP ranks.
+All of them run through scoring.py: batched, sharded across DDP ranks. train_gpt2.py's --eval_tasks
+names tasks of TASKS.
 """
 
-import argparse
 import csv
 import math
 import os
 import re
-from contextlib import nullcontext
 
-from hellaswag import (
-    add_eval_args,
-    check_row_count,
-    data_file,
-    evaluate_hellaswag,
-    gpt2_tokenizer,
-    hellaswag_rows,
-    load_hellaswag,
-    read_jsonl,
-    run_eval,
-    score_examples,
-)
-
-TASKS = ("hellaswag", "lambada", "storycloze")
+from errors import UserError, exit_on_error
+from hellaswag import HELLASWAG, hellaswag_rows
+from scoring import Task, check_row_count, data_file, eval_parser, read_jsonl, run_eval
 
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
 LAMBADA_FILE = "lambada_test.jsonl"
@@ -71,24 +59,21 @@ def load_lambada(data_path=None, limit=None):
     return read_lambada(path)[:limit]
 
 
-def lambada_rows(example):
+def lambada_rows(example, tokenizer):
     """(rows, label): one row, the passage up to its last word, then that word with the whitespace
     before it (" signs"), which is how the word is tokenized inside running text."""
-    enc = gpt2_tokenizer()
     text = example["text"].rstrip()
     split = re.search(r"\s\S+$", text).start()
-    return [(enc.encode(text[:split]), enc.encode(text[split:]))], 0
+    return [(tokenizer.encode(text[:split]), tokenizer.encode(text[split:]))], 0
 
 
-def evaluate_lambada(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
-):
-    """{"acc", "ppl", "count"} over the passages (of all ranks; see hellaswag.score_examples)."""
-    totals = score_examples(
-        model, examples, lambada_rows, device, batch_size, rank, world_size, autocast, progress, "lambada"
-    )
+def lambada_results(totals):
+    """acc: greedy decoding reproduces the whole word; ppl: exp of the word's mean summed loss."""
     n = totals["count"]
     return {"acc": totals["greedy"] / n, "ppl": math.exp(totals["loss"] / n), "count": int(n)}
+
+
+LAMBADA = Task("lambada", load_lambada, lambada_rows, lambada_results, log_key="lambada", log_metric="acc")
 
 
 # ---- StoryCloze --------------------------------------------------------------------------------
@@ -101,19 +86,19 @@ def read_storycloze(path):
             reader = csv.DictReader(f)
             missing = [c for c in STORYCLOZE_COLUMNS if c not in (reader.fieldnames or ())]
             if missing:
-                raise SystemExit(f"{path}: no column {', '.join(missing)}: is this the StoryCloze 2016 CSV?")
+                raise UserError(f"{path}: no column {', '.join(missing)}: is this the StoryCloze 2016 CSV?")
             for row in reader:
                 if any(not (row[c] or "").strip() for c in STORYCLOZE_COLUMNS):
-                    raise SystemExit(f"{path}, line {reader.line_num}: a column is empty or missing")
+                    raise UserError(f"{path}, line {reader.line_num}: a column is empty or missing")
                 if row["AnswerRightEnding"].strip() not in ("1", "2"):
-                    raise SystemExit(f"{path}, line {reader.line_num}: AnswerRightEnding must be 1 or 2")
+                    raise UserError(f"{path}, line {reader.line_num}: AnswerRightEnding must be 1 or 2")
                 context = " ".join(row[c].strip() for c in STORYCLOZE_SENTENCES)
                 endings = [row[c].strip() for c in STORYCLOZE_ENDINGS]
                 examples.append({"ctx": context, "endings": endings, "label": int(row["AnswerRightEnding"]) - 1})
     except UnicodeDecodeError:
-        raise SystemExit(f"{path} is not UTF-8 text")
+        raise UserError(f"{path} is not UTF-8 text")
     if not examples:
-        raise SystemExit(f"{path} holds no stories")
+        raise UserError(f"{path} holds no stories")
     return examples
 
 
@@ -121,73 +106,35 @@ def load_storycloze(data_path=None, limit=None):
     """The first `limit` stories of the CSV at data_path, else $STORYCLOZE_FILE."""
     path = data_path or os.environ.get("STORYCLOZE_FILE")
     if not path:
-        raise SystemExit(
+        raise UserError(
             "StoryCloze cannot be downloaded (its licence forbids redistribution): request the 2016 CSV "
-            "from https://cs.rochester.edu/nlp/rocstories/ and pass it with --data_dir FILE or STORYCLOZE_FILE=FILE"
+            "from https://cs.rochester.edu/nlp/rocstories/ and pass it with --data_file FILE or STORYCLOZE_FILE=FILE"
         )
     if not os.path.isfile(path):
-        raise SystemExit(f"StoryCloze: {path} is not a file; pass the CSV itself")
+        raise UserError(f"StoryCloze: {path} is not a file; pass the CSV itself")
     return read_storycloze(path)[:limit]
 
 
-def evaluate_storycloze(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
-):
-    """{"acc", "count"}: the ending with the lowest mean loss per token is the model's choice."""
-    totals = score_examples(
-        model, examples, hellaswag_rows, device, batch_size, rank, world_size, autocast, progress, "storycloze"
-    )
+def storycloze_results(totals):
+    """The ending with the lowest mean loss per token is the model's choice."""
     return {"acc": totals["correct_norm"] / totals["count"], "count": int(totals["count"])}
 
 
-# ---- the registry ------------------------------------------------------------------------------
-def task_functions(name):
-    """(load, evaluate) of the task called name."""
-    functions = {
-        "hellaswag": (load_hellaswag, evaluate_hellaswag),
-        "lambada": (load_lambada, evaluate_lambada),
-        "storycloze": (load_storycloze, evaluate_storycloze),
-    }
-    if name not in functions:
-        raise SystemExit(f"unknown evaluation {name!r}: choose from {', '.join(TASKS)}")
-    return functions[name]
+# the stories render exactly as HellaSwag's examples do: context, then " " + each ending
+STORYCLOZE = Task(
+    "storycloze", load_storycloze, hellaswag_rows, storycloze_results, log_key="storycloze", log_metric="acc"
+)
+
+# ---- the table ---------------------------------------------------------------------------------
+TASKS = {task.name: task for task in (HELLASWAG, LAMBADA, STORYCLOZE)}
 
 
-def load_task(name, data_path=None, limit=None):
-    """The examples of a task: from data_path (a folder or the file itself), else the task's variable
-    (HELLASWAG_DIR, LAMBADA_DIR, STORYCLOZE_FILE), else a download into the cache folder."""
-    load, _ = task_functions(name)
-    return load(data_path, limit)
-
-
-def evaluate_task(
-    name, model, examples, device, batch_size=16, rank=0, world_size=1, autocast=nullcontext, progress=False
-):
-    """A flat dict of figures, the same on every rank: {"acc", "acc_norm", "count"} for hellaswag,
-    {"acc", "ppl", "count"} for lambada, {"acc", "count"} for storycloze. Rank r scores examples
-    r, r + world_size, ...; all ranks must call it. autocast() is the context the forward
-    pass runs in (see hellaswag.score_batch)."""
-    _, evaluate = task_functions(name)
-    return evaluate(model, examples, device, batch_size, rank, world_size, autocast, progress)
-
-
-def log_line(step, name, results):
-    """The line train_gpt2.py writes to its log: `{step} hella {acc_norm:.4f}` (the reference
-    format, "hella" being acc_norm), `{step} lambada {acc:.4f}`, `{step} storycloze {acc:.4f}`."""
-    key, metric = {
-        "hellaswag": ("hella", "acc_norm"),
-        "lambada": ("lambada", "acc"),
-        "storycloze": ("storycloze", "acc"),
-    }[name]
-    return f"{step} {key} {results[metric]:.4f}"
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@exit_on_error
+def main(argv=None):
+    parser = eval_parser(__doc__)
     parser.add_argument("task", choices=TASKS)
-    add_eval_args(parser)
-    args = parser.parse_args()
-    run_eval(args.task, args, *task_functions(args.task))
+    args = parser.parse_args(argv)
+    run_eval(TASKS[args.task], args)
 
 
 if __name__ == "__main__":

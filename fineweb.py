@@ -3,7 +3,7 @@ FineWeb-Edu, or any text dataset, -> GPT-2 token shards for dataloader.py.
 
     python fineweb.py                # FineWeb-Edu sample-10BT from the Hugging Face hub -> edu_fineweb10B/
     python fineweb.py --streaming    # the same shards, streamed: no dataset download on disk first
-    python fineweb.py --data_files ../shared/data/fineweb_sample --out_dir log/demo/data --shard_size 1e6
+    python fineweb.py --data_files path/to/parquet_folder --data_dir log/demo/data --shard_size 1e6
     HF_ENDPOINT=https://hf-mirror.com python fineweb.py    # through a mirror when the hub is slow or blocked
 
 Each document becomes [<|endoftext|>] + its GPT-2 tokens; documents follow each other in input order
@@ -34,17 +34,16 @@ from itertools import islice
 
 import numpy as np
 import pyarrow.parquet as pq
-import tiktoken
 from tqdm import tqdm
 
-SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+from errors import UserError, exit_on_error
+from files import atomic_write
+from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
+from tokenizer import GPT2, get_tokenizer
+
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
-TOKENIZER = "gpt2"
-DTYPE = np.uint16  # GPT-2 ids are < 50,257 < 2**16: half the disk and memory of int32
 LOCAL_FORMATS = (".parquet", ".jsonl", ".json", ".txt")
-# Shard files the data loader picks up (it globs *_{split}_*): a folder may hold only ours.
-SHARD_PATTERNS = ("*_val_*.npy", "*_train_*.npy", "*_val_*.bin", "*_train_*.bin")
 # One encoding task: ~256K characters (~60K tokens, tens of ms on one core) hides the cost of a task,
 # yet even the 2,800-document sample makes ~80 of them, enough to keep 16 cores busy.
 BATCH_CHARS = 2**18
@@ -66,7 +65,7 @@ class Config:
     data_files: list = None  # local files, folders or globs, read instead of a dataset
     streaming: bool = False
     cache_dir: str = None  # where `datasets` keeps downloads (default ~/.cache/huggingface/datasets)
-    out_dir: str = os.path.join(SCRIPT_DIR, "edu_fineweb10B")
+    data_dir: str = DEFAULT_DATA_DIR  # the shard folder, train_gpt2.py's --data_dir
     prefix: str = "edufineweb"
     shard_size: int = 10**8  # 100M tokens = 200 MB per shard
     max_tokens: int = None
@@ -120,9 +119,9 @@ def resolve_data_files(patterns):
         elif any(c in pattern for c in "*?["):
             found = [f for match in sorted(glob.glob(pattern, recursive=True)) for f in files_in(match)]
         else:
-            raise SystemExit(f"--data_files {pattern}: no such file or folder")
+            raise UserError(f"--data_files {pattern}: no such file or folder")
         if not found:
-            raise SystemExit(f"--data_files {pattern}: no files matched (supported: {', '.join(LOCAL_FORMATS)})")
+            raise UserError(f"--data_files {pattern}: no files matched (supported: {', '.join(LOCAL_FORMATS)})")
         files += found
     return files
 
@@ -132,7 +131,7 @@ def open_parquet(path):
         # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
         return pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
     except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
-        raise SystemExit(f"{path}: not a readable parquet file ({e})")
+        raise UserError(f"{path}: not a readable parquet file ({e})")
 
 
 def parquet_rows(path, text_field, skip):
@@ -140,7 +139,7 @@ def parquet_rows(path, text_field, skip):
     parquet = open_parquet(path)
     columns = parquet.schema_arrow.names
     if text_field not in columns:
-        raise SystemExit(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
+        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
     # skip whole row groups by their metadata, so resuming deep into a file reads little of it
     group = 0
     while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
@@ -171,7 +170,7 @@ def json_rows(path, text_field, skip):
             try:
                 items = enumerate(json.load(f), 1)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}: not valid JSON ({e})")
+                raise UserError(f"{path}: not valid JSON ({e})")
         else:
             items = ((number, line) for number, line in enumerate(f, 1) if line.strip())
         rows = 0
@@ -182,11 +181,11 @@ def json_rows(path, text_field, skip):
             try:
                 record = item if is_array else json.loads(item)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{number}: not valid JSON ({e})")
+                raise UserError(f"{path}:{number}: not valid JSON ({e})")
             if not isinstance(record, dict):
-                raise SystemExit(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
+                raise UserError(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
             if text_field not in record:
-                raise SystemExit(
+                raise UserError(
                     f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
                 )
             yield record[text_field]
@@ -208,7 +207,7 @@ def local_rows(files, text_field, skip):
         try:
             rows_in_file = yield from readers[local_format(path)](path, text_field, skip)
         except UnicodeDecodeError as e:
-            raise SystemExit(f"{path}: not UTF-8 text ({e})")
+            raise UserError(f"{path}: not UTF-8 text ({e})")
         skip = max(0, skip - rows_in_file)
 
 
@@ -235,13 +234,13 @@ def hub_dataset(cfg):
             cfg.dataset, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir
         )
     except FileNotFoundError as e:  # DatasetNotFoundError, DataFilesNotFoundError
-        raise SystemExit(f"--dataset {cfg.dataset}: not found ({e}). For local files use --data_files")
+        raise UserError(f"--dataset {cfg.dataset}: not found ({e}). For local files use --data_files")
     except ValueError as e:  # unknown config or split: datasets names those that exist
-        raise SystemExit(f"--dataset {cfg.dataset}: {e}")
+        raise UserError(f"--dataset {cfg.dataset}: {e}")
     except OSError as e:  # ConnectionError, HTTP errors, timeouts
-        raise SystemExit(hub_unreachable(cfg, e))
+        raise UserError(hub_unreachable(cfg, e))
     if ds.column_names is not None and cfg.text_field not in ds.column_names:
-        raise SystemExit(
+        raise UserError(
             f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field"
         )
     return ds.select_columns([cfg.text_field]) if ds.column_names is not None else ds
@@ -258,9 +257,9 @@ def hub_rows(cfg, ds, start):
     try:
         yield from rows
     except KeyError:
-        raise SystemExit(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
+        raise UserError(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
     except Exception as e:  # the network failing hours into a stream: the shards so far are kept
-        raise SystemExit(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
+        raise UserError(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
 
 
 def loads_state(ds, state):
@@ -298,7 +297,7 @@ def document_batches(rows, start, stream_state):
     texts, chars = [], 0
     for text in rows:
         if text is not None and not isinstance(text, str):
-            raise SystemExit(
+            raise UserError(
                 f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text"
             )
         texts.append(text)
@@ -313,48 +312,24 @@ def document_batches(rows, start, stream_state):
 
 
 # ---- tokenizing -------------------------------------------------------------------------------
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 BPE, for the shards here and for every script that encodes or decodes text."""
-    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
-        raise SystemExit(f"this repo needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
-    try:
-        return tiktoken.get_encoding(TOKENIZER)
-    except Exception as e:  # the BPE files are downloaded on first use
-        raise SystemExit(
-            f"could not load the {TOKENIZER} tokenizer ({e}): tiktoken downloads it on first use. "
-            f"Offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached BPE files"
-        )
-
-
-def encode_ordinary(enc, text):
-    """GPT-2 tokens of text, (T,) uint32, "<|endoftext|>" inside a text counting as plain text.
-    encode_to_numpy skips building a Python list of ints, the part of encoding that holds the GIL."""
-    try:
-        return enc.encode_to_numpy(text, disallowed_special=())
-    except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800"): replace it, as enc.encode_ordinary does
-        return enc.encode_to_numpy(
-            text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
-        )
-
-
-def encode_batch(enc, texts):
+def encode_batch(tokenizer, texts):
     """[EOT] + tokens of each text, concatenated: (N,) uint16; and each row's token count (B,),
     0 for an empty or null text, which adds nothing (not even an EOT)."""
-    eot = np.array([enc.eot_token], dtype=np.uint32)
+    eot = np.array([tokenizer.eot], dtype=np.uint32)
     pieces = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         if text:
-            tokens = encode_ordinary(enc, text)
+            tokens = tokenizer.encode_to_numpy(text)
             pieces += (eot, tokens)
             lengths[i] = 1 + len(tokens)
     tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
-    if tokens.size and tokens.max() > np.iinfo(DTYPE).max:
-        raise SystemExit(f"token id {tokens.max()} does not fit in {np.dtype(DTYPE).name}")
-    return tokens.astype(DTYPE), lengths
+    if tokens.size and tokens.max() > np.iinfo(TOKEN_DTYPE).max:
+        raise UserError(f"token id {tokens.max()} does not fit in {TOKEN_DTYPE.name}")
+    return tokens.astype(TOKEN_DTYPE), lengths
 
 
-def encoded_batches(enc, batches, num_threads):
+def encoded_batches(tokenizer, batches, num_threads):
     """(batch, encode_batch(batch)) in input order, encoded by num_threads threads. tiktoken lets go
     of the GIL while it encodes, so threads scale like processes, without pickling texts and tokens
     between processes; at most BATCHES_PER_THREAD batches per thread are read ahead (flat memory)."""
@@ -363,7 +338,7 @@ def encoded_batches(enc, batches, num_threads):
         try:
             while True:
                 while len(pending) < BATCHES_PER_THREAD * num_threads and (batch := next(batches, None)) is not None:
-                    pending.append((batch, pool.submit(encode_batch, enc, batch.texts)))
+                    pending.append((batch, pool.submit(encode_batch, tokenizer, batch.texts)))
                 if not pending:
                     return
                 batch, encoded = pending.popleft()
@@ -374,35 +349,14 @@ def encoded_batches(enc, batches, num_threads):
 
 
 # ---- writing shards ---------------------------------------------------------------------------
-def shard_name(prefix, index):
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def save_atomically(path, write):
-    """write(f) into path.tmp, fsync, rename: a crash never leaves a truncated file under its name."""
-    tmp_path = f"{path}.tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException as e:  # disk full, permissions, Ctrl-C: no half-written file stays behind
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        if isinstance(e, OSError):
-            raise SystemExit(f"could not write {path} ({e}): fix that, then re-run the same command to resume")
-        raise
-
-
 def save_json(path, obj):
-    save_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def save_shard(out_dir, entry, tokens, meta):
+def save_shard(data_dir, entry, tokens, meta):
     """Save one shard, then the meta.json that lists it (in that order, so meta never lies)."""
-    save_atomically(os.path.join(out_dir, entry["file"]), lambda f: np.save(f, tokens))
-    save_json(os.path.join(out_dir, "meta.json"), meta)
+    atomic_write(os.path.join(data_dir, entry["file"]), lambda f: np.save(f, tokens))
+    save_json(os.path.join(data_dir, "meta.json"), meta)
 
 
 class ShardWriter:
@@ -413,7 +367,7 @@ class ShardWriter:
         self.cfg = cfg
         self.meta = {"settings": settings, "shards": shards, "complete": False}
         # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
-        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=DTYPE), np.empty(cfg.shard_size, dtype=DTYPE)
+        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=TOKEN_DTYPE), np.empty(cfg.shard_size, dtype=TOKEN_DTYPE)
         self.fill = 0  # tokens in the current shard
         self.shard_docs = 0  # documents whose EOT is in the current shard
         self.tokens = sum(s["tokens"] for s in shards)
@@ -468,7 +422,7 @@ class ShardWriter:
         self.wait_for_save()  # the spare buffer, which the next shard fills, must be on disk
         self.meta["shards"].append(entry)
         meta = dict(self.meta, shards=list(self.meta["shards"]))  # a snapshot for the saving thread
-        self.saving = self.saver.submit(save_shard, self.cfg.out_dir, entry, self.buffer[: self.fill], meta)
+        self.saving = self.saver.submit(save_shard, self.cfg.data_dir, entry, self.buffer[: self.fill], meta)
         self.buffer, self.spare = self.spare, self.buffer
         self.docs += self.shard_docs
         self.fill, self.shard_docs = 0, 0
@@ -485,9 +439,9 @@ class ShardWriter:
         self.wait_for_save()
         self.saver.shutdown()
         if not self.meta["shards"]:
-            raise SystemExit(f"no tokens to write: all {self.empty_docs} documents were empty")
+            raise UserError(f"no tokens to write: all {self.empty_docs} documents were empty")
         self.meta["complete"] = True
-        save_json(os.path.join(self.cfg.out_dir, "meta.json"), self.meta)
+        save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -498,9 +452,9 @@ def settings_for(cfg, files, eot):
     else:  # streaming or not gives the same bytes, so a streamed run may resume downloaded
         source = {"dataset": cfg.dataset, "name": cfg.name, "split": cfg.split}
     settings = {
-        "tokenizer": TOKENIZER,
+        "tokenizer": GPT2,
         "eot": eot,
-        "dtype": np.dtype(DTYPE).name,
+        "dtype": TOKEN_DTYPE.name,
         "shard_size": cfg.shard_size,
         "max_tokens": cfg.max_tokens,
         "prefix": cfg.prefix,
@@ -510,36 +464,32 @@ def settings_for(cfg, files, eot):
     return json.loads(json.dumps(settings))  # as meta.json gives it back: lists, not tuples
 
 
-def files_matching(folder, patterns):
-    return sorted(path for pattern in patterns for path in glob.glob(os.path.join(folder, pattern)))
-
-
 def shard_is_intact(path, tokens):
     try:
         shard = np.load(path, mmap_mode="r")  # reads the header only; fails on a short file
     except (OSError, ValueError):
         return False
-    return shard.dtype == DTYPE and shard.shape == (tokens,)
+    return shard.dtype == TOKEN_DTYPE and shard.shape == (tokens,)
 
 
 def completed_shards(cfg, settings):
-    """The shards that an earlier run with the same settings completed in cfg.out_dir, to resume after
+    """The shards that an earlier run with the same settings completed in cfg.data_dir, to resume after
     ([] to start afresh), or None when that run finished."""
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out_dir {cfg.out_dir}: cannot create it ({e})")
-    meta_path = os.path.join(cfg.out_dir, "meta.json")
+        raise UserError(f"--data_dir {cfg.data_dir}: cannot create it ({e})")
+    meta_path = os.path.join(cfg.data_dir, "meta.json")
     if cfg.overwrite:  # only what we write, and what the data loader would read: never the whole folder
-        for path in files_matching(cfg.out_dir, SHARD_PATTERNS + ("meta.json",)):
+        for path in files_matching(cfg.data_dir, shard_patterns() + ["meta.json"]):
             os.remove(path)
-    for path in files_matching(cfg.out_dir, ("*.npy.tmp", "meta.json.tmp")):
+    for path in files_matching(cfg.data_dir, ("*.npy.tmp", "meta.json.tmp")):
         os.remove(path)  # left by a crash in the middle of a save
     if not os.path.exists(meta_path):
-        if files_matching(cfg.out_dir, SHARD_PATTERNS):
-            raise SystemExit(
-                f"{cfg.out_dir} holds shards but no meta.json (made by another tool?): "
-                f"pass --overwrite to replace them, or choose another --out_dir"
+        if files_matching(cfg.data_dir, shard_patterns()):
+            raise UserError(
+                f"{cfg.data_dir} holds shards but no meta.json (made by another tool?): "
+                f"pass --overwrite to replace them, or choose another --data_dir"
             )
         return []
     try:
@@ -547,7 +497,7 @@ def completed_shards(cfg, settings):
             meta = json.load(f)
         old_settings, old_shards = meta["settings"], meta["shards"]
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"{meta_path} is unreadable ({e!r}): pass --overwrite to start afresh")
+        raise UserError(f"{meta_path} is unreadable ({e!r}): pass --overwrite to start afresh")
     if old_settings != settings:
         keys = sorted(set(old_settings) | set(settings))
         changed = [
@@ -555,13 +505,13 @@ def completed_shards(cfg, settings):
             for k in keys
             if old_settings.get(k) != settings.get(k)
         ]
-        raise SystemExit(
-            f"{cfg.out_dir} holds shards made with other settings ({'; '.join(changed)}): "
-            f"pass --overwrite to replace them, or choose another --out_dir"
+        raise UserError(
+            f"{cfg.data_dir} holds shards made with other settings ({'; '.join(changed)}): "
+            f"pass --overwrite to replace them, or choose another --data_dir"
         )
     shards = []
     for entry in old_shards:
-        if not shard_is_intact(os.path.join(cfg.out_dir, entry["file"]), entry["tokens"]):
+        if not shard_is_intact(os.path.join(cfg.data_dir, entry["file"]), entry["tokens"]):
             print(f"{entry['file']} is missing or damaged: writing it again, and what follows it")
             break
         shards.append(entry)
@@ -585,13 +535,13 @@ def show_progress(bar, writer, num_rows):
 
 
 def tokenize(cfg):
-    """Write the shards of cfg's input into cfg.out_dir; returns a one-line summary."""
+    """Write the shards of cfg's input into cfg.data_dir; returns a one-line summary."""
     files = resolve_data_files(cfg.data_files) if cfg.data_files else None
-    enc = gpt2_tokenizer()
-    settings = settings_for(cfg, files, enc.eot_token)
+    tokenizer = get_tokenizer(GPT2)
+    settings = settings_for(cfg, files, tokenizer.eot)
     shards = completed_shards(cfg, settings)
     if shards is None:
-        return f"{cfg.out_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
+        return f"{cfg.data_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
     start, start_shard = resume_position(shards), len(shards)
     if files:
         rows, num_rows, stream_state = local_rows(files, cfg.text_field, start.row), local_row_count(files), no_state
@@ -604,7 +554,7 @@ def tokenize(cfg):
     tokens_before, t0 = writer.tokens, time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing")
     batches = document_batches(rows, start, stream_state)
-    with bar, closing(encoded_batches(enc, batches, cfg.num_proc)) as encoded:
+    with bar, closing(encoded_batches(tokenizer, batches, cfg.num_proc)) as encoded:
         for batch, (tokens, lengths) in encoded:
             writer.write(batch, tokens, lengths)
             show_progress(bar, writer, num_rows)
@@ -617,7 +567,7 @@ def tokenize(cfg):
     resumed = f"resumed at shard {start_shard}, " if start_shard else ""
     shards = writer.meta["shards"]
     summary = (
-        f"{cfg.out_dir}: {len(shards)} shards, {writer.tokens:,} tokens, {writer.docs:,} documents "
+        f"{cfg.data_dir}: {len(shards)} shards, {writer.tokens:,} tokens, {writer.docs:,} documents "
         f"({writer.empty_docs:,} empty skipped); {resumed}{new_tokens:,} tokens in {seconds:.1f}s "
         f"({new_tokens / seconds / 1e6:.2f}M tokens/s)"
     )
@@ -646,31 +596,32 @@ def parse_args(argv=None):
     parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (no network)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     parser.add_argument("--cache_dir", help="where datasets keeps downloads (default: ~/.cache/huggingface/datasets)")
-    parser.add_argument("--out_dir", default=Config.out_dir, help="shard folder (default: edu_fineweb10B beside this)")
+    parser.add_argument("--data_dir", default=Config.data_dir, help="shard folder to write, train_gpt2.py's --data_dir (default: edu_fineweb10B beside this)")
     parser.add_argument("--prefix", default=Config.prefix, help="shard file name prefix (default: edufineweb)")
     parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (1e8)")
     parser.add_argument("--max_tokens", type=parse_count, help="stop after this many tokens (small demos)")
     parser.add_argument("--num_proc", type=int, default=available_cores(), help="encoding threads (default: all cores)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --out_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --data_dir")
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.data_files:
         hub_flags = [f"--{flag}" for flag in ("dataset", "name", "split") if getattr(cfg, flag)]
         if hub_flags:
-            raise SystemExit(f"--data_files reads local files: drop {', '.join(hub_flags)}")
+            raise UserError(f"--data_files reads local files: drop {', '.join(hub_flags)}")
     elif cfg.dataset is None:
         cfg.dataset, cfg.name = DEFAULT_DATASET, cfg.name or DEFAULT_NAME
     cfg.split = cfg.split or (None if cfg.data_files else "train")
     if cfg.num_proc < 1:
-        raise SystemExit("--num_proc must be at least 1")
+        raise UserError("--num_proc must be at least 1")
     return cfg
 
 
+@exit_on_error
 def main(argv=None):
     cfg = parse_args(argv)
     try:
         print(tokenize(cfg))
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: re-run the same command to resume after the last complete shard")
+        raise UserError("interrupted: re-run the same command to resume after the last complete shard")
 
 
 if __name__ == "__main__":

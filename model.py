@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
+
 # GPT-2's BPE has 50,000 merges + 256 byte tokens + 1 <|endoftext|> = 50,257 tokens.
 GPT2_VOCAB_SIZE = 50257
 
@@ -238,17 +240,17 @@ class GPT(nn.Module):
         try:
             from transformers import GPT2LMHeadModel
         except ImportError:
-            raise SystemExit("loading pretrained GPT-2 weights needs transformers: pip install transformers")
+            raise UserError("loading pretrained GPT-2 weights needs transformers: pip install transformers")
         try:
             hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except OSError as e:
-            raise SystemExit(
+            raise UserError(
                 f"could not load GPT-2 weights {name_or_dir!r}: {e}\n"
                 "Pass a local folder in Hugging Face format, or set HF_ENDPOINT to a reachable hub mirror."
             )
         hf_cfg = hf_model.config
         if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise SystemExit(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
+            raise UserError(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
         config = GPTConfig(**{ours: getattr(hf_cfg, theirs) for ours, theirs in HF_CONFIG_NAMES.items()})
         model = cls(config)
         ours = model.state_dict()

@@ -8,6 +8,8 @@ Plot a training run from its log.txt: train/val loss, and HellaSwag accuracy nex
 import argparse
 import os
 
+from errors import UserError, exit_on_error
+from files import describe_os_error
 from training_log import read_log
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +63,7 @@ def plot_run(series, out_path, title):
     plt.close(fig)
 
 
+@exit_on_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir", nargs="?", default=os.path.join(SCRIPT_DIR, "log"), help="folder holding log.txt")
@@ -68,14 +71,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     log_path = os.path.join(args.log_dir, "log.txt")
     if not os.path.isfile(log_path):
-        raise SystemExit(
+        raise UserError(
             f"no {log_path}: train first (python train_gpt2.py --log_dir {args.log_dir}), or name the folder holding it"
         )
-    series = read_log(log_path)
+    series, skipped = read_log(log_path)
+    if skipped:
+        print(f"{log_path}: skipped {skipped} line(s) that are not `step kind value`")
     if not series:
-        raise SystemExit(f"{log_path} holds no `step kind value` lines yet: let training run a step first")
+        raise UserError(f"{log_path} holds no `step kind value` lines yet: let training run a step first")
     out_path = args.out or os.path.join(args.log_dir, "plot.png")
-    plot_run(series, out_path, title=os.path.abspath(args.log_dir))
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_path}: the folder {out_dir} does not exist")
+    try:
+        plot_run(series, out_path, title=os.path.abspath(args.log_dir))
+    except OSError as e:
+        raise UserError(f"could not write {out_path}: {describe_os_error(e)}")
     print(f"wrote {out_path}")
 
 

@@ -10,15 +10,26 @@ The record of a training run: one Python logger whose records go to the console 
 
 Only rank 0 writes; the logger of every other rank drops everything. On resume from step s, entries
 at step >= s (written after that checkpoint, before the crash) are removed: they are about to be
-written again, and a log must not hold two versions of one step.
+written again, and a log must not hold two versions of one step. A torn last line (a kill or a full
+disk in the middle of a write) is dropped and reported, never glued to the next one.
+
+Also here: how each record reads, the run summary at the start, the per-step line with its timing
+(tokens/s, MFU, ETA), and evaluation results.
 """
 
 import json
 import logging
 import os
 import sys
+from dataclasses import asdict
+from datetime import timedelta
+
+from errors import UserError
+from files import atomic_write, describe_os_error
 
 LOGGER_NAME = "train_gpt2"
+# Below INFO: the files take such records, the console does not (train_gpt2.py --log_interval).
+QUIET = logging.INFO - 5
 
 
 def reference_line(record):
@@ -35,18 +46,86 @@ def log_record(log, message, log_line=None, **metrics):
     log.info(message, extra={"metrics": metrics, "log_line": log_line})
 
 
+def format_results(name, results):
+    """One line: `hellaswag acc 0.2859 acc_norm 0.2955 count 10042`."""
+    return " ".join([name] + [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()])
+
+
+def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step):
+    """The setup and the values derived from it, once at the start."""
+    B, T = cfg.batch_size, cfg.seq_len
+    dtype = str(precision.dtype).removeprefix("torch.")
+    if precision.scaler.is_enabled():
+        dtype += " with loss scaling"
+    log_record(
+        log,
+        f"{world_size} process(es) on {device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token(T) / 1e9:.3f} GFLOP per token "
+        f"(training)\n"
+        f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
+        f"x grad_accum_steps {grad_accum_steps}\n"
+        f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        step=start_step,
+        kind="config",
+        **asdict(cfg),
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+        num_params=model.num_params(),
+    )
+
+
+class StepTimer:
+    """Speed of the training steps: tokens/s, MFU (model FLOPs utilisation: useful FLOPs per second
+    over the hardware's peak) and the time left, from a moving average of the step time."""
+
+    def __init__(self, tokens_per_step, flops_per_token, peak_flops, max_steps, start_step):
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.max_steps, self.start_step = max_steps, start_step
+        self.ema = None
+
+    def measure(self, step, seconds):
+        """The figures of the step that took `seconds`, for the log."""
+        # the first step of a process compiles and warms up: leave it out of the time estimate
+        first = self.ema is None or step == self.start_step + 1
+        self.ema = seconds if first else 0.9 * self.ema + 0.1 * seconds
+        tokens_per_sec = self.tokens_per_step / seconds
+        mfu = self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None
+        eta = timedelta(seconds=round(self.ema * (self.max_steps - step - 1)))
+        return {"dt_ms": seconds * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "eta_s": eta.total_seconds()}
+
+
+def log_train_step(log, step, max_steps, loss, lr, grad_norm, speed, show, **extra):
+    """One training step: the full record to metrics.jsonl and log.txt, and to the console when `show`."""
+    mfu = f"{speed['mfu']:.1%}" if speed["mfu"] else "n/a"
+    message = (
+        f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | "
+        f"{speed['dt_ms']:.1f} ms | {speed['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
+        f"eta {timedelta(seconds=speed['eta_s'])}"
+    )
+    metrics = dict(step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra)
+    log.log(logging.INFO if show else QUIET, message, extra={"metrics": metrics, "log_line": f"{step} train {loss:.6f}"})
+
+
 def read_log(path):
-    """{name: ([steps], [values])} from a log.txt, e.g. {"train": ([0, 1, ...], [10.98, 10.5, ...])}."""
-    series = {}
-    with open(path) as f:
+    """({name: ([steps], [values])}, number of lines skipped) from a log.txt, e.g.
+    {"train": ([0, 1, ...], [10.98, 10.5, ...])}. Lines that are not `step kind value` (a torn last
+    line, something appended by hand) are skipped and counted."""
+    series, skipped = {}, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            parts = line.split()
-            if len(parts) != 3:
+            if not line.strip():
                 continue
-            steps, values = series.setdefault(parts[1], ([], []))
-            steps.append(int(parts[0]))
-            values.append(float(parts[2]))
-    return series
+            try:
+                step = reference_step(line)
+                kind, value = line.split()[1], float(line.split()[2])
+            except ValueError:
+                skipped += 1
+                continue
+            steps, values = series.setdefault(kind, ([], []))
+            steps.append(step)
+            values.append(value)
+    return series, skipped
 
 
 def read_metrics(path):
@@ -61,14 +140,18 @@ class LineFileHandler(logging.Handler):
 
     def __init__(self, path, format_line):
         super().__init__()
-        self.file = open(path, "a")
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
         self.format_line = format_line
 
     def emit(self, record):
         line = self.format_line(record)
         if line:
-            self.file.write(line + "\n")
-            self.file.flush()
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: stop with a message rather than logging's traceback per line
+                raise UserError(f"could not write {self.path}: {describe_os_error(e)}") from e
 
     def close(self):
         self.file.close()
@@ -81,14 +164,29 @@ class ConsoleFormatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
-def keep_steps_before(path, start_step, step_of):
-    """Rewrite path keeping only lines whose step (step_of(line)) is below start_step."""
+def keep_steps_before(path, start_step, step_of, log):
+    """Rewrite path, atomically, keeping only the lines whose step (step_of(line)) is below
+    start_step. A line that does not parse or lacks its newline was torn by a crash: dropped, and
+    said so. Without the atomic rewrite a kill in the middle of it would lose the whole history."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and step_of(line) < start_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    kept, torn = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                if not line.endswith("\n"):
+                    raise ValueError("no newline")
+                step = step_of(line)
+            except (ValueError, KeyError, IndexError, TypeError):
+                torn.append(line)
+                continue
+            if step < start_step:
+                kept.append(line)
+    for line in torn:
+        log.warning(f"{path}: dropped a damaged line (torn by a crash?): {line.strip()[:80]!r}")
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def close_logging():
@@ -103,21 +201,29 @@ def setup_logging(log_dir, start_step, is_master):
     """The run's logger. Calling it again (a second run in one process, as the tests do) starts afresh."""
     close_logging()
     log = logging.getLogger(LOGGER_NAME)
-    log.setLevel(logging.INFO)
+    log.setLevel(QUIET)
     log.propagate = False
     if not is_master:
         log.addHandler(logging.NullHandler())
         return log
     os.makedirs(log_dir, exist_ok=True)
     console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO)
     console.setFormatter(ConsoleFormatter())
     log.addHandler(console)
     files = [
-        ("log.txt", reference_line, lambda line: int(line.split()[0])),
-        ("metrics.jsonl", json_line, lambda line: json.loads(line)["step"]),
+        ("log.txt", reference_line, reference_step),
+        ("metrics.jsonl", json_line, lambda line: int(json.loads(line)["step"])),
     ]
     for name, format_line, step_of in files:
         path = os.path.join(log_dir, name)
-        keep_steps_before(path, start_step, step_of)
+        keep_steps_before(path, start_step, step_of, log)
         log.addHandler(LineFileHandler(path, format_line))
     return log
+
+
+def reference_step(line):
+    """The step of a `step kind value` line of log.txt; ValueError for anything else."""
+    step, _, value = line.split()
+    float(value)
+    return int(step)

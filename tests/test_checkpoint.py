@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint as ck
+from errors import UserError
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)
@@ -23,7 +24,7 @@ def test_save_is_atomic_and_a_failed_save_leaves_the_old_file_and_no_temp_file(t
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="could not write .*model_00001.pt: no space left"):
         ck.save_checkpoint(path, {"step": 2})
     assert os.listdir(tmp_path) == ["model_00001.pt"]
     assert ck.load_checkpoint(path) == {"step": 1}
@@ -37,7 +38,7 @@ class RunsCode:
 def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
     path = str(tmp_path / "evil.pt")
     torch.save({"model": RunsCode()}, path)
-    with pytest.raises(SystemExit, match=f"cannot read checkpoint {path}"):
+    with pytest.raises(UserError, match=f"cannot read checkpoint {path}"):
         ck.load_checkpoint(path)
     assert not os.path.exists("/tmp/checkpoint_test_code_ran")
 
@@ -60,7 +61,7 @@ def test_load_maps_tensors_to_the_cpu_and_allows_only_weights(tmp_path, monkeypa
 
 
 def test_load_of_a_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="model_00005.pt does not exist"):
+    with pytest.raises(UserError, match="model_00005.pt does not exist"):
         ck.load_checkpoint(str(tmp_path / "model_00005.pt"))
 
 
@@ -106,9 +107,9 @@ def test_resume_path_finds_the_newest_checkpoint_and_ignores_temp_files(tmp_path
     assert ck.list_checkpoints(log_dir) == expected
     assert ck.resume_path("auto", log_dir) == str(tmp_path / "model_01000.pt")  # by step, not by name length
     assert ck.resume_path(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
-    with pytest.raises(SystemExit, match="--resume none, but .* already holds checkpoints"):
+    with pytest.raises(UserError, match="--resume none, but .* already holds checkpoints"):
         ck.resume_path("none", log_dir)
-    with pytest.raises(SystemExit, match="--resume nope.pt: no such checkpoint file"):
+    with pytest.raises(UserError, match="--resume nope.pt: no such checkpoint file"):
         ck.resume_path("nope.pt", log_dir)
 
 
@@ -125,7 +126,7 @@ def test_a_checkpoint_of_another_model_shape_names_the_differing_flags():
     saved = ck.model_checkpoint(GPT(TINY))
     ck.check_model_config(saved, TINY, "x.pt")  # same shape: fine
     wider = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
-    with pytest.raises(SystemExit, match=r"x.pt holds a model with n_embd=8 \(flags say 16\)"):
+    with pytest.raises(UserError, match=r"x.pt holds a model with n_embd=8 \(flags say 16\)"):
         ck.check_model_config(saved, wider, "x.pt")
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import LLMC_MAGIC, DataLoaderLite, main
+from dataloader import DataLoaderLite, main
+from errors import UserError
+from shards import LLMC_MAGIC
 
 B, T = 2, 4  # a window is B*T+1 = 9 tokens
 BT = B * T
@@ -43,7 +45,7 @@ def write_bin(path, tokens, magic=LLMC_MAGIC, version=1, n_tokens=None):
 
 
 def make_loaders(folder, num_processes, **kwargs):
-    return [DataLoaderLite(B, T, rank, num_processes, data_root=folder, **kwargs) for rank in range(num_processes)]
+    return [DataLoaderLite(B, T, rank, num_processes, data_dir=folder, **kwargs) for rank in range(num_processes)]
 
 
 def read_stream(loaders, steps):
@@ -64,7 +66,7 @@ def as_long(tokens):
 def test_rank_reads_offset_r_BT_inside_each_stride(tmp_path):
     (tokens,) = write_shards(tmp_path, [6 * BT + 1])
     for rank in range(3):
-        loader = DataLoaderLite(B, T, rank, 3, data_root=tmp_path)
+        loader = DataLoaderLite(B, T, rank, 3, data_dir=tmp_path)
         for stride in range(2):
             x, y = loader.next_batch()
             start = stride * 3 * BT + rank * BT
@@ -75,7 +77,7 @@ def test_rank_reads_offset_r_BT_inside_each_stride(tmp_path):
 
 def test_shard_end_neither_wastes_a_window_nor_reads_past_it(tmp_path):
     shards = write_shards(tmp_path, [3 * BT + 1, 3 * BT])
-    loader = DataLoaderLite(B, T, data_root=tmp_path)
+    loader = DataLoaderLite(B, T, data_dir=tmp_path)
     # 3*B*T+1 tokens hold exactly 3 windows (the last y ends on the last token); 3*B*T tokens hold 2,
     # since a third window would need one token past the end.
     assert loader.shard_windows == [3, 2]
@@ -169,21 +171,21 @@ def test_state_from_two_ranks_continues_the_same_stream_on_another_world_size(tm
 def test_load_state_refuses_a_different_setup(tmp_path, change, message):
     write_shards(tmp_path, SIZES)
     setup = {"B": B, "T": T, "shuffle": True, "seed": 5}
-    state = DataLoaderLite(data_root=tmp_path, **setup).state_dict()
-    loader = DataLoaderLite(data_root=tmp_path, **{**setup, **change})
-    with pytest.raises(SystemExit, match=f"checkpoint was taken with {message}"):
+    state = DataLoaderLite(data_dir=tmp_path, **setup).state_dict()
+    loader = DataLoaderLite(data_dir=tmp_path, **{**setup, **change})
+    with pytest.raises(UserError, match=f"checkpoint was taken with {message}"):
         loader.load_state_dict(state)
 
 
 def test_load_state_refuses_other_shards_but_ignores_the_seed_without_shuffling(tmp_path):
     write_shards(tmp_path, SIZES)
-    state = DataLoaderLite(B, T, data_root=tmp_path, seed=5).state_dict()
-    loader = DataLoaderLite(B, T, data_root=tmp_path, seed=6)  # same windows in the same order
+    state = DataLoaderLite(B, T, data_dir=tmp_path, seed=5).state_dict()
+    loader = DataLoaderLite(B, T, data_dir=tmp_path, seed=6)  # same windows in the same order
     loader.load_state_dict({**state, "position": 4})
     assert loader.position == 4
     write_shards(tmp_path, SIZES + [BT + 1])
-    with pytest.raises(SystemExit, match=r"checkpoint was taken with shards=\['test_train_000000.npy', "):
-        DataLoaderLite(B, T, data_root=tmp_path).load_state_dict(state)
+    with pytest.raises(UserError, match=r"checkpoint was taken with shards=\['test_train_000000.npy', "):
+        DataLoaderLite(B, T, data_dir=tmp_path).load_state_dict(state)
 
 
 def test_shuffle_is_a_new_permutation_each_epoch_reproducible_from_the_seed(tmp_path):
@@ -191,7 +193,7 @@ def test_shuffle_is_a_new_permutation_each_epoch_reproducible_from_the_seed(tmp_
 
     def first_tokens(shuffle, seed, epochs):
         """The first token of each window read: it names the window (shard k's tokens start at k*10000)."""
-        loader = DataLoaderLite(B, T, data_root=tmp_path, shuffle=shuffle, seed=seed)
+        loader = DataLoaderLite(B, T, data_dir=tmp_path, shuffle=shuffle, seed=seed)
         windows = [loader.next_batch()[0][0, 0].item() for _ in range(epochs * WINDOWS_PER_EPOCH)]
         return [windows[e * WINDOWS_PER_EPOCH : (e + 1) * WINDOWS_PER_EPOCH] for e in range(epochs)]
 
@@ -211,7 +213,7 @@ def test_shuffle_is_a_new_permutation_each_epoch_reproducible_from_the_seed(tmp_
 def test_reset_restarts_from_the_first_batch(tmp_path):
     write_shards(tmp_path, [BT + 1], split="val")
     write_shards(tmp_path, SIZES)  # train shards in the same folder are not read
-    loader = DataLoaderLite(B, T, split="val", data_root=tmp_path)
+    loader = DataLoaderLite(B, T, split="val", data_dir=tmp_path)
     assert [os.path.basename(p) for p in loader.shards] == ["test_val_000000.npy"]
     first = [loader.next_batch() for _ in range(3)]
     loader.reset()
@@ -253,7 +255,7 @@ def large_shard(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc (Linux)")
 def test_rss_stays_flat_reading_a_large_shard(tmp_path, large_shard):
-    loader = DataLoaderLite(64, 1024, data_root=tmp_path)  # the recipe's micro-batch: 1,599 windows
+    loader = DataLoaderLite(64, 1024, data_dir=tmp_path)  # the recipe's micro-batch: 1,599 windows
     baseline = peak = rss_mb()
     for window in range(loader.windows_per_epoch):
         x, y = loader.next_batch()
@@ -307,23 +309,23 @@ ERRORS = [  # how to write a bad shard (into a file of this name), and the error
 @pytest.mark.parametrize("name, write, message", ERRORS)
 def test_a_bad_shard_is_a_clear_error_naming_the_file(tmp_path, name, write, message):
     write(tmp_path / name)
-    with pytest.raises(SystemExit, match=f"shard {re.escape(str(tmp_path / name))} .*{message}"):
-        DataLoaderLite(B, T, data_root=tmp_path)
+    with pytest.raises(UserError, match=f"shard {re.escape(str(tmp_path / name))} .*{message}"):
+        DataLoaderLite(B, T, data_dir=tmp_path)
 
 
 def test_missing_folder_or_shards_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match=f"data folder {re.escape(str(tmp_path / 'nope'))} not found: "
+    with pytest.raises(UserError, match=f"data folder {re.escape(str(tmp_path / 'nope'))} not found: "
                                          "run `python fineweb.py`.* or pass --data_dir"):
-        DataLoaderLite(B, T, data_root=tmp_path / "nope")
+        DataLoaderLite(B, T, data_dir=tmp_path / "nope")
     write_shards(tmp_path, [100], split="val")
-    with pytest.raises(SystemExit, match=r"no train shards \(\*_train_\*.npy or \*_train_\*.bin\) in .*fineweb.py"):
-        DataLoaderLite(B, T, data_root=tmp_path)
+    with pytest.raises(UserError, match=r"no train shards \(\*_train_\*.npy or \*_train_\*.bin\) in .*fineweb.py"):
+        DataLoaderLite(B, T, data_dir=tmp_path)
 
 
 def test_fewer_windows_than_ranks_is_a_clear_error(tmp_path):
     write_shards(tmp_path, [2 * BT + 1])
-    with pytest.raises(SystemExit, match="hold 2 windows of B\\*T\\+1 = 9 tokens, fewer than num_processes=3"):
-        DataLoaderLite(B, T, 0, 3, data_root=tmp_path)
+    with pytest.raises(UserError, match="hold 2 windows of B\\*T\\+1 = 9 tokens, fewer than num_processes=3"):
+        DataLoaderLite(B, T, 0, 3, data_dir=tmp_path)
 
 
 def test_command_line_prints_what_a_loader_reads(tmp_path, monkeypatch, capsys):

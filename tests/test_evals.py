@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import evals
-import hellaswag
 from checkpoint import model_checkpoint, save_checkpoint
-from test_hellaswag import row_scores_one_at_a_time, tiny_model
+from errors import UserError
+from scoring import log_line
+from test_hellaswag import row_scores_one_at_a_time, score, tiny_model
+from tokenizer import get_tokenizer
 
 VOCAB = 50257
 
@@ -43,7 +45,7 @@ class UniformModel(PeekingModel):
 
 @pytest.fixture
 def passages(lambada_dir):
-    return evals.load_task("lambada", lambada_dir, limit=6)
+    return evals.TASKS["lambada"].load(lambada_dir, 6)
 
 
 # ---- LAMBADA ------------------------------------------------------------------------------------
@@ -51,35 +53,35 @@ def test_lambada_target_is_the_last_word_with_its_whitespace(passages, gpt2_toke
     enc = gpt2_tokenizer
     text = passages[0]["text"]
     assert text.endswith("I don't care about signs")
-    [(context, target)], label = evals.lambada_rows(passages[0])
+    [(context, target)], label = evals.lambada_rows(passages[0], get_tokenizer())
     assert target == enc.encode(" signs") and label == 0
     assert context == enc.encode(text[: -len(" signs")])
     # a word after a line break keeps the line break, as it reads in the passage
-    [(context, target)], _ = evals.lambada_rows({"text": 'the other\n\n"Ridley'})
+    [(context, target)], _ = evals.lambada_rows({"text": 'the other\n\n"Ridley'}, get_tokenizer())
     assert (enc.decode(context), enc.decode(target)) == ("the other\n", '\n"Ridley')
 
 
 def test_lambada_accuracy_and_perplexity_from_models_with_known_scores(passages, gpt2_tokenizer):
-    target_tokens = [len(evals.lambada_rows(p)[0][0][1]) for p in passages]
+    target_tokens = [len(evals.lambada_rows(p, get_tokenizer())[0][0][1]) for p in passages]
     assert target_tokens == [1, 1, 1, 1, 1, 2]  # " Hastin" is two tokens
     mean_tokens = sum(target_tokens) / len(passages)
-    peeking = evals.evaluate_task("lambada", PeekingModel(), passages, "cpu", batch_size=4)
+    peeking = score(PeekingModel(), passages, evals.TASKS["lambada"], batch_size=4)
     assert peeking["acc"] == 1.0 and peeking["count"] == 6
     # ppl is per word: exp of the target's summed loss, averaged over passages
     assert peeking["ppl"] == pytest.approx(math.exp((math.log(math.e + VOCAB - 1) - 1) * mean_tokens), rel=1e-5)
-    uniform = evals.evaluate_task("lambada", UniformModel(), passages, "cpu", batch_size=4)
+    uniform = score(UniformModel(), passages, evals.TASKS["lambada"], batch_size=4)
     assert uniform["acc"] == 0.0
     assert uniform["ppl"] == pytest.approx(VOCAB**mean_tokens, rel=1e-5)
 
 
 def test_lambada_real_file_loads_and_bad_rows_are_named(lambada_dir, tmp_path):
-    assert len(evals.load_task("lambada", lambada_dir)) == 5153
+    assert len(evals.TASKS["lambada"].load(lambada_dir, None)) == 5153
     (tmp_path / "lambada_test.jsonl").write_text('{"text": "two words"}\n{"text": "one"}\n')
-    with pytest.raises(SystemExit, match="line 2: the passage needs at least two words"):
-        evals.load_task("lambada", tmp_path)
+    with pytest.raises(UserError, match="line 2: the passage needs at least two words"):
+        evals.TASKS["lambada"].load(tmp_path, None)
     (tmp_path / "lambada_test.jsonl").write_text('{"text": "two words"}\n' * 3)
-    with pytest.raises(SystemExit, match="holds 3 examples, expected 5,153"):
-        evals.load_task("lambada", tmp_path)
+    with pytest.raises(UserError, match="holds 3 examples, expected 5,153"):
+        evals.TASKS["lambada"].load(tmp_path, None)
 
 
 def test_lambada_download_failure_names_the_offline_options(tmp_path, monkeypatch):
@@ -90,8 +92,8 @@ def test_lambada_download_failure_names_the_offline_options(tmp_path, monkeypatc
         raise urllib.error.URLError("[Errno 101] Network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    with pytest.raises(SystemExit, match=r"openaipublic.*lambada_test.jsonl[\s\S]*--data_dir[\s\S]*LAMBADA_DIR"):
-        evals.load_task("lambada")
+    with pytest.raises(UserError, match=r"openaipublic.*lambada_test.jsonl[\s\S]*--data_file[\s\S]*LAMBADA_DIR"):
+        evals.TASKS["lambada"].load(None, None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -148,7 +150,7 @@ def write_storycloze(path, stories, header=evals.STORYCLOZE_COLUMNS):
 def test_storycloze_picks_lowest_mean_loss_like_one_row_at_a_time(tmp_path, gpt2_tokenizer):
     enc = gpt2_tokenizer
     model = tiny_model()
-    examples = evals.load_task("storycloze", write_storycloze(tmp_path / "cloze.csv", STORIES))
+    examples = evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "cloze.csv", STORIES), None)
     assert examples[0] == {
         "ctx": "Tom was hungry. He opened the fridge. It was empty. He sighed.",
         "endings": ["He ordered a pizza.", "He flew to the moon on a bright green bicycle."],
@@ -165,62 +167,63 @@ def test_storycloze_picks_lowest_mean_loss_like_one_row_at_a_time(tmp_path, gpt2
         sums = [loss for loss, _, _ in scores]
         by_sum.append(sums.index(min(sums)) == right - 1)
     assert by_mean != by_sum  # the two rules disagree here, so the test tells which one is used
-    results = evals.evaluate_task("storycloze", model, examples, "cpu", batch_size=3)
+    results = score(model, examples, evals.TASKS["storycloze"], batch_size=3)
     assert results == {"acc": sum(by_mean) / 4, "count": 4}
 
 
 def test_storycloze_has_no_download_and_says_to_pass_the_csv(tmp_path, monkeypatch):
     monkeypatch.delenv("STORYCLOZE_FILE", raising=False)
-    with pytest.raises(SystemExit, match=r"cannot be downloaded[\s\S]*--data_dir FILE or STORYCLOZE_FILE"):
-        evals.load_task("storycloze")
-    with pytest.raises(SystemExit, match="is not a file; pass the CSV itself"):
-        evals.load_task("storycloze", tmp_path)
+    with pytest.raises(UserError, match=r"cannot be downloaded[\s\S]*--data_file FILE or STORYCLOZE_FILE"):
+        evals.TASKS["storycloze"].load(None, None)
+    with pytest.raises(UserError, match="is not a file; pass the CSV itself"):
+        evals.TASKS["storycloze"].load(tmp_path, None)
     monkeypatch.setenv("STORYCLOZE_FILE", str(write_storycloze(tmp_path / "cloze.csv", STORIES)))
-    assert [e["label"] for e in evals.load_task("storycloze", limit=3)] == [0, 1, 0]
+    assert [e["label"] for e in evals.TASKS["storycloze"].load(None, 3)] == [0, 1, 0]
 
 
 def test_storycloze_bad_csv_is_named(tmp_path):
     bad_answer = STORIES[:1] + [STORIES[1][:-1] + (3,)]
-    with pytest.raises(SystemExit, match="line 3: AnswerRightEnding must be 1 or 2"):
-        evals.load_task("storycloze", write_storycloze(tmp_path / "a.csv", bad_answer))
+    with pytest.raises(UserError, match="line 3: AnswerRightEnding must be 1 or 2"):
+        evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "a.csv", bad_answer), None)
     no_answer_column = evals.STORYCLOZE_COLUMNS[:-1]
-    with pytest.raises(SystemExit, match="no column AnswerRightEnding"):
-        evals.load_task("storycloze", write_storycloze(tmp_path / "b.csv", [s[:-1] for s in STORIES], no_answer_column))
-    with pytest.raises(SystemExit, match="line 2: a column is empty or missing"):
-        evals.load_task("storycloze", write_storycloze(tmp_path / "c.csv", [STORIES[0][:4] + ("",) + STORIES[0][5:]]))
+    with pytest.raises(UserError, match="no column AnswerRightEnding"):
+        evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "b.csv", [s[:-1] for s in STORIES], no_answer_column), None)
+    with pytest.raises(UserError, match="line 2: a column is empty or missing"):
+        evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "c.csv", [STORIES[0][:4] + ("",) + STORIES[0][5:]]), None)
 
 
 # ---- registry and command line ------------------------------------------------------------------
-def test_registry_names_and_result_keys(passages, hellaswag_dir):
-    assert evals.TASKS == ("hellaswag", "lambada", "storycloze")
-    with pytest.raises(SystemExit, match="unknown evaluation 'piqa': choose from hellaswag, lambada, storycloze"):
-        evals.load_task("piqa")
+def test_every_task_logs_a_figure_it_reports(passages, hellaswag_dir, tmp_path):
     model = tiny_model()
-    examples = evals.load_task("hellaswag", hellaswag_dir, limit=3)
-    hella = evals.evaluate_task("hellaswag", model, examples, "cpu")
-    assert hella == hellaswag.evaluate_hellaswag(model, examples, "cpu")
-    assert list(hella) == ["acc", "acc_norm", "count"]
-    assert list(evals.evaluate_task("lambada", model, passages[:2], "cpu")) == ["acc", "ppl", "count"]
+    examples = {
+        "hellaswag": evals.TASKS["hellaswag"].load(hellaswag_dir, 3),
+        "lambada": passages[:2],
+        "storycloze": evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "cloze.csv", STORIES), None),
+    }
+    keys = {"hellaswag": ["acc", "acc_norm", "count"], "lambada": ["acc", "ppl", "count"], "storycloze": ["acc", "count"]}
+    for name, task in evals.TASKS.items():
+        results = score(model, examples[name], task)
+        assert list(results) == keys[name] and results["count"] == len(examples[name])
+        assert log_line(task, 7, results) == f"7 {task.log_key} {results[task.log_metric]:.4f}"
 
 
 def test_log_line_uses_the_reference_format():
-    assert (
-        evals.log_line(19072, "hellaswag", {"acc": 0.2859, "acc_norm": 0.29552, "count": 10042}) == "19072 hella 0.2955"
-    )
-    assert evals.log_line(500, "lambada", {"acc": 0.4271, "ppl": 20.0, "count": 5153}) == "500 lambada 0.4271"
-    assert evals.log_line(500, "storycloze", {"acc": 0.633, "count": 1871}) == "500 storycloze 0.6330"
+    hellaswag, lambada, storycloze = (evals.TASKS[name] for name in ("hellaswag", "lambada", "storycloze"))
+    assert log_line(hellaswag, 19072, {"acc": 0.2859, "acc_norm": 0.29552, "count": 10042}) == "19072 hella 0.2955"
+    assert log_line(lambada, 500, {"acc": 0.4271, "ppl": 20.0, "count": 5153}) == "500 lambada 0.4271"
+    assert log_line(storycloze, 500, {"acc": 0.633, "count": 1871}) == "500 storycloze 0.6330"
 
 
 def test_cli_runs_lambada_and_storycloze(lambada_dir, passages, tmp_path, monkeypatch, capsys):
     model = tiny_model()
     save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(model))
     common = ["--checkpoint", str(tmp_path / "tiny.pt"), "--device", "cpu", "--batch_size", "2"]
-    monkeypatch.setattr(sys, "argv", ["evals.py", "lambada", "--limit", "6", "--data_dir", str(lambada_dir)] + common)
+    monkeypatch.setattr(sys, "argv", ["evals.py", "lambada", "--limit", "6", "--data_file", str(lambada_dir)] + common)
     evals.main()
-    expected = evals.evaluate_task("lambada", model, passages, "cpu", batch_size=2)  # same batches, same rounding
+    expected = score(model, passages, evals.TASKS["lambada"], batch_size=2)  # same batches, same rounding
     assert capsys.readouterr().out.strip() == f"lambada acc {expected['acc']:.4f} ppl {expected['ppl']:.4f} count 6"
     csv_path = write_storycloze(tmp_path / "cloze.csv", STORIES)
-    monkeypatch.setattr(sys, "argv", ["evals.py", "storycloze", "--data_dir", str(csv_path)] + common)
+    monkeypatch.setattr(sys, "argv", ["evals.py", "storycloze", "--data_file", str(csv_path)] + common)
     evals.main()
-    expected = evals.evaluate_task("storycloze", model, evals.load_task("storycloze", csv_path), "cpu", batch_size=2)
+    expected = score(model, evals.TASKS["storycloze"].load(csv_path, None), evals.TASKS["storycloze"], batch_size=2)
     assert capsys.readouterr().out.strip() == f"storycloze acc {expected['acc']:.4f} count 4"

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
+from errors import UserError
+from tokenizer import get_tokenizer
 from conftest import REPO, data_path
 
 EOT = 50256
@@ -24,7 +26,7 @@ SAMPLE_TOKENS = 4_364_780  # ../shared/data/README.md: 2,800 documents, one <|en
 
 
 def run(out_dir, *flags):
-    fineweb.main(["--out_dir", str(out_dir), *map(str, flags)])
+    fineweb.main(["--data_dir", str(out_dir), *map(str, flags)])
     return out_dir
 
 
@@ -140,7 +142,7 @@ def crash_on_shard(monkeypatch, index):
 
     def save_shard(out_dir, entry, tokens, meta):
         if len(meta["shards"]) - 1 == index:
-            fineweb.save_atomically(os.path.join(out_dir, entry["file"]), lambda f: np.save(f, tokens))
+            fineweb.atomic_write(os.path.join(out_dir, entry["file"]), lambda f: np.save(f, tokens))
             with open(os.path.join(out_dir, "meta.json.tmp"), "wb") as f:
                 f.write(b'{"settings": ')  # half-written
             raise KeyboardInterrupt
@@ -169,7 +171,7 @@ def test_resume_after_kill_writes_the_same_bytes(sample_run, fineweb_sample_dir,
 
 def test_resume_after_a_real_kill_9(sample_run, fineweb_sample_dir, tmp_path):
     out_dir = tmp_path / "out"
-    command = [sys.executable, fineweb.__file__, "--data_files", str(fineweb_sample_dir), "--out_dir", str(out_dir)]
+    command = [sys.executable, fineweb.__file__, "--data_files", str(fineweb_sample_dir), "--data_dir", str(out_dir)]
     command += ["--shard_size", "1e5"]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None and shards_listed(out_dir) < 3:
@@ -342,7 +344,7 @@ def test_defaults_are_the_reference_recipe():
         "train",
         "text",
     )
-    assert cfg.out_dir == os.path.join(os.path.dirname(os.path.abspath(fineweb.__file__)), "edu_fineweb10B")
+    assert cfg.data_dir == os.path.join(os.path.dirname(os.path.abspath(fineweb.__file__)), "edu_fineweb10B")
     assert cfg.shard_size == 100_000_000 and cfg.max_tokens is None and cfg.num_proc == fineweb.available_cores()
     assert fineweb.parse_args(["--dataset", "roneneldan/TinyStories"]).name is None
 
@@ -410,12 +412,20 @@ def test_bad_input_gets_one_clear_error(make_input, flags, message, tmp_path):
 def test_importing_any_script_runs_nothing_and_writes_nothing(tmp_path):
     """multiprocessing's spawn start method (macOS, Windows) imports the main script again in every
     worker: a script whose work is not behind `if __name__ == "__main__"` would start over in each."""
-    scripts = ["fineweb", "dataloader", "model", "train_gpt2", "hellaswag", "evals", "checkpoint", "bench", "plot"]
+    scripts = ["fineweb", "dataloader", "model", "train_gpt2", "hellaswag", "evals", "checkpoint", "bench", "plot",
+               "tokenizer", "scoring", "shards", "files", "errors", "device", "training_log"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", f"import {', '.join(scripts)}"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_importing_train_gpt2_does_not_import_the_data_pipeline():
+    """Training reads shards: it needs neither fineweb.py nor pyarrow (nor their second of start-up)."""
+    code = "import sys, train_gpt2; print(sorted(m for m in ('fineweb', 'pyarrow', 'datasets') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
@@ -425,5 +435,5 @@ def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
         raise ConnectionError(f"could not download the {name} BPE files")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(SystemExit, match="could not download the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
-        fineweb.gpt2_tokenizer()  # the one tokenizer loader: hellaswag.py, evals.py and train_gpt2.py use it
+    with pytest.raises(UserError, match="could not download the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
+        get_tokenizer("gpt2")  # the one tokenizer loader: fineweb.py, training, evals and sampling use it

@@ -1,5 +1,6 @@
-"""Tests for hellaswag.py: rendering, the batched scoring core against one-row-at-a-time oracles
-(our tiny GPT and a Hugging Face GPT2LMHeadModel), DDP sharding, data loading and its errors."""
+"""Tests for hellaswag.py and the scoring core it runs on (scoring.py): rendering, batched scores
+against one-row-at-a-time oracles (our tiny GPT and a Hugging Face GPT2LMHeadModel), DDP sharding,
+data loading and its errors."""
 
 import io
 import json
@@ -17,10 +18,14 @@ import torch.nn.functional as F
 
 import evals
 import hellaswag
+import scoring
 from checkpoint import model_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import data_path
-from device import setup_precision
+from device import DistInfo, setup_precision, unwrap
+from errors import UserError
+from hellaswag import HELLASWAG
 from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
 
 # The first validation example, as the original file has it.
 FIRST_CTX = "A man is sitting on a roof. he"
@@ -30,6 +35,14 @@ FIRST_ENDINGS = [
     "is holding a rubik's cube.",
     "starts pulling up roofing on a roof.",
 ]
+
+
+def rows_of(example):
+    return hellaswag.hellaswag_rows(example, get_tokenizer())
+
+
+def score(model, examples, task=HELLASWAG, dist=None, batch_size=16):
+    return scoring.evaluate(task, model, examples, get_tokenizer(), dist, batch_size=batch_size)
 
 
 def tiny_model(seed=2):
@@ -56,7 +69,7 @@ def hellaswag_oracle(logits_of, examples):
     """acc and acc_norm computed example by example from the one-row-at-a-time scores."""
     correct = correct_norm = 0
     for example in examples:
-        rows, label = hellaswag.hellaswag_rows(example)
+        rows, label = rows_of(example)
         scores = row_scores_one_at_a_time(logits_of, rows)
         sums = [loss for loss, _, _ in scores]
         means = [loss / n for loss, n, _ in scores]
@@ -83,7 +96,7 @@ def test_render_example_gives_context_then_space_ending_with_mask_on_ending(exam
     enc = gpt2_tokenizer
     example = examples[0]
     assert example["ctx"] == FIRST_CTX and example["endings"] == FIRST_ENDINGS and example["label"] == 3
-    tokens, mask, label = hellaswag.render_example(example)
+    tokens, mask, label = hellaswag.render_example(example, get_tokenizer())
     context = enc.encode(FIRST_CTX)
     endings = [enc.encode(" " + ending) for ending in FIRST_ENDINGS]
     assert len(context) == 9 and [len(e) for e in endings] == [11, 6, 8, 9]
@@ -96,20 +109,20 @@ def test_render_example_gives_context_then_space_ending_with_mask_on_ending(exam
 
 
 def test_rows_longer_than_block_size_keep_their_end():
-    tokens, mask = hellaswag.pad_rows([([1, 2, 3, 4, 5], [6, 7]), ([8], [9])], max_len=4)
+    tokens, mask = scoring.pad_rows([([1, 2, 3, 4, 5], [6, 7]), ([8], [9])], max_len=4)
     assert tokens.tolist() == [[4, 5, 6, 7], [8, 9, 0, 0]]
     assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
-    with pytest.raises(SystemExit, match="4-token continuation .* block_size=4"):
-        hellaswag.pad_rows([([1, 2], [3, 4, 5, 6])], max_len=4)
+    with pytest.raises(UserError, match="4-token continuation .* block_size=4"):
+        scoring.pad_rows([([1, 2], [3, 4, 5, 6])], max_len=4)
 
 
 # ---- the scoring core against oracles -----------------------------------------------------------
 def test_batched_scores_equal_one_row_at_a_time(examples):
     model = tiny_model()
-    rows = [row for example in examples for row in hellaswag.hellaswag_rows(example)[0]]
-    tokens, mask = hellaswag.pad_rows(rows, model.config.block_size)
+    rows = [row for example in examples for row in rows_of(example)[0]]
+    tokens, mask = scoring.pad_rows(rows, model.config.block_size)
     assert tokens.shape == (48, max(len(c) + len(e) for c, e in rows)) == (48, 58)  # padded to the longest row
-    sum_loss, n_tokens, greedy = hellaswag.score_batch(model, tokens, mask)
+    sum_loss, n_tokens, greedy = scoring.score_batch(model, tokens, mask)
     expected = row_scores_one_at_a_time(lambda idx: model(idx)[0], rows)
     torch.testing.assert_close(sum_loss, torch.tensor([s[0] for s in expected]), rtol=1e-5, atol=1e-4)
     assert n_tokens.tolist() == [s[1] for s in expected]
@@ -120,7 +133,7 @@ def test_evaluate_hellaswag_equals_one_example_at_a_time(oracle):
     model, examples, expected = oracle
     assert expected == {"acc": 3 / 12, "acc_norm": 7 / 12, "count": 12}
     for batch_size in (1, 5, 12):  # one at a time, a ragged last batch, everything in one pass
-        assert hellaswag.evaluate_hellaswag(model, examples, "cpu", batch_size=batch_size) == expected
+        assert score(model, examples, batch_size=batch_size) == expected
 
 
 def test_pretrained_hugging_face_model_scores_equal_its_own_logits(examples, tmp_path):
@@ -130,22 +143,22 @@ def test_pretrained_hugging_face_model_scores_equal_its_own_logits(examples, tmp
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
-    rows = [row for example in examples[:6] for row in hellaswag.hellaswag_rows(example)[0]]
-    sum_loss, n_tokens, greedy = hellaswag.score_batch(model, *hellaswag.pad_rows(rows, model.config.block_size))
+    rows = [row for example in examples[:6] for row in rows_of(example)[0]]
+    sum_loss, n_tokens, greedy = scoring.score_batch(model, *scoring.pad_rows(rows, model.config.block_size))
     expected = row_scores_one_at_a_time(lambda idx: hf_model(idx).logits, rows)
     torch.testing.assert_close(sum_loss, torch.tensor([s[0] for s in expected]), rtol=1e-5, atol=1e-4)
     assert n_tokens.tolist() == [s[1] for s in expected]
     assert greedy.tolist() == [s[2] for s in expected]
     oracle = hellaswag_oracle(lambda idx: hf_model(idx).logits, examples)
-    assert hellaswag.evaluate_hellaswag(model, examples, "cpu", batch_size=4) == oracle
+    assert score(model, examples, batch_size=4) == oracle
 
 
 def test_evaluation_unwraps_compiled_model_and_restores_training_mode(examples):
     model = tiny_model().train()
-    expected = hellaswag.evaluate_hellaswag(model, examples[:4], "cpu")
+    expected = score(model, examples[:4])
     compiled = torch.compile(model)  # compiles lazily, on the first call: evaluation never calls it
-    assert hellaswag.unwrap(compiled) is model
-    assert hellaswag.evaluate_hellaswag(compiled, examples[:4], "cpu") == expected
+    assert unwrap(compiled) is model
+    assert score(compiled, examples[:4]) == expected
     assert model.training
 
 
@@ -154,13 +167,13 @@ def test_evaluation_unwraps_compiled_model_and_restores_training_mode(examples):
 )
 def test_scores_run_in_the_precision_training_uses(examples, device_type):
     model = tiny_model().to(device_type)
-    rows = [row for example in examples for row in hellaswag.hellaswag_rows(example)[0]]
-    tokens, mask = (t.to(device_type) for t in hellaswag.pad_rows(rows, model.config.block_size))
-    full = hellaswag.score_batch(model, tokens, mask)[0]
+    rows = [row for example in examples for row in rows_of(example)[0]]
+    tokens, mask = (t.to(device_type) for t in scoring.pad_rows(rows, model.config.block_size))
+    full = scoring.score_batch(model, tokens, mask)[0]
     if device_type == "cpu":  # "auto" is float32 on CPU: no autocast at all
-        auto = hellaswag.score_batch(model, tokens, mask, setup_precision("auto", device_type).autocast)[0]
+        auto = scoring.score_batch(model, tokens, mask, setup_precision("auto", device_type))[0]
         assert torch.equal(auto, full)
-    half = hellaswag.score_batch(model, tokens, mask, setup_precision("bfloat16", device_type).autocast)[0]
+    half = scoring.score_batch(model, tokens, mask, setup_precision("bfloat16", device_type))[0]
     assert not torch.equal(half, full)  # bf16 really ran
     torch.testing.assert_close(half, full, rtol=2e-2, atol=0.5)
 
@@ -173,18 +186,15 @@ def distributed_worker(rank, world_size, port, checkpoint_path, hellaswag_dir, l
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     model = model_from_checkpoint(checkpoint_path)
     hella = hellaswag.load_hellaswag(hellaswag_dir, limit=11)  # 6 + 5: unequal shards
-    lambada = evals.load_task("lambada", lambada_dir, limit=5)
+    lambada = evals.TASKS["lambada"].load(lambada_dir, 5)
+    ranks = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device="cpu")
     results = {
-        "hellaswag": evals.evaluate_task(
-            "hellaswag", model, hella, "cpu", batch_size=2, rank=rank, world_size=world_size
-        ),
-        "lambada": evals.evaluate_task(
-            "lambada", model, lambada, "cpu", batch_size=2, rank=rank, world_size=world_size
-        ),
+        "hellaswag": score(model, hella, dist=ranks, batch_size=2),
+        "lambada": score(model, lambada, evals.TASKS["lambada"], dist=ranks, batch_size=2),
         # one example: rank 1 has nothing to score, yet must join the all-reduce
-        "one": hellaswag.evaluate_hellaswag(model, hella[:1], "cpu", rank=rank, world_size=world_size),
+        "one": score(model, hella[:1], dist=ranks),
         # rank 0 alone (world_size=1) inside the DDP job: no all-reduce, which rank 1 would never join
-        "alone": hellaswag.evaluate_hellaswag(model, hella[:3], "cpu") if rank == 0 else None,
+        "alone": score(model, hella[:3]) if rank == 0 else None,
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(results, f)
@@ -201,12 +211,12 @@ def test_two_gloo_ranks_equal_single_process(hellaswag_dir, lambada_dir, tmp_pat
     model = tiny_model()
     save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(model))
     hella = hellaswag.load_hellaswag(hellaswag_dir, limit=11)
-    lambada = evals.load_task("lambada", lambada_dir, limit=5)
+    lambada = evals.TASKS["lambada"].load(lambada_dir, 5)
     single = {
-        "hellaswag": evals.evaluate_task("hellaswag", model, hella, "cpu"),
-        "lambada": evals.evaluate_task("lambada", model, lambada, "cpu"),
-        "one": hellaswag.evaluate_hellaswag(model, hella[:1], "cpu"),
-        "alone": hellaswag.evaluate_hellaswag(model, hella[:3], "cpu"),
+        "hellaswag": score(model, hella),
+        "lambada": score(model, lambada, evals.TASKS["lambada"]),
+        "one": score(model, hella[:1]),
+        "alone": score(model, hella[:3]),
     }
     args = (2, free_port(), str(tmp_path / "tiny.pt"), str(hellaswag_dir), str(lambada_dir), str(tmp_path))
     mp.spawn(distributed_worker, args=args, nprocs=2, join=True)
@@ -252,21 +262,21 @@ def good_line(**changes):
 )
 def test_malformed_line_is_reported_with_its_number(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "hellaswag_val.jsonl", [good_line(), good_line(), bad_line, good_line()])
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         hellaswag.load_hellaswag(tmp_path)
 
 
 def test_truncated_file_is_rejected_by_row_count(tmp_path):
     write_lines(tmp_path / "hellaswag_val.jsonl", [good_line()] * 100)
-    with pytest.raises(SystemExit, match="holds 100 examples, expected 10,042"):
+    with pytest.raises(UserError, match="holds 100 examples, expected 10,042"):
         hellaswag.load_hellaswag(tmp_path)
 
 
 def test_folder_without_the_file_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match=r"--data_dir=.*no .*hellaswag_val.jsonl"):
+    with pytest.raises(UserError, match=r"--data_file=.*no .*hellaswag_val.jsonl"):
         hellaswag.load_hellaswag(tmp_path)
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match=r"HELLASWAG_DIR=.*no .*hellaswag_val.jsonl"):
+    with pytest.raises(UserError, match=r"HELLASWAG_DIR=.*no .*hellaswag_val.jsonl"):
         hellaswag.load_hellaswag()
 
 
@@ -286,7 +296,7 @@ def offline_cache(monkeypatch, tmp_path, response=None):
 def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
     offline_cache(monkeypatch, tmp_path)
     with pytest.raises(
-        SystemExit, match=r"could not download .*hellaswag_val.jsonl[\s\S]*--data_dir[\s\S]*HELLASWAG_DIR"
+        UserError, match=r"could not download .*hellaswag_val.jsonl[\s\S]*--data_file[\s\S]*HELLASWAG_DIR"
     ):
         hellaswag.load_hellaswag()
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left behind
@@ -295,7 +305,7 @@ def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
 def test_download_is_validated_before_it_lands_in_the_cache(hellaswag_dir, tmp_path, monkeypatch):
     content = (hellaswag_dir / "hellaswag_val.jsonl").read_bytes()
     offline_cache(monkeypatch, tmp_path, response=content[: len(content) // 2])  # a cut-off download
-    with pytest.raises(SystemExit, match="content is wrong"):
+    with pytest.raises(UserError, match="content is wrong"):
         hellaswag.load_hellaswag()
     assert list((tmp_path / "cache").iterdir()) == []
     offline_cache(monkeypatch, tmp_path, response=content)
@@ -309,7 +319,7 @@ def test_cli_prints_acc_acc_norm_and_count(oracle, hellaswag_dir, tmp_path, monk
     model, _, expected = oracle
     save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(model))
     argv = ["hellaswag.py", "--checkpoint", str(tmp_path / "tiny.pt"), "--limit", "12", "--batch_size", "5"]
-    monkeypatch.setattr(sys, "argv", argv + ["--device", "cpu", "--data_dir", str(hellaswag_dir)])
+    monkeypatch.setattr(sys, "argv", argv + ["--device", "cpu", "--data_file", str(hellaswag_dir)])
     hellaswag.main()
     line = f"hellaswag acc {expected['acc']:.4f} acc_norm {expected['acc_norm']:.4f} count 12"
     assert capsys.readouterr().out.strip() == line == "hellaswag acc 0.2500 acc_norm 0.5833 count 12"

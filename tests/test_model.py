@@ -76,7 +76,7 @@ def test_gpt2_124m_shapes_parameters_and_flops():
     assert model.transformer.wte.weight.shape == (50304, 768)
     # OpenAI's 124,439,808 parameters plus 47 padding rows of 768
     assert model.num_params() == 124_439_808 + 47 * 768
-    # REFERENCE.md: ~0.855 GFLOP per token at T=1024 by 6N + 12*L*H*Q*T
+    # ~0.855 GFLOP per token at T=1024 by 6N + 12*L*H*Q*T (PaLM paper, appendix B)
     assert model.flops_per_token(1024) == pytest.approx(0.855e9, rel=1e-3)
 
 

@@ -15,9 +15,10 @@ LOG = """0 val 10.9512
 """
 
 
-def test_read_log_returns_each_series_by_name(tmp_path):
-    (tmp_path / "log.txt").write_text(LOG + "a line that is not a record\n")
-    series = read_log(tmp_path / "log.txt")
+def test_read_log_returns_each_series_by_name_and_counts_lines_it_skips(tmp_path):
+    (tmp_path / "log.txt").write_text(LOG + "a line that is not a record\n250 val x\n251 tra")
+    series, skipped = read_log(tmp_path / "log.txt")
+    assert skipped == 3
     assert series == {
         "val": ([0, 250], [10.9512, 6.1234]),
         "hella": ([0, 250], [0.25, 0.2641]),
@@ -34,8 +35,17 @@ def test_plot_writes_a_png_beside_the_log(tmp_path):
     assert (tmp_path / "other.png").stat().st_size > 10_000
 
 
-def test_reference_numbers_are_gpt2_and_gpt3_small():
-    assert (plot.GPT2_124M_HELLASWAG, plot.GPT3_125M_HELLASWAG, plot.GPT2_124M_VAL_LOSS) == (0.2955, 0.337, 3.2924)
+def test_a_log_with_damaged_lines_still_plots_and_says_how_many_it_skipped(tmp_path, capsys):
+    (tmp_path / "log.txt").write_text(LOG + "not a record\n12 train")  # a torn last line
+    plot.main([str(tmp_path)])
+    assert "skipped 2 line(s)" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_out_into_a_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "log.txt").write_text(LOG)
+    with pytest.raises(SystemExit, match=r"--out .*nope/plot.png: the folder .*nope does not exist"):
+        plot.main([str(tmp_path), "--out", str(tmp_path / "nope" / "plot.png")])
 
 
 def test_a_folder_without_log_txt_is_a_clear_error(tmp_path):
