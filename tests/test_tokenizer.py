@@ -12,6 +12,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import regex
 
 import tokenizer
 from conftest import REPO
@@ -124,6 +125,20 @@ def test_lone_surrogate_becomes_replacement_character(which, request):
     assert tok.decode(tok.encode(text)) == "a\ufffdb \ufffd"
     assert tok.decode(tok.encode_to_numpy(text)) == "a\ufffdb \ufffd"
     assert tok.decode(tok.encode("\ud83c\udf89")) == "🎉"  # a valid surrogate pair is the character
+
+
+def test_pattern_splits_like_gpt4s(gpt2):
+    gpt4 = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""  # tiktoken's cl100k_base
+    gpt4 += r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    assert tokenizer.PATTERN == gpt4.replace("]?+", "]?").replace("]++", "]+")
+    tricky = TRICKY + CORPUS + ["x!!!\n\n", " !!\r\n", "é!a", "1,234.5e-6", " \n \n", "\u00a0\u2028x", "'S 'll'LL"]
+    for text in tricky:
+        assert regex.findall(tokenizer.PATTERN, text) == regex.findall(gpt4, text)
+    # tiktoken (Rust's fancy_regex) splits like Python's regex module, which the Python trainer uses
+    ours = tokenizer.make_encoding("gpt2-split-test", tokenizer.PATTERN, gpt2.encoding._mergeable_ranks, {})
+    reference = tokenizer.make_encoding("gpt4-split-test", gpt4, gpt2.encoding._mergeable_ranks, {})
+    for text in tricky:
+        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
 # ---- training: the fast trainer against the readable one ----------------------------------------
