@@ -43,7 +43,7 @@ from functools import cached_property
 from importlib.metadata import version
 
 import numpy as np
-import regex
+import regex  # \p{L} and friends; installed with tiktoken, which uses it too
 import tiktoken
 from tqdm import tqdm
 
@@ -125,7 +125,8 @@ def train_bpe_python(texts, num_merges, pattern=PATTERN):
 def train_bpe(texts, num_merges, pattern=PATTERN):
     """The merges train_bpe_python learns, from rustbpe: the same algorithm in Rust, splitting and
     counting on all cores, ~1 s for 10 MB of text at any vocabulary size we use. Chosen over Hugging
-    Face tokenizers, which learns the same merges 3x slower here (docs/benchmarks.md, tokenizer.py)."""
+    Face tokenizers, which learns the same merges 3x slower here (docs/benchmarks.md, "tokenizer.py").
+    rustbpe counts in 32-bit integers: plenty for the few billion characters a tokenizer needs."""
     import rustbpe  # imported here: only training needs it
 
     trainer = rustbpe.Tokenizer()
@@ -474,8 +475,8 @@ def compare(args):
     gpt2_bpt = toks[0].bytes_per_token(texts)
     for tok, speed in zip(toks, speeds):
         bpt = tok.bytes_per_token(texts)
-        compression, speed_up = f"{bpt:>11.3f} {bpt / gpt2_bpt:>8.3f}", f"{speed / 1e6:>9.2f}M {speed / speeds[0]:>8.3f}"
-        print(f"{tok.name:<30} {tok.vocab_size:>7,} {compression} {speed_up}")
+        compression = f"{bpt:>11.3f} {bpt / gpt2_bpt:>8.3f}"
+        print(f"{tok.name:<30} {tok.vocab_size:>7,} {compression} {speed / 1e6:>9.2f}M {speed / speeds[0]:>8.3f}")
 
 
 def parse_args(argv=None):
