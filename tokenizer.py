@@ -255,8 +255,8 @@ class Tokenizer:
 
     def save(self, out_dir, training):
         """Write this tokenizer's folder, with `training` (a dict: how it was made) in its tokenizer.json.
-        Both files go into out_dir.tmp first, which is then renamed to out_dir: a crash or Ctrl-C
-        leaves the old folder (or none), never a half-written one."""
+        Both files go into a temporary folder beside out_dir first, which is then renamed to out_dir:
+        a crash or Ctrl-C leaves the old folder (or none), never a half-written one."""
         check_out_dir(out_dir)
         meta = {
             "hash": self.hash,
@@ -266,10 +266,8 @@ class Tokenizer:
             "training": training,
         }
         out_dir = os.path.normpath(out_dir)
-        tmp_dir, old_dir = f"{out_dir}.tmp", f"{out_dir}.old"
+        tmp_dir, old_dir = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
         try:
-            for leftover in (tmp_dir, old_dir):  # from a save that crashed: ours, never the user's
-                shutil.rmtree(leftover, ignore_errors=True)
             os.makedirs(tmp_dir)
             write_synced(os.path.join(tmp_dir, RANKS_FILE), ranks_text(self.encoding._mergeable_ranks))
             write_synced(os.path.join(tmp_dir, META_FILE), json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -293,10 +291,10 @@ def write_synced(path, text):
 
 def check_out_dir(out_dir):
     """out_dir may be absent, empty, or an earlier tokenizer folder (replaced): anything else is someone's data."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, META_FILE)):
-        raise UserError(f"--out_dir {out_dir} holds files but no {META_FILE}: not a tokenizer folder; choose another")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file: choose a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, META_FILE)):
+        raise UserError(f"--out_dir {out_dir} holds files but no {META_FILE}: not a tokenizer folder; choose another")
 
 
 def read_ranks(path):

@@ -270,12 +270,13 @@ def test_save_replaces_an_older_tokenizer(saved):
     assert sorted(os.listdir(saved.parent)) == ["tok"]
 
 
-def test_interrupted_save_leaves_the_old_folder(saved, trained, monkeypatch):
-    def interrupted(path, text):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("failure, raised", [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(28, "full"), UserError)])
+def test_failed_save_leaves_the_old_folder(saved, trained, monkeypatch, failure, raised):
+    def fail(path, text):
+        raise failure
 
-    monkeypatch.setattr(tokenizer, "write_synced", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(tokenizer, "write_synced", fail)
+    with pytest.raises(raised):
         train_tokenizer(CORPUS, small_vocab(50)).save(saved, {})
     assert get_tokenizer(str(saved)).hash == trained.hash
     assert sorted(os.listdir(saved.parent)) == ["tok"]
@@ -318,7 +319,8 @@ def cli_error(tmp_path, *flags):
     out_dir = tmp_path / "tok"
     with pytest.raises(SystemExit) as exit_info:
         tokenizer.main(["train", "--out_dir", str(out_dir), *map(str, flags)])
-    assert not out_dir.exists() and not os.path.exists(f"{out_dir}.tmp")
+    assert not out_dir.exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("tok.")]  # no temporary folder
     return str(exit_info.value)
 
 
