@@ -270,7 +270,9 @@ def test_save_replaces_an_older_tokenizer(saved):
     assert sorted(os.listdir(saved.parent)) == ["tok"]
 
 
-@pytest.mark.parametrize("failure, raised", [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(28, "full"), UserError)])
+@pytest.mark.parametrize(
+    "failure, raised", [(KeyboardInterrupt(), KeyboardInterrupt), (OSError("disk full"), UserError)]
+)
 def test_failed_save_leaves_the_old_folder(saved, trained, monkeypatch, failure, raised):
     def fail(path, text):
         raise failure
