@@ -37,7 +37,6 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
@@ -47,7 +46,6 @@ import regex  # \p{L} and friends; installed with tiktoken, which uses it too
 import tiktoken
 from tqdm import tqdm
 
-import fineweb
 from errors import UserError, exit_on_error
 
 GPT2 = "gpt2"
@@ -351,8 +349,12 @@ def get_tokenizer(name=GPT2):
 
 
 # ---- reading text: fineweb.py's readers ----------------------------------------------------------
+# fineweb.py is imported where it is used: every script imports this file, and training needs
+# neither fineweb.py nor pyarrow (fineweb.py imports this file too).
 def read_texts(args):
     """The documents of --data_files or --dataset, as fineweb.py reads them (str, or None for a null row)."""
+    import fineweb
+
     if args.data_files:
         return fineweb.local_rows(fineweb.resolve_data_files(args.data_files), args.text_field, skip=0)
     cfg = fineweb.Config(
@@ -363,6 +365,8 @@ def read_texts(args):
 
 def source_of(args):
     """Where the text came from, for tokenizer.json."""
+    import fineweb
+
     if args.data_files:
         files = fineweb.resolve_data_files(args.data_files)
         return {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
@@ -395,25 +399,14 @@ class Corpus:
                     return
 
 
-@contextmanager
-def fineweb_errors():
-    """fineweb.py's readers report bad input (a file that is not UTF-8, a missing column) with
-    SystemExit(message); code here passes that on as the UserError it is."""
-    try:
-        yield
-    except SystemExit as e:
-        raise UserError(str(e)) from None
-
-
 # ---- the command line ------------------------------------------------------------------------------
 def train(args):
     check_out_dir(args.out_dir)  # before minutes of reading, not after
     num_merges_for(args.vocab_size)
     t0 = time.perf_counter()
-    with fineweb_errors():
-        corpus = Corpus(read_texts(args), args.text_field, args.max_chars)
-        tok = train_tokenizer(corpus, args.vocab_size, args.out_dir)
-        source = source_of(args)
+    corpus = Corpus(read_texts(args), args.text_field, args.max_chars)
+    tok = train_tokenizer(corpus, args.vocab_size, args.out_dir)
+    source = source_of(args)
     seconds = time.perf_counter() - t0
     training = {
         "trainer": f"rustbpe {version('rustbpe')}",
@@ -462,8 +455,7 @@ def tokens_per_second(toks, texts, repeats=3):
 
 def compare(args):
     """Bytes per token and encoding speed of GPT-2 and each --tokenizer on the same documents."""
-    with fineweb_errors():
-        texts = [text for text in read_texts(args) if text]
+    texts = [text for text in read_texts(args) if text]
     if not texts:
         raise UserError(f"no text in --data_files {' '.join(args.data_files)}")
     toks = [get_tokenizer(name) for name in [GPT2, *args.tokenizer]]
@@ -478,6 +470,8 @@ def compare(args):
 
 
 def parse_args(argv=None):
+    import fineweb
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="learn a BPE from text and save it in --out_dir")
