@@ -38,7 +38,7 @@ import torch
 
 from device import all_gather, unwrap
 from errors import UserError, exit_on_error
-from files import atomic_write
+from files import atomic_write, describe_os_error
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
@@ -58,18 +58,44 @@ def clean_state_dict(state_dict):
 
 def save_checkpoint(path, checkpoint):
     """torch.save through files.atomic_write: a crash mid-write never leaves a truncated checkpoint."""
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+        if "write" not in str(e):
+            raise
+        raise UserError(f"could not write {path}: {e} (is the disk full?)") from e
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """weights_only=True: a checkpoint can only hold tensors and plain containers, never code.
-    map_location="cpu" by default, so loading does not allocate a second copy on the GPU."""
+    map_location="cpu" by default, so loading does not allocate a second copy on the GPU. With
+    mmap=True the tensors stay on disk until used: a cheap check that a file is readable."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a torch file, or a pickle that would run code
-        raise UserError(f"cannot read checkpoint {path}: {e}")
+        raise UserError(f"cannot read checkpoint {path}: {load_error(e)}")
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
+def load_error(e):
+    """What went wrong reading a file with torch.load, without torch's advice to load it with
+    weights_only=False: that would run whatever code the file holds."""
+    if "weights_only" in str(e):
+        return "it holds Python objects other than tensors, numbers and containers, which are never loaded here"
+    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"not a file written by torch.save, or a damaged one ({type(e).__name__}: {first_line})"
+
+
+def check_keys(checkpoint, keys, path, what):
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise UserError(
+            f"{path} is not {what}: it has no {', '.join(missing)} (its keys: {', '.join(map(str, checkpoint))[:200]})"
+        )
 
 
 def model_checkpoint(model):
@@ -81,6 +107,8 @@ def model_checkpoint(model):
 def model_from_checkpoint(path, device="cpu"):
     """Rebuild a GPT from a checkpoint file, for evaluation or sampling."""
     checkpoint = load_checkpoint(path)
+    what = "a checkpoint of this repo (a Hugging Face folder loads with --model)"
+    check_keys(checkpoint, ["model", "config"], path, what)
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model.to(device)
@@ -89,9 +117,14 @@ def model_from_checkpoint(path, device="cpu"):
 # ---- the training state ----
 
 
-def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg, loop, dist_info):
+TRAINING_KEYS = ["model", "config", "step", "optimizer", "scaler", "args", "dataloader", "rng", "nonfinite_skips",
+                 "last_val"]  # fmt: skip
+
+
+def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg, loop, dist_info, previous=None):
     """Everything a resume needs (the keys of the module docstring). Every process takes part (each
-    one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}."""
+    one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}. If the write
+    fails (a full disk), the message names `previous`, the checkpoint before it, which is intact."""
     rngs = all_gather(rng_state(dist_info.device), dist_info.world_size)
     if not dist_info.is_master:
         return
@@ -105,20 +138,76 @@ def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg,
         "rng": rngs,  # one per rank
         **loop,
     }
-    save_checkpoint(path, checkpoint)
+    try:
+        save_checkpoint(path, checkpoint)
+    except UserError as e:
+        intact = f"the previous checkpoint, {previous}, is intact" if previous else "no checkpoint was written yet"
+        raise UserError(f"{e}; {intact}: make room, then resume with --resume auto") from e
     prune_checkpoints(cfg.log_dir, cfg.keep_last)
 
 
-def resume_checkpoint(resume, log_dir, model_config, world_size):
-    """The checkpoint a run starts from (None for a fresh start), checked against model_config.
-    Rank 0 picks it, so every process resumes from the same one even if a save lands meanwhile."""
-    path = all_gather(resume_path(resume, log_dir), world_size)[0]
+def resume_checkpoint(cfg, model_config, dist_info):
+    """The checkpoint a run starts from (None for a fresh start), checked against the run's flags.
+    Rank 0 picks it and every rank learns its choice (or its error) before anyone loads anything, so
+    all resume from the same file and all stop together if there is none to resume from."""
+    choice = pick_checkpoint(cfg.resume, cfg.log_dir) if dist_info.is_master else None
+    path, skipped, error = all_gather(choice, dist_info.world_size)[0]
+    if error:
+        raise UserError(error)
+    if dist_info.is_master:
+        for reason in skipped:
+            print(f"warning: {reason}; resuming from an older checkpoint")
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
+    check_keys(checkpoint, TRAINING_KEYS, path, "a training checkpoint written by train_gpt2.py")
     check_model_config(checkpoint, model_config, path)
+    saved_batch = checkpoint["args"]["total_batch_size"]
+    if saved_batch != cfg.total_batch_size:
+        raise UserError(
+            f"{path} was trained with --total_batch_size {saved_batch}, this run has {cfg.total_batch_size}: the "
+            f"data position and the LR schedule count steps of that size. Resume with --total_batch_size "
+            f"{saved_batch}, or start afresh in a new --log_dir"
+        )
     checkpoint["path"] = path
     return checkpoint
+
+
+def pick_checkpoint(resume, log_dir):
+    """(path or None, [why newer checkpoints were passed over], error or None), never raising: see
+    resume_checkpoint. With --resume auto, a damaged newest checkpoint (a zero-byte or truncated
+    file that no atomic write leaves, but a copy or a failing disk can) gives way to the newest
+    readable one."""
+    try:
+        if resume != "auto":
+            return resume_path(resume, log_dir), [], None
+        skipped = []
+        for path in reversed(list_checkpoints(log_dir).values()):
+            try:
+                checkpoint = load_checkpoint(path, mmap=True)
+                check_keys(checkpoint, TRAINING_KEYS, path, "a training checkpoint written by train_gpt2.py")
+                return path, skipped, None
+            except UserError as e:
+                skipped.append(str(e))
+        if skipped:
+            return None, [], f"--resume auto: no checkpoint in {log_dir} can be read ({'; '.join(skipped)})"
+        return None, [], None
+    except UserError as e:
+        return None, [], str(e)
+
+
+def start_branch(log_dir, step):
+    """Resuming from step `step` while log_dir holds later checkpoints (an older checkpoint picked
+    with --resume PATH, say after a divergence) starts a new branch of the run. The later
+    checkpoints belong to the abandoned branch: they move to log_dir/abandoned_after_<step>/, so that
+    --resume auto and --keep_last see only this branch. Nothing is deleted. Returns what moved."""
+    later = [path for s, path in list_checkpoints(log_dir).items() if s > step]
+    if later:
+        folder = os.path.join(log_dir, f"abandoned_after_{step:05d}")
+        os.makedirs(folder, exist_ok=True)
+        for path in later:
+            os.replace(path, os.path.join(folder, os.path.basename(path)))
+    return later
 
 
 def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
@@ -235,7 +324,15 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
     parser.add_argument("--hf_dir", required=True, help="folder to write the GPT2LMHeadModel into")
     args = parser.parse_args(argv)
-    model_from_checkpoint(args.checkpoint).save_pretrained(args.hf_dir)
+    model = model_from_checkpoint(args.checkpoint)
+    if os.path.exists(args.hf_dir) and not os.path.isdir(args.hf_dir):
+        raise UserError(f"--hf_dir {args.hf_dir} is a file: pass a folder (new, or one to overwrite)")
+    try:
+        model.save_pretrained(args.hf_dir)
+    except OSError as e:  # a read-only or full disk
+        raise UserError(f"could not write {args.hf_dir}: {describe_os_error(e)}") from e
+    if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):  # transformers logs some failures and returns
+        raise UserError(f"writing {args.hf_dir} failed: it holds no config.json afterwards")
     print(f"wrote {args.hf_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.hf_dir!r})")
 
 

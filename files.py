@@ -46,3 +46,31 @@ def describe_os_error(e):
     if isinstance(e, PermissionError):
         return "permission denied"
     return getattr(e, "strerror", None) or str(e)
+
+
+def lock_folder(folder):
+    """An exclusive lock on folder (its file .lock), or a UserError naming the process that holds it.
+    The kernel releases a flock when its process ends, however it ends (kill -9 included), so a
+    lock is never stale. Returns the open lock file: closing it releases the lock. Windows has no
+    fcntl: there the folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(
+            f"{folder} is in use by {holder}: two runs in one folder would interleave their logs and overwrite "
+            f"each other's checkpoints. Wait for it to finish (or stop it), or pass another --log_dir"
+        )
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}\n")
+    f.flush()
+    return f

@@ -297,14 +297,17 @@ def train(cfg, dist_info):
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
 
-    resumed = checkpoint.resume_checkpoint(cfg.resume, cfg.log_dir, model_config, world_size)
+    resumed = checkpoint.resume_checkpoint(cfg, model_config, dist_info)
     start_step = resumed["step"] if resumed else 0
     if start_step > cfg.max_steps:
         raise UserError(
             f"{resumed['path']} is at step {start_step}, past --max_steps {cfg.max_steps}: nothing to train. "
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
-    log = training_log.setup_logging(cfg.log_dir, start_step, is_master)
+    log = training_log.setup_logging(cfg.log_dir, start_step, is_master)  # takes the folder's lock first
+    if is_master and resumed:
+        for path in checkpoint.start_branch(cfg.log_dir, start_step):
+            log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see checkpoint.start_branch)")
     precision = setup_precision(cfg.dtype, dist_info.device_type)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -365,9 +368,9 @@ def train(cfg, dist_info):
             done = step + 1  # optimizer steps done: the checkpoint's step, where a resume starts
             # Saved before the evaluations of step `done`: a crash in them loses no training.
             if due(cfg.ckpt_interval, done, cfg.max_steps) or done == cfg.max_steps or stopping:
-                last_saved = checkpoint.checkpoint_path(cfg.log_dir, done)
+                previous, last_saved = last_saved, checkpoint.checkpoint_path(cfg.log_dir, done)
                 checkpoint.save_training_state(last_saved, done, model, optimizer, precision.scaler, train_loader,
-                                               cfg, loop, dist_info)  # fmt: skip
+                                               cfg, loop, dist_info, previous)  # fmt: skip
                 log.info(f"step {done:5d} | saved {last_saved}")
             if stopping:
                 log.info(f"stopped by a signal after step {done}, saved in {last_saved}: continue with --resume auto")

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from errors import UserError
-from files import atomic_write, describe_os_error
+from files import atomic_write, describe_os_error, lock_folder
 
 LOGGER_NAME = "train_gpt2"
 # Below INFO: the files take such records, the console does not (train_gpt2.py --log_interval).
@@ -158,6 +158,23 @@ class LineFileHandler(logging.Handler):
         super().close()
 
 
+class FolderLock(logging.Handler):
+    """Holds files.lock_folder(log_dir) for as long as the run's logger lives: close_logging, which
+    every run calls on the way out (see train_gpt2.main), releases it. It logs nothing."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.lock_file = lock_folder(folder)  # not `self.lock`: logging.Handler has one of its own
+
+    def emit(self, record):
+        pass
+
+    def close(self):
+        if self.lock_file:
+            self.lock_file.close()
+        super().close()
+
+
 class ConsoleFormatter(logging.Formatter):
     def format(self, record):
         message = record.getMessage()
@@ -206,7 +223,14 @@ def setup_logging(log_dir, start_step, is_master):
     if not is_master:
         log.addHandler(logging.NullHandler())
         return log
-    os.makedirs(log_dir, exist_ok=True)
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only file system
+        raise UserError(f"--log_dir {log_dir}: cannot create the folder ({describe_os_error(e)})") from e
+    if not os.access(log_dir, os.W_OK):
+        raise UserError(f"--log_dir {log_dir}: cannot write there (permission denied or read-only)")
+    # First the folder's lock, then any file in it: a second run on this folder must touch nothing.
+    log.addHandler(FolderLock(log_dir))
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO)
     console.setFormatter(ConsoleFormatter())

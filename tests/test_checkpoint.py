@@ -57,7 +57,7 @@ def test_load_maps_tensors_to_the_cpu_and_allows_only_weights(tmp_path, monkeypa
 
     monkeypatch.setattr(ck.torch, "load", recording_load)
     assert torch.equal(ck.load_checkpoint(path)["w"], torch.ones(2))
-    assert seen == {"map_location": "cpu", "weights_only": True}
+    assert seen == {"map_location": "cpu", "weights_only": True, "mmap": False}
 
 
 def test_load_of_a_missing_file_is_a_clear_error(tmp_path):

@@ -144,7 +144,7 @@ def test_two_process_ddp_equals_one_process_with_gradient_accumulation(data_dir,
     assert losses(ddp, "val")[4] == pytest.approx(losses(single, "val")[4], abs=1e-5)
 
 
-def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, capsys):
     steps = ["--max_steps", "6", "--eval_interval", "3", "--ckpt_interval", "100"]
     uninterrupted = run(data_dir, tmp_path / "a", *steps)
 
@@ -170,7 +170,9 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(data_dir,
         training_log.setup_logging = original_setup
         logger.removeHandler(trigger)
     assert max(losses(first_part)) == 2  # the step in flight finished, no more
-    assert sorted(os.listdir(tmp_path / "b")) == ["log.txt", "metrics.jsonl", "model_00003.pt"]
+    # not "the same command": with --resume PATH that would go back to PATH
+    assert "stopped by a signal after step 3, saved in " in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "b")) == [".lock", "log.txt", "metrics.jsonl", "model_00003.pt"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
 
     resumed = run(data_dir, tmp_path / "b", *steps)  # --resume auto is the default
@@ -373,7 +375,7 @@ def test_checkpoint_is_written_before_the_evaluations_that_crash(data_dir, tmp_p
 def test_zero_intervals_mean_never_and_still_checkpoint_at_the_end(data_dir, tmp_path):
     metrics = run(data_dir, tmp_path / "log", "--max_steps", "3", "--eval_interval", "0", "--ckpt_interval", "0")
     assert [m["kind"] for m in metrics if m["kind"] not in ("config", "train")] == []
-    assert sorted(os.listdir(tmp_path / "log")) == ["log.txt", "metrics.jsonl", "model_00003.pt"]
+    assert sorted(os.listdir(tmp_path / "log")) == [".lock", "log.txt", "metrics.jsonl", "model_00003.pt"]
 
 
 # ---- errors ----
