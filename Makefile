@@ -34,7 +34,7 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	touch $@
 
 demo: $(VENV)/.runtime-installed
-	$(PY) fineweb.py $(FINEWEB_SOURCE) --out_dir $(DEMO_DIR)/data --shard_size 1e6 --max_tokens 3e6
+	$(PY) fineweb.py $(FINEWEB_SOURCE) --data_dir $(DEMO_DIR)/data --shard_size 1e6 --max_tokens 3e6
 	$(PY) train_gpt2.py --preset cpu --data_dir $(DEMO_DIR)/data --log_dir $(DEMO_DIR)
 	$(PY) plot.py $(DEMO_DIR)
 
