@@ -4,6 +4,7 @@ Checkpoints: written atomically, read without running code, complete enough to r
 A training checkpoint is a dict saved with torch.save; this file writes and reads every key of it:
     model           state_dict of the plain GPT (no torch.compile `_orig_mod.` or DDP `module.` prefixes)
     config          dataclasses.asdict(GPTConfig): enough to rebuild the model with no other file
+    tokenizer       {"name", "hash"} of its tokenizer (tokenizer.py): gpt2, or the folder of a trained one
     step            optimizer updates done (steps 0 .. step-1); training resumes at step `step`
     optimizer       AdamW's state_dict (moments and step counts)
     scaler          the fp16 GradScaler's state_dict ({} when not training in float16)
@@ -20,8 +21,8 @@ Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 
     model = model_from_checkpoint("log/model_19073.pt", "cuda")     # for evaluation or sampling
 
-Export a checkpoint as a Hugging Face GPT2LMHeadModel folder (for the EleutherAI evaluation harness,
-transformers' pipelines, or `python hellaswag.py --model FOLDER`):
+Export a checkpoint as a Hugging Face GPT2LMHeadModel folder, with GPT-2's tokenizer files (for the
+EleutherAI evaluation harness, transformers' pipelines, or `python hellaswag.py --model FOLDER`):
 
     python checkpoint.py log/model_19073.pt --hf_dir gpt2-fineweb
 """
@@ -40,6 +41,7 @@ from device import all_gather, unwrap
 from errors import UserError, exit_on_error
 from files import atomic_write, describe_os_error
 from model import GPT, GPTConfig
+from tokenizer import GPT2, get_tokenizer, save_hf_tokenizer
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
 # what torch.compile (`_orig_mod.`) and DDP (`module.`) put before every parameter name
@@ -98,10 +100,27 @@ def check_keys(checkpoint, keys, path, what):
         )
 
 
-def model_checkpoint(model):
-    """The part of a checkpoint that describes the model: its weights and its config."""
+def model_checkpoint(model, tokenizer=None):
+    """The part of a checkpoint that describes the model: its weights, its config, its tokenizer."""
     model = unwrap(model)
-    return {"model": model.state_dict(), "config": asdict(model.config)}
+    checkpoint = {"model": model.state_dict(), "config": asdict(model.config)}
+    if tokenizer is not None:
+        checkpoint["tokenizer"] = {"name": tokenizer.name, "hash": tokenizer.hash}
+    return checkpoint
+
+
+def checkpoint_tokenizer(path, name="auto"):
+    """The tokenizer of the model in a checkpoint: `name` if given (gpt2 or a folder: it must be the
+    one the model was trained with), else the one the checkpoint records (gpt2 for a checkpoint
+    that records none)."""
+    recorded = load_checkpoint(path, mmap=True).get("tokenizer") or {"name": GPT2, "hash": None}
+    tokenizer = get_tokenizer(recorded["name"] if name == "auto" else name)
+    if recorded["hash"] and tokenizer.hash != recorded["hash"]:
+        raise UserError(
+            f"{path} was trained with tokenizer {recorded['name']} (hash {recorded['hash']}), not with "
+            f"{tokenizer.name} (hash {tokenizer.hash}): pass --tokenizer with the folder it was trained with"
+        )
+    return tokenizer
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -121,7 +140,8 @@ TRAINING_KEYS = ["model", "config", "step", "optimizer", "scaler", "args", "data
                  "last_val"]  # fmt: skip
 
 
-def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg, loop, dist_info, previous=None):
+def save_training_state(path, step, model, tokenizer, optimizer, scaler, train_loader, cfg, loop, dist_info,
+                        previous=None):  # fmt: skip
     """Everything a resume needs (the keys of the module docstring). Every process takes part (each
     one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}. If the write
     fails (a full disk), the message names `previous`, the checkpoint before it, which is intact."""
@@ -129,7 +149,7 @@ def save_training_state(path, step, model, optimizer, scaler, train_loader, cfg,
     if not dist_info.is_master:
         return
     checkpoint = {
-        **model_checkpoint(model),
+        **model_checkpoint(model, tokenizer),
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -323,8 +343,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a training checkpoint in Hugging Face GPT-2 format.")
     parser.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
     parser.add_argument("--hf_dir", required=True, help="folder to write the GPT2LMHeadModel into")
+    parser.add_argument("--tokenizer", default="auto", help="auto (the one the checkpoint records), gpt2, or a folder")
     args = parser.parse_args(argv)
     model = model_from_checkpoint(args.checkpoint)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
     if os.path.exists(args.hf_dir) and not os.path.isdir(args.hf_dir):
         raise UserError(f"--hf_dir {args.hf_dir} is a file: pass a folder (new, or one to overwrite)")
     try:
@@ -333,6 +355,7 @@ def main(argv=None):
         raise UserError(f"could not write {args.hf_dir}: {describe_os_error(e)}") from e
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):  # transformers logs some failures and returns
         raise UserError(f"writing {args.hf_dir} failed: it holds no config.json afterwards")
+    save_hf_tokenizer(tokenizer, args.hf_dir)
     print(f"wrote {args.hf_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.hf_dir!r})")
 
 

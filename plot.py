@@ -1,5 +1,6 @@
 """
-Plot a training run from its log.txt: train/val loss, and HellaSwag accuracy next to GPT-2 and GPT-3.
+Plot a training run from its log.txt: train/val loss, val bits per byte, and HellaSwag accuracy next
+to GPT-2 and GPT-3.
 
     python plot.py log                      # reads log/log.txt, writes log/plot.png
     python plot.py log/demo --out demo.png
@@ -22,13 +23,14 @@ HELLASWAG_CHANCE = 0.25  # four endings
 
 
 def plot_run(series, out_path, title):
-    """Two panels: the losses, and HellaSwag accuracy (a note if the run has none)."""
+    """Three panels: the losses, val bits per byte (which compares runs with different tokenizers),
+    and HellaSwag accuracy (a note where the run has none)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works on machines without a display
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
+    fig, (ax_loss, ax_bpb, ax_hella) = plt.subplots(1, 3, figsize=(20, 5))
     if "train" in series:
         ax_loss.plot(*series["train"], lw=0.8, alpha=0.6, label="train loss")
     if "val" in series:
@@ -40,6 +42,16 @@ def plot_run(series, out_path, title):
     ax_loss.set_title("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
+
+    if "val_bpb" in series:
+        ax_bpb.plot(*series["val_bpb"], marker="o", ms=3, color="tab:purple", label="val bits per byte")
+        ax_bpb.legend()
+    else:
+        ax_bpb.text(0.5, 0.5, "no val bits per byte in this log", ha="center", transform=ax_bpb.transAxes)
+    ax_bpb.set_xlabel("step")
+    ax_bpb.set_ylabel("bits per UTF-8 byte")
+    ax_bpb.set_title("val bits per byte")
+    ax_bpb.grid(alpha=0.3)
 
     bottom, top = 0.2, 0.4
     if "hella" in series:

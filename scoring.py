@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import model_from_checkpoint
+from checkpoint import checkpoint_tokenizer, model_from_checkpoint
 from device import (
     DistInfo,
     add_device_args,
@@ -40,7 +40,7 @@ from device import (
 from errors import UserError
 from files import atomic_write
 from model import GPT
-from tokenizer import get_tokenizer
+from tokenizer import GPT2, get_tokenizer
 from training_log import format_results
 
 
@@ -256,6 +256,7 @@ def eval_parser(description):
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
+    parser.add_argument("--tokenizer", default="auto", help="auto (the checkpoint's, gpt2 for --model), gpt2, or a folder")
     # float32 by default: the reference figures (on CUDA its matmuls run in TF32, as in training)
     add_device_args(parser, dtype="float32")
     return parser
@@ -269,9 +270,10 @@ def positive_int(text):
 
 
 def load_model(args, device):
+    """(model, tokenizer) of --checkpoint or --model."""
     if args.checkpoint:
-        return model_from_checkpoint(args.checkpoint, device)
-    return GPT.from_pretrained(args.model).to(device)
+        return model_from_checkpoint(args.checkpoint, device), checkpoint_tokenizer(args.checkpoint, args.tokenizer)
+    return GPT.from_pretrained(args.model).to(device), get_tokenizer(GPT2 if args.tokenizer == "auto" else args.tokenizer)
 
 
 def run_eval(task, args):
@@ -281,8 +283,8 @@ def run_eval(task, args):
     try:
         precision = setup_precision(args.dtype, dist.device_type)
         examples = task.load(args.data_file, args.limit)  # before the model: a data problem shows up in a second
-        model = load_model(args, dist.device)
-        results = evaluate(task, model, examples, get_tokenizer(), dist, precision, args.batch_size, dist.is_master)
+        model, tokenizer = load_model(args, dist.device)
+        results = evaluate(task, model, examples, tokenizer, dist, precision, args.batch_size, dist.is_master)
         if dist.is_master:
             print(format_results(task.name, results))
         finished = True

@@ -9,6 +9,7 @@ then the uint16 tokens), so data prepared for llm.c or modded-nanogpt works as i
 """
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -23,6 +24,17 @@ EXTENSIONS = (".npy", ".bin")
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1  # version 2 holds uint32 tokens (llm.c's Llama 3 data): not supported
 LLMC_HEADER_INTS = 256
+
+
+def shard_tokenizer(data_dir):
+    """{"name", "hash"} of the tokenizer the shards in data_dir were written with, from the meta.json
+    fineweb.py writes beside them; None where there is none (shards from llm.c or other tools)."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            recorded = json.load(f)["settings"]["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recorded if isinstance(recorded, dict) else {"name": recorded, "hash": None}
 
 
 def shard_name(prefix, index):

@@ -33,8 +33,8 @@ from device import setup_distributed, setup_precision, teardown_distributed
 from errors import UserError, exit_on_error
 from evals import TASKS
 from model import GPT, GPTConfig
-from shards import DEFAULT_DATA_DIR
-from tokenizer import get_tokenizer
+from shards import DEFAULT_DATA_DIR, shard_tokenizer
+from tokenizer import GPT2, get_tokenizer
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -50,6 +50,8 @@ def flag(default, help, low=None, high=None):
 class TrainConfig:
     # data and outputs
     data_dir: str = flag(DEFAULT_DATA_DIR, "token shards written by fineweb.py")
+    tokenizer: str = flag("auto", "auto (the one the shards were written with, per their meta.json; else gpt2), gpt2, "
+                          "or a folder written by `python tokenizer.py train`")  # fmt: skip
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
     # model: GPT-2 small
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
@@ -240,25 +242,32 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def evaluate(step, model, val_loader, eval_tasks, tokenizer, cfg, precision, dist_info, log):
-    """Validation loss (mean over val_steps batches on every process), then each eval task."""
+def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, precision, dist_info, log):
+    """Validation loss (mean over val_steps batches on every process) and bits per byte, then each eval task.
+
+    Loss per token cannot compare two tokenizers: one with longer tokens has fewer, harder ones.
+    Bits per byte can: the summed loss of the target tokens, in bits (/ ln 2), over the UTF-8 bytes
+    those tokens stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
     model.eval()
     val_loader.reset()  # the same batches every time, so the numbers are comparable
-    loss_sum = torch.zeros((), device=dist_info.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # summed loss (nats), target bytes
     for _ in range(cfg.val_steps):
         x, y = val_loader.next_batch()  # (B, T), (B, T)
         with precision.autocast():
             _, loss = model(x, y)
-        loss_sum += loss.float()
-    val_loss = all_reduce_sum(loss_sum, dist_info.world_size).item() / (cfg.val_steps * dist_info.world_size)
-    message = f"step {step:5d} | val loss {val_loss:.4f}"
-    training_log.log_record(log, message, f"{step} val {val_loss:.4f}", step=step, kind="val", loss=val_loss)
+        sums += torch.stack([loss.double() * y.numel(), token_bytes[y].sum().double()])
+    loss_sum, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
+    val_loss = loss_sum / (cfg.val_steps * dist_info.world_size * val_loader.B * val_loader.T)
+    bpb = loss_sum / (math.log(2) * bytes_sum)
+    message = f"step {step:5d} | val loss {val_loss:.4f} | val bits per byte {bpb:.4f}"
+    log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
+    training_log.log_record(log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
     for task, examples in eval_tasks:
         results = scoring.evaluate(task, model, examples, tokenizer, dist_info, precision, progress=dist_info.is_master)
         message = f"step {step:5d} | {training_log.format_results(task.name, results)}"
         training_log.log_record(log, message, scoring.log_line(task, step, results), step=step, kind=task.name, **results)
     model.train()
-    return {"step": step, "loss": val_loss}
+    return {"step": step, "loss": val_loss, "bpb": bpb}
 
 
 @torch.no_grad()
@@ -276,6 +285,20 @@ def sample(step, model, tokenizer, cfg, precision, device, log):
         training_log.log_record(log, f"step {step:5d} | sample {i}: {text}", step=step, kind="sample", text=text)
 
 
+def pick_tokenizer(cfg):
+    """--tokenizer, which must be the one the shards were written with (auto: that one)."""
+    recorded = shard_tokenizer(cfg.data_dir)  # {"name", "hash"} from the shards' meta.json, or None
+    name = cfg.tokenizer if cfg.tokenizer != "auto" else (recorded["name"] if recorded else GPT2)
+    tokenizer = get_tokenizer(name)
+    if recorded and recorded["hash"] and recorded["hash"] != tokenizer.hash:
+        raise UserError(
+            f"the shards in {cfg.data_dir} were written with tokenizer {recorded['name']} (hash {recorded['hash']}), "
+            f"--tokenizer {name} is another one (hash {tokenizer.hash}): train with the shards' tokenizer "
+            f"(--tokenizer auto), or write the shards again with `python fineweb.py --tokenizer {name}`"
+        )
+    return tokenizer
+
+
 def check_config(cfg, model_config, world_size):
     """What can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
@@ -288,7 +311,8 @@ def check_config(cfg, model_config, world_size):
 
 def train(cfg, dist_info):
     device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
-    model_config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    tokenizer = pick_tokenizer(cfg)
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     grad_accum_steps = check_config(cfg, model_config, world_size)
     # The data next: without shards there is nothing to do, and nothing should be written to log_dir.
     B, T = cfg.batch_size, cfg.seq_len
@@ -328,7 +352,7 @@ def train(cfg, dist_info):
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
                   if name]  # fmt: skip
-    tokenizer = get_tokenizer()
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)  # (vocab_size,): bytes per token
     timer = training_log.StepTimer(cfg.total_batch_size, model.flops_per_token(T),
                                    peak_flops(device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip
     training_log.log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step)
@@ -340,8 +364,8 @@ def train(cfg, dist_info):
     with StopOnSignal() as signals:
         for step in range(start_step, cfg.max_steps + 1):
             if due(cfg.eval_interval, step, cfg.max_steps):
-                loop["last_val"] = evaluate(step, model, val_loader, eval_tasks, tokenizer, cfg, precision,
-                                            dist_info, log)  # fmt: skip
+                loop["last_val"] = evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
+                                            precision, dist_info, log)  # fmt: skip
             if is_master and due(cfg.sample_interval, step, cfg.max_steps):
                 sample(step, model, tokenizer, cfg, precision, device, log)
             if step == cfg.max_steps:
@@ -369,8 +393,8 @@ def train(cfg, dist_info):
             # Saved before the evaluations of step `done`: a crash in them loses no training.
             if due(cfg.ckpt_interval, done, cfg.max_steps) or done == cfg.max_steps or stopping:
                 previous, last_saved = last_saved, checkpoint.checkpoint_path(cfg.log_dir, done)
-                checkpoint.save_training_state(last_saved, done, model, optimizer, precision.scaler, train_loader,
-                                               cfg, loop, dist_info, previous)  # fmt: skip
+                checkpoint.save_training_state(last_saved, done, model, tokenizer, optimizer, precision.scaler,
+                                               train_loader, cfg, loop, dist_info, previous)  # fmt: skip
                 log.info(f"step {done:5d} | saved {last_saved}")
             if stopping:
                 log.info(f"stopped by a signal after step {done}, saved in {last_saved}: continue with --resume auto")

@@ -141,3 +141,17 @@ def test_export_writes_a_hugging_face_model_with_the_same_logits(tmp_path):
     idx = torch.randint(0, TINY.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
+
+
+def test_export_writes_gpt2_tokenizer_files_so_a_pipeline_generates_offline(tmp_path, gpt2_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=8)).eval()
+    path = str(tmp_path / "model_00010.pt")
+    ck.save_checkpoint(path, ck.model_checkpoint(model))
+    ck.main([path, "--hf_dir", str(tmp_path / "hf")])
+    generate = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    out = generate("Hello, I'm a language model,", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    prompt = gpt2_tokenizer.encode("Hello, I'm a language model,")
+    expected = model.generate(torch.tensor([prompt]), 5, temperature=0)[0].tolist()  # our greedy decoding
+    assert out == gpt2_tokenizer.decode(expected)

@@ -432,12 +432,19 @@ def test_demo_pipeline_trains_evaluates_samples_and_plots(
         "--eval_limit", "4", "--sample_interval", "20", "--sample_tokens", "8", "--ckpt_interval", "20",
     ])  # fmt: skip
     log_txt = (log_dir / "log.txt").read_text().splitlines()
-    assert re.fullmatch(r"0 val \d+\.\d{4}", log_txt[0]) and re.fullmatch(r"0 hella 0\.\d{4}", log_txt[1])
+    assert re.fullmatch(r"0 val \d+\.\d{4}", log_txt[0]) and re.fullmatch(r"0 val_bpb \d+\.\d{4}", log_txt[1])
+    assert re.fullmatch(r"0 hella 0\.\d{4}", log_txt[2])
     assert re.fullmatch(r"19 train \d+\.\d{6}", [l for l in log_txt if " train " in l][-1])
     series, _ = read_log(log_dir / "log.txt")
     assert series["val"][0] == [0, 10, 20] and series["hella"][0] == [0, 10, 20]
     assert series["val"][1][-1] < series["val"][1][0] - 1  # from ~10.9 (uniform) toward the unigram loss
     metrics = read_metrics(log_dir / "metrics.jsonl")
+    # bits per byte against an independent count: the UTF-8 bytes of the val targets (2 windows of 4 x 32)
+    val_tokens = np.load(data_dir / "edufineweb_val_000000.npy").astype(np.int64)
+    targets = np.concatenate([val_tokens[1:129], val_tokens[129:257]])
+    target_bytes = sum(len(gpt2_tokenizer.decode_single_token_bytes(t)) for t in targets if t != gpt2_tokenizer.eot_token)
+    val = [m for m in metrics if m["kind"] == "val"][-1]
+    assert val["bpb"] == pytest.approx(val["loss"] * len(targets) / (math.log(2) * target_bytes), rel=1e-9)
     hella = [m for m in metrics if m["kind"] == "hellaswag"]
     assert hella[-1]["count"] == 4
     samples = [m["text"] for m in metrics if m["kind"] == "sample"]
