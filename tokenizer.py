@@ -49,6 +49,9 @@ from tqdm import tqdm
 from errors import UserError, exit_on_error
 
 GPT2 = "gpt2"
+# GPT-2's BPE plus CHAT_TOKENS at ids 50,257-50,260: rows the model's embedding already has (it is
+# padded to 50,304 rows, model.py), so fine-tuning GPT-2 into a chat model needs no new rows.
+GPT2_CHAT = "gpt2-chat"
 # GPT-4's split pattern (tiktoken's cl100k_base, rustbpe's default) rather than GPT-2's: it matches
 # contractions in any case ("DON'T"), splits numbers into groups of at most 3 digits (GPT-2 learns a
 # token for "2019" and for every other frequent number), and keeps a run of spaces or newlines apart
@@ -332,10 +335,11 @@ def get_tokenizer(name=GPT2):
     """The tokenizer called `name`: "gpt2" (tiktoken's GPT-2 BPE) or a folder made by `tokenizer.py train`."""
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
         raise UserError(f"this repo needs tiktoken >= 0.9 (this is {tiktoken.__version__}): pip install -U tiktoken")
-    if name != GPT2:
+    if name not in (GPT2, GPT2_CHAT):
         if not os.path.isdir(name):
             raise UserError(
-                f"unknown tokenizer {name!r}: pass {GPT2!r}, or a folder written by `python tokenizer.py train`"
+                f"unknown tokenizer {name!r}: pass {GPT2!r}, {GPT2_CHAT!r}, or a folder written by "
+                f"`python tokenizer.py train`"
             )
         return load_tokenizer(name)
     try:
@@ -345,7 +349,11 @@ def get_tokenizer(name=GPT2):
             f"could not load the {GPT2} tokenizer ({e}): tiktoken downloads it on first use. "
             f"Offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached BPE files"
         )
-    return Tokenizer(encoding, GPT2)
+    if name == GPT2_CHAT:
+        chat_ids = {token: encoding.n_vocab + i for i, token in enumerate(CHAT_TOKENS)}
+        encoding = make_encoding(GPT2_CHAT, encoding._pat_str, encoding._mergeable_ranks,
+                                 {**encoding._special_tokens, **chat_ids})  # fmt: skip
+    return Tokenizer(encoding, name)
 
 
 # ---- Hugging Face format --------------------------------------------------------------------------
@@ -360,8 +368,9 @@ GPT2_FILES = {
 def save_hf_tokenizer(tokenizer, out_dir):
     """Write tokenizer's files into a Hugging Face model folder, so that
     `transformers.pipeline("text-generation", model=out_dir)` works offline. Only GPT-2's BPE: a
-    trained tokenizer has no Hugging Face form here (UserError), and the model folder stays without one."""
-    if tokenizer.name != GPT2:
+    trained tokenizer has no Hugging Face form here (UserError), and the model folder stays without one.
+    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer."""
+    if tokenizer.name not in (GPT2, GPT2_CHAT):
         raise UserError(
             f"the model folder {out_dir} was written without tokenizer files: exporting a trained tokenizer "
             f"({tokenizer.name}) to Hugging Face format is not supported; encode with tokenizer.py instead"
@@ -373,6 +382,11 @@ def save_hf_tokenizer(tokenizer, out_dir):
             f.write(read_file_cached(url))
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
               "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}  # fmt: skip
+    config["added_tokens_decoder"] = {
+        str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                 "single_word": False}
+        for text, i in tokenizer.special_tokens.items()
+    }  # fmt: skip
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 

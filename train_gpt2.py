@@ -20,6 +20,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -250,14 +251,15 @@ def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, p
     those tokens stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
     model.eval()
     val_loader.reset()  # the same batches every time, so the numbers are comparable
-    sums = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # summed loss (nats), target bytes
+    sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device)  # summed loss (nats), targets, their bytes
     for _ in range(cfg.val_steps):
-        x, y = val_loader.next_batch()  # (B, T), (B, T)
+        x, y = val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
         with precision.autocast():
-            _, loss = model(x, y)
-        sums += torch.stack([loss.double() * y.numel(), token_bytes[y].sum().double()])
-    loss_sum, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
-    val_loss = loss_sum / (cfg.val_steps * dist_info.world_size * val_loader.B * val_loader.T)
+            _, loss = model(x, y)  # the mean over the targets
+        targets = y[y >= 0]
+        sums += torch.stack([loss.double() * len(targets), torch.tensor(len(targets)), token_bytes[targets].sum()])
+    loss_sum, n_targets, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
+    val_loss = loss_sum / n_targets
     bpb = loss_sum / (math.log(2) * bytes_sum)
     message = f"step {step:5d} | val loss {val_loss:.4f} | val bits per byte {bpb:.4f}"
     log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
@@ -265,7 +267,8 @@ def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, p
     for task, examples in eval_tasks:
         results = scoring.evaluate(task, model, examples, tokenizer, dist_info, precision, progress=dist_info.is_master)
         message = f"step {step:5d} | {training_log.format_results(task.name, results)}"
-        training_log.log_record(log, message, scoring.log_line(task, step, results), step=step, kind=task.name, **results)
+        log_line = scoring.log_line(task, step, results)
+        training_log.log_record(log, message, log_line, step=step, kind=task.name, **results)
     model.train()
     return {"step": step, "loss": val_loss, "bpb": bpb}
 
@@ -309,19 +312,42 @@ def check_config(cfg, model_config, world_size):
     return get_grad_accum_steps(cfg, world_size)
 
 
-def train(cfg, dist_info):
-    device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
+@dataclass
+class Job:
+    """What the training loop trains: pretraining (pretraining_job, below), or finetune.py's own."""
+
+    tokenizer: object
+    model_config: GPTConfig
+    train_loader: object  # next_batch() -> (x, y), reset(), epoch, state_dict(), load_state_dict()
+    val_loader: object
+    make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
+    get_lr: Callable  # step -> learning rate
+    checkpoint_extra: dict = field(default_factory=dict)  # more keys for every checkpoint (finetune: the base)
+
+
+def pretraining_job(cfg, dist_info):
+    """GPT-2 from scratch on the shards in --data_dir."""
     tokenizer = pick_tokenizer(cfg)
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    grad_accum_steps = check_config(cfg, model_config, world_size)
+    check_config(cfg, model_config, dist_info.world_size)
     # The data next: without shards there is nothing to do, and nothing should be written to log_dir.
     B, T = cfg.batch_size, cfg.seq_len
-    loader_args = dict(process_rank=dist_info.rank, num_processes=world_size, data_dir=cfg.data_dir, device=device,
-                       vocab_size=model_config.vocab_size)  # fmt: skip
+    loader_args = dict(process_rank=dist_info.rank, num_processes=dist_info.world_size, data_dir=cfg.data_dir,
+                       device=dist_info.device, vocab_size=model_config.vocab_size)  # fmt: skip
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
+    return Job(tokenizer, model_config, train_loader, val_loader,
+               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg))
 
-    resumed = checkpoint.resume_checkpoint(cfg, model_config, dist_info)
+
+def train(cfg, dist_info, job):
+    """Resume or start, then the training loop, for any Job."""
+    device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
+    grad_accum_steps = check_config(cfg, job.model_config, world_size)
+    tokenizer, train_loader, val_loader = job.tokenizer, job.train_loader, job.val_loader
+    B, T = cfg.batch_size, cfg.seq_len
+
+    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info)
     start_step = resumed["step"] if resumed else 0
     if start_step > cfg.max_steps:
         raise UserError(
@@ -335,7 +361,7 @@ def train(cfg, dist_info):
     precision = setup_precision(cfg.dtype, dist_info.device_type)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = GPT(model_config).to(device)
+    model = job.make_model()
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, dist_info.device_type
     )
@@ -345,7 +371,8 @@ def train(cfg, dist_info):
         log.info(f"resuming from {resumed['path']} at step {start_step}")
     # `model` stays uncompiled and unwrapped: evaluation, sampling and checkpoints use it directly.
     # `train_model` shares its parameters and is what the training step calls.
-    example_batch = (torch.zeros((B, T), dtype=torch.long, device=device),) * 2
+    # two tensors, not one twice: a graph compiled for `idx is targets` would be compiled again at step 0
+    example_batch = tuple(torch.zeros((B, T), dtype=torch.long, device=device) for _ in range(2))
     train_model = compile_model(model, cfg.compile, dist_info.device_type, example_batch, precision, log)
     compiled = train_model is not model
     if world_size > 1:
@@ -372,7 +399,7 @@ def train(cfg, dist_info):
                 break
 
             t0 = time.perf_counter()
-            lr = get_lr(step, cfg)
+            lr = job.get_lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm, finite = train_step(train_model, model, optimizer, precision, train_loader.next_batch,
@@ -394,7 +421,8 @@ def train(cfg, dist_info):
             if due(cfg.ckpt_interval, done, cfg.max_steps) or done == cfg.max_steps or stopping:
                 previous, last_saved = last_saved, checkpoint.checkpoint_path(cfg.log_dir, done)
                 checkpoint.save_training_state(last_saved, done, model, tokenizer, optimizer, precision.scaler,
-                                               train_loader, cfg, loop, dist_info, previous)  # fmt: skip
+                                               train_loader, cfg, {**loop, **job.checkpoint_extra}, dist_info,
+                                               previous)  # fmt: skip
                 log.info(f"step {done:5d} | saved {last_saved}")
             if stopping:
                 log.info(f"stopped by a signal after step {done}, saved in {last_saved}: continue with --resume auto")
@@ -407,7 +435,7 @@ def main(argv=None):
     dist_info = setup_distributed(cfg.device)
     finished = False
     try:
-        train(cfg, dist_info)
+        train(cfg, dist_info, pretraining_job(cfg, dist_info))
         finished = True
     finally:
         training_log.close_logging()
