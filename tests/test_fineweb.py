@@ -437,3 +437,29 @@ def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="could not download the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
         get_tokenizer("gpt2")  # the one tokenizer loader: fineweb.py, training, evals and sampling use it
+
+
+# ---- damaged input, oversized shards, wrong types, a misplaced --data_dir, a full disk -------------
+def gzip_damaged(kind, data):
+    """data gzipped, then damaged: cut short, its CRC wrong, or no gzip at all."""
+    packed = gzip.compress(data)
+    if kind == "truncated":
+        return packed[: len(packed) // 2]
+    if kind == "bad crc":  # the last 8 bytes are the CRC-32 and length of the data
+        return packed[:-8] + bytes(b ^ 0xFF for b in packed[-8:-4]) + packed[-4:]
+    return os.urandom(len(packed))  # random bytes named .gz
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad crc", "not gzip"])
+@pytest.mark.parametrize("name", ["a.jsonl.gz", "a.txt.gz", "a.json.gz"])
+def test_damaged_gzip_names_the_file_and_writes_no_shard(kind, name, tmp_path, monkeypatch):
+    """gzip notices damage only at the end of a file: by then a reader has handed out most of it."""
+    monkeypatch.setattr(fineweb, "BATCH_CHARS", 100)  # batches, then shards, long before the end of the file
+    records = [{"text": text} for text in SMALL_TEXTS]
+    data = {".jsonl.gz": "".join(json.dumps(r) + "\n" for r in records), ".json.gz": json.dumps(records)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(gzip_damaged(kind, data.get(name[1:], " ".join(SMALL_TEXTS)).encode()))
+    write_jsonl(tmp_path / "in" / "b.jsonl", records)  # a sound file after it
+    with pytest.raises(SystemExit, match=f"error: .*{name}: damaged gzip file .*gzip -t"):
+        run(tmp_path / "out", "--data_files", tmp_path / "in", "--shard_size", 37)
+    assert not glob.glob(f"{tmp_path}/out/*")  # not one shard holds a part of the damaged file
