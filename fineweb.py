@@ -50,6 +50,9 @@ LOCAL_FORMATS = (".parquet", ".jsonl", ".json", ".txt")
 BATCH_CHARS = 2**18
 BATCH_ROWS = 4096  # ... or this many rows, so that a run of empty documents still makes a batch
 BATCHES_PER_THREAD = 4  # read-ahead: keeps every thread fed while bounding the memory in flight
+# The writer holds two shards in memory (one filling, one saving), 2 bytes a token: 2**31 tokens is
+# 8 GiB for the two, far past any use (the default 1e8 is 400 MB) yet short of a typo like 1e12.
+MAX_SHARD_SIZE = 2**31
 
 
 def available_cores():
@@ -383,11 +386,10 @@ class ShardWriter:
     """Cuts the token stream into shards. A full shard is saved by a background thread while the next
     one fills the other of two buffers, so encoding never waits on the disk: memory is two shards."""
 
-    def __init__(self, cfg, settings, shards, start):
+    def __init__(self, cfg, settings, shards, start, buffers):
         self.cfg = cfg
         self.meta = {"settings": settings, "shards": shards, "complete": False}
-        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
-        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=TOKEN_DTYPE), np.empty(cfg.shard_size, dtype=TOKEN_DTYPE)
+        self.buffer, self.spare = buffers  # shard_buffers(cfg.shard_size)
         self.fill = 0  # tokens in the current shard
         self.shard_docs = 0  # documents whose EOT is in the current shard
         self.tokens = sum(s["tokens"] for s in shards)
@@ -462,6 +464,28 @@ class ShardWriter:
             raise UserError(f"no tokens to write: all {self.empty_docs} documents were empty")
         self.meta["complete"] = True
         save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
+
+
+def physical_memory():
+    """Bytes of RAM, or None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def shard_buffers(shard_size):
+    """The writer's two shard buffers, or a UserError if they cannot fit in memory."""
+    nbytes = 2 * shard_size * TOKEN_DTYPE.itemsize
+    too_big = f"two shards of {shard_size:,} tokens ({nbytes / 2**30:.1f} GiB) do not fit in memory"
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:  # else np.empty succeeds, and the OOM killer strikes later
+        raise UserError(f"{too_big} ({memory / 2**30:.1f} GiB here): pass a smaller --shard_size (default 1e8)")
+    try:
+        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
+        return np.empty(shard_size, dtype=TOKEN_DTYPE), np.empty(shard_size, dtype=TOKEN_DTYPE)
+    except MemoryError:
+        raise UserError(f"{too_big}: pass a smaller --shard_size (default 1e8)")
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -559,6 +583,7 @@ def tokenize(cfg):
     files = resolve_data_files(cfg.data_files) if cfg.data_files else None
     tokenizer = get_tokenizer(GPT2)
     settings = settings_for(cfg, files, tokenizer.eot)
+    buffers = shard_buffers(cfg.shard_size)  # before completed_shards, which may delete (--overwrite)
     shards = completed_shards(cfg, settings)
     if shards is None:
         return f"{cfg.data_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
@@ -570,7 +595,7 @@ def tokenize(cfg):
         rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
         stream_state = partial(json_state, ds) if cfg.streaming else no_state
 
-    writer = ShardWriter(cfg, settings, shards, start)
+    writer = ShardWriter(cfg, settings, shards, start, buffers)
     tokens_before, t0 = writer.tokens, time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing")
     batches = document_batches(rows, start, stream_state)
@@ -632,6 +657,11 @@ def parse_args(argv=None):
     cfg.split = cfg.split or (None if cfg.data_files else "train")
     if cfg.num_proc < 1:
         raise UserError("--num_proc must be at least 1")
+    if cfg.shard_size > MAX_SHARD_SIZE:
+        raise UserError(
+            f"--shard_size {cfg.shard_size:,} tokens is more than {MAX_SHARD_SIZE:,} (2**31): the writer holds two "
+            f"shards in memory, 2 bytes a token; the default, 1e8, is 200 MB a shard"
+        )
     return cfg
 
 

@@ -463,3 +463,29 @@ def test_damaged_gzip_names_the_file_and_writes_no_shard(kind, name, tmp_path, m
     with pytest.raises(SystemExit, match=f"error: .*{name}: damaged gzip file .*gzip -t"):
         run(tmp_path / "out", "--data_files", tmp_path / "in", "--shard_size", 37)
     assert not glob.glob(f"{tmp_path}/out/*")  # not one shard holds a part of the damaged file
+
+
+def test_shard_size_too_big_for_memory_is_refused_when_parsed(small_jsonl, tmp_path):
+    with pytest.raises(SystemExit, match="error: --shard_size 1,000,000,000,000 tokens is more than"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", "1e12")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("failure", ["too little memory", "MemoryError"])
+def test_shard_buffers_that_do_not_fit_suggest_a_smaller_shard_size(failure, small_jsonl, tmp_path, monkeypatch):
+    run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 100)
+    before = {path: open(path, "rb").read() for path in glob.glob(f"{tmp_path}/out/*")}
+    if failure == "too little memory":
+        monkeypatch.setattr(fineweb, "physical_memory", lambda: 1000)  # bytes
+    else:
+        real_empty = np.empty
+
+        def empty(shape, *args, **kwargs):  # the allocation of a shard buffer fails, nothing else
+            if shape == 300:
+                raise MemoryError
+            return real_empty(shape, *args, **kwargs)
+
+        monkeypatch.setattr(np, "empty", empty)
+    with pytest.raises(SystemExit, match="error: two shards of 300 tokens .*pass a smaller --shard_size"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 300, "--overwrite")
+    assert {path: open(path, "rb").read() for path in glob.glob(f"{tmp_path}/out/*")} == before  # nothing deleted
