@@ -138,6 +138,16 @@ def open_parquet(path):
         raise UserError(f"{path}: not a readable parquet file ({e})")
 
 
+def check_text(text, where, text_field):
+    """text, if it is a str or None (a null document); else a UserError saying where it is."""
+    if text is None or isinstance(text, str):
+        return text
+    raise UserError(
+        f"{where}: field {text_field!r} holds {type(text).__name__} {text!r:.40}, not text: "
+        f"pass --text_field with the field that holds the documents' text"
+    )
+
+
 def parquet_rows(path, text_field, skip):
     """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
     parquet = open_parquet(path)
@@ -145,16 +155,18 @@ def parquet_rows(path, text_field, skip):
     if text_field not in columns:
         raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
     # skip whole row groups by their metadata, so resuming deep into a file reads little of it
-    group = 0
+    group, row = 0, 0  # row: the file's row of the next record batch's first text
     while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
         skip -= parquet.metadata.row_group(group).num_rows
+        row += parquet.metadata.row_group(group).num_rows
         group += 1
     if group < parquet.num_row_groups:
         row_groups = range(group, parquet.num_row_groups)
         for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=[text_field]):
             texts = record_batch.column(0).to_pylist()
-            yield from texts[skip:]
-            skip = max(0, skip - len(texts))
+            for i in range(skip, len(texts)):
+                yield check_text(texts[i], f"{path} row {row + i}", text_field)
+            skip, row = max(0, skip - len(texts)), row + len(texts)
     return parquet.metadata.num_rows
 
 
@@ -205,7 +217,7 @@ def json_rows(path, text_field, skip):
                 raise UserError(
                     f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
                 )
-            yield record[text_field]
+            yield check_text(record[text_field], f"{path}:{number}", text_field)
     return rows
 
 
@@ -278,7 +290,10 @@ def hub_rows(cfg, ds, start):
     else:
         rows = islice((row[cfg.text_field] for row in ds), start.row, None)
     try:
-        yield from rows
+        for row, text in enumerate(rows, start.row):
+            yield check_text(text, f"{cfg.dataset} row {row}", cfg.text_field)
+    except UserError:
+        raise
     except KeyError:
         raise UserError(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
     except Exception as e:  # the network failing hours into a stream: the shards so far are kept
@@ -319,10 +334,6 @@ def document_batches(rows, start, stream_state):
     position = (start.row, start.stream_state, start.stream_skip)
     texts, chars = [], 0
     for text in rows:
-        if text is not None and not isinstance(text, str):
-            raise UserError(
-                f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text"
-            )
         texts.append(text)
         chars += len(text) if text else 0
         if chars >= BATCH_CHARS or len(texts) == BATCH_ROWS:

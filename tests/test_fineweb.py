@@ -388,7 +388,7 @@ def test_counts_accept_scientific_notation():
             (),
             "a.parquet: not a readable parquet file",
         ),
-        (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), "row 0: --text_field holds int values, not text"),
+        (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), r"a.jsonl:1: field 'text' holds int 5, not text"),
         (
             lambda d: write_jsonl(d / "a.jsonl", [{"text": ""}, {"text": None}]),
             (),
@@ -489,3 +489,35 @@ def test_shard_buffers_that_do_not_fit_suggest_a_smaller_shard_size(failure, sma
     with pytest.raises(SystemExit, match="error: two shards of 300 tokens .*pass a smaller --shard_size"):
         run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 300, "--overwrite")
     assert {path: open(path, "rb").read() for path in glob.glob(f"{tmp_path}/out/*")} == before  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    "make_second_file, message",
+    [
+        (lambda d: write_jsonl(d / "b.jsonl", [{"text": "x"}, {"text": 5}]), r"b.jsonl:2: field 'text' holds int 5, not text"),
+        (
+            lambda d: pq.write_table(pa.table({"text": [None, 1]}), d / "b.parquet"),
+            r"b.parquet row 1: field 'text' holds int 1, not text",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"text": ["x", "y", None, "z"], "n": [1, 2, 3, 4]}), d / "b.parquet"),
+            None,  # strings and nulls are fine
+        ),
+    ],
+)
+def test_text_of_another_type_names_the_file_and_row(make_second_file, message, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in SMALL_TEXTS[:5]])  # rows 0 .. 4 of the input
+    make_second_file(tmp_path / "in")
+    if message is None:
+        run(tmp_path / "out", "--data_files", tmp_path / "in")
+        return
+    with pytest.raises(SystemExit, match=f"error: .*{message}: pass --text_field"):
+        run(tmp_path / "out", "--data_files", tmp_path / "in")
+
+
+def test_dataset_text_of_another_type_names_the_row(tmp_path):
+    pytest.importorskip("datasets")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "a.parquet")
+    with pytest.raises(SystemExit, match=f"error: {tmp_path} row 0: field 'text' holds int 1, not text"):
+        run(tmp_path / "out", "--dataset", tmp_path, "--streaming")
