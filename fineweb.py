@@ -20,6 +20,7 @@ too. Empty and null documents are skipped and counted.
 """
 
 import argparse
+import fnmatch
 import glob
 import gzip
 import json
@@ -128,6 +129,43 @@ def resolve_data_files(patterns):
             raise UserError(f"--data_files {pattern}: no files matched (supported: {', '.join(LOCAL_FORMATS)})")
         files += found
     return files
+
+
+def is_within(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+def folder_read_by(pattern, data_dir):
+    """The folder that --data_files' pattern reads every file below and that holds data_dir (or is
+    it), else None: a folder named, or one a glob matches, now or once data_dir exists."""
+    if os.path.exists(pattern):
+        inside = os.path.isdir(pattern) and is_within(os.path.realpath(data_dir), os.path.realpath(pattern))
+        return pattern if inside else None
+    folder = os.path.abspath(data_dir)
+    while not fnmatch.fnmatch(folder, os.path.abspath(pattern)):  # fnmatch's * spans "/": as glob reads below a match
+        if folder == os.path.dirname(folder):
+            return None
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def check_data_dir_apart(cfg, files):
+    """Refuse a --data_dir that holds an input file or lies in an input folder: a second run would
+    read its meta.json as input, and --overwrite delete what it reads."""
+    patterns = cfg.data_files or ([cfg.dataset] if cfg.dataset and os.path.isdir(cfg.dataset) else [])  # local folder
+    for pattern in patterns:
+        if folder := folder_read_by(pattern, cfg.data_dir):
+            raise UserError(
+                f"--data_dir {cfg.data_dir} is inside the input (every file below {folder} is read): its shards "
+                f"and meta.json would be read as input; pick another --data_dir, outside the input"
+            )
+    data_dir = os.path.realpath(cfg.data_dir)
+    for path in files or []:
+        if is_within(os.path.realpath(path), data_dir):
+            raise UserError(
+                f"--data_dir {cfg.data_dir} holds the input file {path}: the shards would be written among "
+                f"their own input; pick another --data_dir, or move the input out of it"
+            )
 
 
 def open_parquet(path):
@@ -592,6 +630,7 @@ def show_progress(bar, writer, num_rows):
 def tokenize(cfg):
     """Write the shards of cfg's input into cfg.data_dir; returns a one-line summary."""
     files = resolve_data_files(cfg.data_files) if cfg.data_files else None
+    check_data_dir_apart(cfg, files)  # before anything in it is deleted or written
     tokenizer = get_tokenizer(GPT2)
     settings = settings_for(cfg, files, tokenizer.eot)
     buffers = shard_buffers(cfg.shard_size)  # before completed_shards, which may delete (--overwrite)

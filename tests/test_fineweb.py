@@ -7,6 +7,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -494,7 +495,10 @@ def test_shard_buffers_that_do_not_fit_suggest_a_smaller_shard_size(failure, sma
 @pytest.mark.parametrize(
     "make_second_file, message",
     [
-        (lambda d: write_jsonl(d / "b.jsonl", [{"text": "x"}, {"text": 5}]), r"b.jsonl:2: field 'text' holds int 5, not text"),
+        (
+            lambda d: write_jsonl(d / "b.jsonl", [{"text": "x"}, {"text": 5}]),
+            r"b.jsonl:2: field 'text' holds int 5, not text",
+        ),
         (
             lambda d: pq.write_table(pa.table({"text": [None, 1]}), d / "b.parquet"),
             r"b.parquet row 1: field 'text' holds int 1, not text",
@@ -518,6 +522,27 @@ def test_text_of_another_type_names_the_file_and_row(make_second_file, message, 
 
 def test_dataset_text_of_another_type_names_the_row(tmp_path):
     pytest.importorskip("datasets")
-    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "a.parquet")
-    with pytest.raises(SystemExit, match=f"error: {tmp_path} row 0: field 'text' holds int 1, not text"):
-        run(tmp_path / "out", "--dataset", tmp_path, "--streaming")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'in'} row 0: field 'text' holds int 1, not text"):
+        run(tmp_path / "out", "--dataset", tmp_path / "in", "--streaming")
+
+
+def folder_state(folder):
+    return {p: open(p, "rb").read() for p in glob.glob(f"{folder}/**", recursive=True) if os.path.isfile(p)}
+
+
+def test_data_dir_that_holds_or_sits_in_the_input_is_refused_before_anything_changes(small_jsonl, tmp_path):
+    data = small_jsonl.parent
+    run(data / "out", "--data_files", small_jsonl, "--shard_size", 100)  # fine: the input is one file beside it
+    before = folder_state(tmp_path)
+    inside = "error: --data_dir {} is inside the input \\(every file below {} is read\\): .*pick another --data_dir"
+    with pytest.raises(SystemExit, match=inside.format(re.escape(f"{data}/out"), re.escape(str(data)))):
+        run(data / "out", "--data_files", data, "--shard_size", 100, "--overwrite")  # used to delete the shards
+    with pytest.raises(SystemExit, match=f"error: --data_dir {re.escape(str(data))} holds the input file .*docs.jsonl"):
+        run(data, "--data_files", small_jsonl, "--overwrite")
+    with pytest.raises(SystemExit, match=inside.format(".*/new", ".*/new")):
+        run(data / "new", "--data_files", f"{data}/*", "--shard_size", 100)  # a glob that will match it
+    with pytest.raises(SystemExit, match=inside.format(".*/deeper", re.escape(str(data)))):
+        run(data / "out" / "deeper", "--dataset", data)  # a local dataset folder is read whole too
+    assert folder_state(tmp_path) == before
