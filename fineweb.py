@@ -426,9 +426,18 @@ def save_json(path, obj):
 
 
 def save_shard(data_dir, entry, tokens, meta):
-    """Save one shard, then the meta.json that lists it (in that order, so meta never lies)."""
-    atomic_write(os.path.join(data_dir, entry["file"]), lambda f: np.save(f, tokens))
-    save_json(os.path.join(data_dir, "meta.json"), meta)
+    """Save one shard, then the meta.json that lists it (in that order, so meta never lies). If either
+    fails (a full disk), the folder is left as the last save left it, and a re-run resumes there."""
+    path = os.path.join(data_dir, entry["file"])
+    try:
+        atomic_write(path, lambda f: np.save(f, tokens))
+        try:
+            save_json(os.path.join(data_dir, "meta.json"), meta)
+        except BaseException:
+            os.remove(path)  # a shard that meta.json does not list would still be read by the data loader
+            raise
+    except UserError as e:
+        raise UserError(f"{e}; then re-run the same command to resume after the last complete shard") from e
 
 
 class ShardWriter:
@@ -512,7 +521,10 @@ class ShardWriter:
         if not self.meta["shards"]:
             raise UserError(f"no tokens to write: all {self.empty_docs} documents were empty")
         self.meta["complete"] = True
-        save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
+        try:
+            save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
+        except UserError as e:
+            raise UserError(f"{e}; then re-run the same command to finish") from e
 
 
 def physical_memory():

@@ -3,6 +3,7 @@
 Offline: ../shared/data/fineweb_sample (2,800 documents), tinyshakespeare, and tiny temp files.
 """
 
+import errno
 import glob
 import gzip
 import json
@@ -546,3 +547,41 @@ def test_data_dir_that_holds_or_sits_in_the_input_is_refused_before_anything_cha
     with pytest.raises(SystemExit, match=inside.format(".*/deeper", re.escape(str(data)))):
         run(data / "out" / "deeper", "--dataset", data)  # a local dataset folder is read whole too
     assert folder_state(tmp_path) == before
+
+
+def fail_write(monkeypatch, nth):
+    """The nth atomic_write (shard 0, meta.json, shard 1, meta.json, ...) finds the disk full midway."""
+    real_atomic_write, calls = fineweb.atomic_write, []
+
+    def atomic_write(path, write, check=None):
+        calls.append(path)
+        if len(calls) == nth:
+            def write(f, write=write):
+                f.write(b"\x93NUMPY\x01\x00")  # the first bytes fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_atomic_write(path, write, check)
+
+    monkeypatch.setattr(fineweb, "atomic_write", atomic_write)
+
+
+@pytest.mark.parametrize(
+    "nth, listed_after",  # as functions of the number of shards of the whole run
+    [(lambda n: 5, lambda n: 2), (lambda n: 6, lambda n: 2), (lambda n: 2 * n + 1, lambda n: n)],
+    ids=["shard 2", "meta.json listing shard 2", "the final meta.json"],
+)
+def test_full_disk_says_no_space_leaves_no_partial_shard_and_resumes_to_the_same_bytes(
+    nth, listed_after, small_jsonl, tmp_path, monkeypatch
+):
+    whole = run(tmp_path / "whole", "--data_files", small_jsonl, "--shard_size", 37)
+    names = [os.path.basename(p) for p in shard_files(whole)]
+    fail_write(monkeypatch, nth(len(names)))
+    with pytest.raises(SystemExit, match=r"error: could not write .*: no space left on the device .*re-run the same"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 37)
+    meta = meta_of(tmp_path / "out")
+    listed = [s["file"] for s in meta["shards"]]
+    assert not meta["complete"] and listed == names[: listed_after(len(names))]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(listed + ["meta.json"])  # no .tmp, no unlisted shard
+    monkeypatch.undo()  # space again: the same command resumes
+    run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 37)
+    assert same_bytes(tmp_path / "out", whole)
+    assert meta_of(tmp_path / "out") == meta_of(whole)
