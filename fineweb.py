@@ -20,11 +20,13 @@ too. Empty and null documents are skipped and counted.
 """
 
 import argparse
+import fnmatch
 import glob
 import gzip
 import json
 import os
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -49,6 +51,9 @@ LOCAL_FORMATS = (".parquet", ".jsonl", ".json", ".txt")
 BATCH_CHARS = 2**18
 BATCH_ROWS = 4096  # ... or this many rows, so that a run of empty documents still makes a batch
 BATCHES_PER_THREAD = 4  # read-ahead: keeps every thread fed while bounding the memory in flight
+# The writer holds two shards in memory (one filling, one saving), 2 bytes a token: 2**31 tokens is
+# 8 GiB for the two, far past any use (the default 1e8 is 400 MB) yet short of a typo like 1e12.
+MAX_SHARD_SIZE = 2**31
 
 
 def available_cores():
@@ -126,12 +131,59 @@ def resolve_data_files(patterns):
     return files
 
 
+def is_within(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+def folder_read_by(pattern, data_dir):
+    """The folder that --data_files' pattern reads every file below and that holds data_dir (or is
+    it), else None: a folder named, or one a glob matches, now or once data_dir exists."""
+    if os.path.exists(pattern):
+        inside = os.path.isdir(pattern) and is_within(os.path.realpath(data_dir), os.path.realpath(pattern))
+        return pattern if inside else None
+    folder = os.path.abspath(data_dir)
+    while not fnmatch.fnmatch(folder, os.path.abspath(pattern)):  # fnmatch's * spans "/": as glob reads below a match
+        if folder == os.path.dirname(folder):
+            return None
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def check_data_dir_apart(cfg, files):
+    """Refuse a --data_dir that holds an input file or lies in an input folder: a second run would
+    read its meta.json as input, and --overwrite delete what it reads."""
+    patterns = cfg.data_files or ([cfg.dataset] if cfg.dataset and os.path.isdir(cfg.dataset) else [])  # local folder
+    for pattern in patterns:
+        if folder := folder_read_by(pattern, cfg.data_dir):
+            raise UserError(
+                f"--data_dir {cfg.data_dir} is inside the input (every file below {folder} is read): its shards "
+                f"and meta.json would be read as input; pick another --data_dir, outside the input"
+            )
+    data_dir = os.path.realpath(cfg.data_dir)
+    for path in files or []:
+        if is_within(os.path.realpath(path), data_dir):
+            raise UserError(
+                f"--data_dir {cfg.data_dir} holds the input file {path}: the shards would be written among "
+                f"their own input; pick another --data_dir, or move the input out of it"
+            )
+
+
 def open_parquet(path):
     try:
         # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
         return pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
     except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
         raise UserError(f"{path}: not a readable parquet file ({e})")
+
+
+def check_text(text, where, text_field):
+    """text, if it is a str or None (a null document); else a UserError saying where it is."""
+    if text is None or isinstance(text, str):
+        return text
+    raise UserError(
+        f"{where}: field {text_field!r} holds {type(text).__name__} {text!r:.40}, not text: "
+        f"pass --text_field with the field that holds the documents' text"
+    )
 
 
 def parquet_rows(path, text_field, skip):
@@ -141,23 +193,38 @@ def parquet_rows(path, text_field, skip):
     if text_field not in columns:
         raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
     # skip whole row groups by their metadata, so resuming deep into a file reads little of it
-    group = 0
+    group, row = 0, 0  # row: the file's row of the next record batch's first text
     while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
         skip -= parquet.metadata.row_group(group).num_rows
+        row += parquet.metadata.row_group(group).num_rows
         group += 1
     if group < parquet.num_row_groups:
         row_groups = range(group, parquet.num_row_groups)
         for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=[text_field]):
             texts = record_batch.column(0).to_pylist()
-            yield from texts[skip:]
-            skip = max(0, skip - len(texts))
+            for i in range(skip, len(texts)):
+                yield check_text(texts[i], f"{path} row {row + i}", text_field)
+            skip, row = max(0, skip - len(texts)), row + len(texts)
     return parquet.metadata.num_rows
+
+
+def is_gzip(path):
+    return path.lower().endswith(".gz")
 
 
 def open_text(path):
     """UTF-8 text as stored: a byte-order mark dropped, but "\r\n" kept (the tokens should see the file's bytes)."""
-    opener = gzip.open if path.endswith(".gz") else open
+    opener = gzip.open if is_gzip(path) else open
     return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def check_gzip(path):
+    """Decompress a .gz file to nowhere. gzip finds a cut-off file or a wrong CRC only at its very end,
+    after a reader has handed out most of it: checking first means no shard holds part of a damaged
+    file. The extra pass costs little: zlib inflates some 10x faster than one core tokenizes."""
+    with gzip.open(path, "rb") as f:
+        while f.read(2**24):
+            pass
 
 
 def json_rows(path, text_field, skip):
@@ -188,7 +255,7 @@ def json_rows(path, text_field, skip):
                 raise UserError(
                     f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
                 )
-            yield record[text_field]
+            yield check_text(record[text_field], f"{path}:{number}", text_field)
     return rows
 
 
@@ -205,9 +272,15 @@ def local_rows(files, text_field, skip):
     readers = {".parquet": parquet_rows, ".jsonl": json_rows, ".json": json_rows, ".txt": txt_rows}
     for path in files:
         try:
+            if is_gzip(path):
+                check_gzip(path)
             rows_in_file = yield from readers[local_format(path)](path, text_field, skip)
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text ({e})")
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # cut off; corrupt; not gzip at all
+            raise UserError(
+                f"{path}: damaged gzip file ({e}): download or compress it again (`gzip -t {path}` checks it)"
+            )
         skip = max(0, skip - rows_in_file)
 
 
@@ -255,7 +328,10 @@ def hub_rows(cfg, ds, start):
     else:
         rows = islice((row[cfg.text_field] for row in ds), start.row, None)
     try:
-        yield from rows
+        for row, text in enumerate(rows, start.row):
+            yield check_text(text, f"{cfg.dataset} row {row}", cfg.text_field)
+    except UserError:
+        raise
     except KeyError:
         raise UserError(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
     except Exception as e:  # the network failing hours into a stream: the shards so far are kept
@@ -296,10 +372,6 @@ def document_batches(rows, start, stream_state):
     position = (start.row, start.stream_state, start.stream_skip)
     texts, chars = [], 0
     for text in rows:
-        if text is not None and not isinstance(text, str):
-            raise UserError(
-                f"row {position[0] + len(texts)}: --text_field holds {type(text).__name__} values, not text"
-            )
         texts.append(text)
         chars += len(text) if text else 0
         if chars >= BATCH_CHARS or len(texts) == BATCH_ROWS:
@@ -354,20 +426,28 @@ def save_json(path, obj):
 
 
 def save_shard(data_dir, entry, tokens, meta):
-    """Save one shard, then the meta.json that lists it (in that order, so meta never lies)."""
-    atomic_write(os.path.join(data_dir, entry["file"]), lambda f: np.save(f, tokens))
-    save_json(os.path.join(data_dir, "meta.json"), meta)
+    """Save one shard, then the meta.json that lists it (in that order, so meta never lies). If either
+    fails (a full disk), the folder is left as the last save left it, and a re-run resumes there."""
+    path = os.path.join(data_dir, entry["file"])
+    try:
+        atomic_write(path, lambda f: np.save(f, tokens))
+        try:
+            save_json(os.path.join(data_dir, "meta.json"), meta)
+        except BaseException:
+            os.remove(path)  # a shard that meta.json does not list would still be read by the data loader
+            raise
+    except UserError as e:
+        raise UserError(f"{e}; then re-run the same command to resume after the last complete shard") from e
 
 
 class ShardWriter:
     """Cuts the token stream into shards. A full shard is saved by a background thread while the next
     one fills the other of two buffers, so encoding never waits on the disk: memory is two shards."""
 
-    def __init__(self, cfg, settings, shards, start):
+    def __init__(self, cfg, settings, shards, start, buffers):
         self.cfg = cfg
         self.meta = {"settings": settings, "shards": shards, "complete": False}
-        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
-        self.buffer, self.spare = np.empty(cfg.shard_size, dtype=TOKEN_DTYPE), np.empty(cfg.shard_size, dtype=TOKEN_DTYPE)
+        self.buffer, self.spare = buffers  # shard_buffers(cfg.shard_size)
         self.fill = 0  # tokens in the current shard
         self.shard_docs = 0  # documents whose EOT is in the current shard
         self.tokens = sum(s["tokens"] for s in shards)
@@ -441,7 +521,32 @@ class ShardWriter:
         if not self.meta["shards"]:
             raise UserError(f"no tokens to write: all {self.empty_docs} documents were empty")
         self.meta["complete"] = True
-        save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
+        try:
+            save_json(os.path.join(self.cfg.data_dir, "meta.json"), self.meta)
+        except UserError as e:
+            raise UserError(f"{e}; then re-run the same command to finish") from e
+
+
+def physical_memory():
+    """Bytes of RAM, or None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def shard_buffers(shard_size):
+    """The writer's two shard buffers, or a UserError if they cannot fit in memory."""
+    nbytes = 2 * shard_size * TOKEN_DTYPE.itemsize
+    too_big = f"two shards of {shard_size:,} tokens ({nbytes / 2**30:.1f} GiB) do not fit in memory"
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:  # else np.empty succeeds, and the OOM killer strikes later
+        raise UserError(f"{too_big} ({memory / 2**30:.1f} GiB here): pass a smaller --shard_size (default 1e8)")
+    try:
+        # np.empty takes memory page by page as it is filled: a small run never pays for 2 x 200 MB
+        return np.empty(shard_size, dtype=TOKEN_DTYPE), np.empty(shard_size, dtype=TOKEN_DTYPE)
+    except MemoryError:
+        raise UserError(f"{too_big}: pass a smaller --shard_size (default 1e8)")
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -537,8 +642,10 @@ def show_progress(bar, writer, num_rows):
 def tokenize(cfg):
     """Write the shards of cfg's input into cfg.data_dir; returns a one-line summary."""
     files = resolve_data_files(cfg.data_files) if cfg.data_files else None
+    check_data_dir_apart(cfg, files)  # before anything in it is deleted or written
     tokenizer = get_tokenizer(GPT2)
     settings = settings_for(cfg, files, tokenizer.eot)
+    buffers = shard_buffers(cfg.shard_size)  # before completed_shards, which may delete (--overwrite)
     shards = completed_shards(cfg, settings)
     if shards is None:
         return f"{cfg.data_dir} is complete already (see its meta.json): nothing to do; --overwrite redoes it"
@@ -550,7 +657,7 @@ def tokenize(cfg):
         rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
         stream_state = partial(json_state, ds) if cfg.streaming else no_state
 
-    writer = ShardWriter(cfg, settings, shards, start)
+    writer = ShardWriter(cfg, settings, shards, start, buffers)
     tokens_before, t0 = writer.tokens, time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing")
     batches = document_batches(rows, start, stream_state)
@@ -612,6 +719,11 @@ def parse_args(argv=None):
     cfg.split = cfg.split or (None if cfg.data_files else "train")
     if cfg.num_proc < 1:
         raise UserError("--num_proc must be at least 1")
+    if cfg.shard_size > MAX_SHARD_SIZE:
+        raise UserError(
+            f"--shard_size {cfg.shard_size:,} tokens is more than {MAX_SHARD_SIZE:,} (2**31): the writer holds two "
+            f"shards in memory, 2 bytes a token; the default, 1e8, is 200 MB a shard"
+        )
     return cfg
 
 

@@ -3,10 +3,12 @@
 Offline: ../shared/data/fineweb_sample (2,800 documents), tinyshakespeare, and tiny temp files.
 """
 
+import errno
 import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -388,7 +390,7 @@ def test_counts_accept_scientific_notation():
             (),
             "a.parquet: not a readable parquet file",
         ),
-        (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), "row 0: --text_field holds int values, not text"),
+        (lambda d: write_jsonl(d / "a.jsonl", [{"text": 5}]), (), r"a.jsonl:1: field 'text' holds int 5, not text"),
         (
             lambda d: write_jsonl(d / "a.jsonl", [{"text": ""}, {"text": None}]),
             (),
@@ -437,3 +439,149 @@ def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="could not download the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
         get_tokenizer("gpt2")  # the one tokenizer loader: fineweb.py, training, evals and sampling use it
+
+
+# ---- damaged input, oversized shards, wrong types, a misplaced --data_dir, a full disk -------------
+def gzip_damaged(kind, data):
+    """data gzipped, then damaged: cut short, its CRC wrong, or no gzip at all."""
+    packed = gzip.compress(data)
+    if kind == "truncated":
+        return packed[: len(packed) // 2]
+    if kind == "bad crc":  # the last 8 bytes are the CRC-32 and length of the data
+        return packed[:-8] + bytes(b ^ 0xFF for b in packed[-8:-4]) + packed[-4:]
+    return os.urandom(len(packed))  # random bytes named .gz
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad crc", "not gzip"])
+@pytest.mark.parametrize("name", ["a.jsonl.gz", "a.txt.gz", "a.json.gz"])
+def test_damaged_gzip_names_the_file_and_writes_no_shard(kind, name, tmp_path, monkeypatch):
+    """gzip notices damage only at the end of a file: by then a reader has handed out most of it."""
+    monkeypatch.setattr(fineweb, "BATCH_CHARS", 100)  # batches, then shards, long before the end of the file
+    records = [{"text": text} for text in SMALL_TEXTS]
+    data = {".jsonl.gz": "".join(json.dumps(r) + "\n" for r in records), ".json.gz": json.dumps(records)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(gzip_damaged(kind, data.get(name[1:], " ".join(SMALL_TEXTS)).encode()))
+    write_jsonl(tmp_path / "in" / "b.jsonl", records)  # a sound file after it
+    with pytest.raises(SystemExit, match=f"error: .*{name}: damaged gzip file .*gzip -t"):
+        run(tmp_path / "out", "--data_files", tmp_path / "in", "--shard_size", 37)
+    assert not glob.glob(f"{tmp_path}/out/*")  # not one shard holds a part of the damaged file
+
+
+def test_shard_size_too_big_for_memory_is_refused_when_parsed(small_jsonl, tmp_path):
+    with pytest.raises(SystemExit, match="error: --shard_size 1,000,000,000,000 tokens is more than"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", "1e12")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("failure", ["too little memory", "MemoryError"])
+def test_shard_buffers_that_do_not_fit_suggest_a_smaller_shard_size(failure, small_jsonl, tmp_path, monkeypatch):
+    run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 100)
+    before = {path: open(path, "rb").read() for path in glob.glob(f"{tmp_path}/out/*")}
+    if failure == "too little memory":
+        monkeypatch.setattr(fineweb, "physical_memory", lambda: 1000)  # bytes
+    else:
+        real_empty = np.empty
+
+        def empty(shape, *args, **kwargs):  # the allocation of a shard buffer fails, nothing else
+            if shape == 300:
+                raise MemoryError
+            return real_empty(shape, *args, **kwargs)
+
+        monkeypatch.setattr(np, "empty", empty)
+    with pytest.raises(SystemExit, match="error: two shards of 300 tokens .*pass a smaller --shard_size"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 300, "--overwrite")
+    assert {path: open(path, "rb").read() for path in glob.glob(f"{tmp_path}/out/*")} == before  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    "make_second_file, message",
+    [
+        (
+            lambda d: write_jsonl(d / "b.jsonl", [{"text": "x"}, {"text": 5}]),
+            r"b.jsonl:2: field 'text' holds int 5, not text",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"text": [None, 1]}), d / "b.parquet"),
+            r"b.parquet row 1: field 'text' holds int 1, not text",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"text": ["x", "y", None, "z"], "n": [1, 2, 3, 4]}), d / "b.parquet"),
+            None,  # strings and nulls are fine
+        ),
+    ],
+)
+def test_text_of_another_type_names_the_file_and_row(make_second_file, message, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in SMALL_TEXTS[:5]])  # rows 0 .. 4 of the input
+    make_second_file(tmp_path / "in")
+    if message is None:
+        run(tmp_path / "out", "--data_files", tmp_path / "in")
+        return
+    with pytest.raises(SystemExit, match=f"error: .*{message}: pass --text_field"):
+        run(tmp_path / "out", "--data_files", tmp_path / "in")
+
+
+def test_dataset_text_of_another_type_names_the_row(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'in'} row 0: field 'text' holds int 1, not text"):
+        run(tmp_path / "out", "--dataset", tmp_path / "in", "--streaming")
+
+
+def folder_state(folder):
+    return {p: open(p, "rb").read() for p in glob.glob(f"{folder}/**", recursive=True) if os.path.isfile(p)}
+
+
+def test_data_dir_that_holds_or_sits_in_the_input_is_refused_before_anything_changes(small_jsonl, tmp_path):
+    data = small_jsonl.parent
+    run(data / "out", "--data_files", small_jsonl, "--shard_size", 100)  # fine: the input is one file beside it
+    before = folder_state(tmp_path)
+    inside = "error: --data_dir {} is inside the input \\(every file below {} is read\\): .*pick another --data_dir"
+    with pytest.raises(SystemExit, match=inside.format(re.escape(f"{data}/out"), re.escape(str(data)))):
+        run(data / "out", "--data_files", data, "--shard_size", 100, "--overwrite")  # used to delete the shards
+    with pytest.raises(SystemExit, match=f"error: --data_dir {re.escape(str(data))} holds the input file .*docs.jsonl"):
+        run(data, "--data_files", small_jsonl, "--overwrite")
+    with pytest.raises(SystemExit, match=inside.format(".*/new", ".*/new")):
+        run(data / "new", "--data_files", f"{data}/*", "--shard_size", 100)  # a glob that will match it
+    with pytest.raises(SystemExit, match=inside.format(".*/deeper", re.escape(str(data)))):
+        run(data / "out" / "deeper", "--dataset", data)  # a local dataset folder is read whole too
+    assert folder_state(tmp_path) == before
+
+
+def fail_write(monkeypatch, nth):
+    """The nth atomic_write (shard 0, meta.json, shard 1, meta.json, ...) finds the disk full midway."""
+    real_atomic_write, calls = fineweb.atomic_write, []
+
+    def atomic_write(path, write, check=None):
+        calls.append(path)
+        if len(calls) == nth:
+            def write(f, write=write):
+                f.write(b"\x93NUMPY\x01\x00")  # the first bytes fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_atomic_write(path, write, check)
+
+    monkeypatch.setattr(fineweb, "atomic_write", atomic_write)
+
+
+@pytest.mark.parametrize(
+    "nth, listed_after",  # as functions of the number of shards of the whole run
+    [(lambda n: 5, lambda n: 2), (lambda n: 6, lambda n: 2), (lambda n: 2 * n + 1, lambda n: n)],
+    ids=["shard 2", "meta.json listing shard 2", "the final meta.json"],
+)
+def test_full_disk_says_no_space_leaves_no_partial_shard_and_resumes_to_the_same_bytes(
+    nth, listed_after, small_jsonl, tmp_path, monkeypatch
+):
+    whole = run(tmp_path / "whole", "--data_files", small_jsonl, "--shard_size", 37)
+    names = [os.path.basename(p) for p in shard_files(whole)]
+    fail_write(monkeypatch, nth(len(names)))
+    with pytest.raises(SystemExit, match=r"error: could not write .*: no space left on the device .*re-run the same"):
+        run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 37)
+    meta = meta_of(tmp_path / "out")
+    listed = [s["file"] for s in meta["shards"]]
+    assert not meta["complete"] and listed == names[: listed_after(len(names))]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(listed + ["meta.json"])  # no .tmp, no unlisted shard
+    monkeypatch.undo()  # space again: the same command resumes
+    run(tmp_path / "out", "--data_files", small_jsonl, "--shard_size", 37)
+    assert same_bytes(tmp_path / "out", whole)
+    assert meta_of(tmp_path / "out") == meta_of(whole)
