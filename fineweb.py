@@ -1,9 +1,10 @@
 """
-FineWeb-Edu, or any text dataset, -> GPT-2 token shards for dataloader.py.
+FineWeb-Edu, or any text dataset, -> token shards for dataloader.py (GPT-2's BPE, or --tokenizer DIR).
 
     python fineweb.py                # FineWeb-Edu sample-10BT from the Hugging Face hub -> edu_fineweb10B/
     python fineweb.py --streaming    # the same shards, streamed: no dataset download on disk first
     python fineweb.py --data_files path/to/parquet_folder --data_dir log/demo/data --shard_size 1e6
+    python fineweb.py --tokenizer tok/ --data_dir tok_shards    # your own BPE (python tokenizer.py train ...)
     HF_ENDPOINT=https://hf-mirror.com python fineweb.py    # through a mirror when the hub is slow or blocked
 
 Each document becomes [<|endoftext|>] + its GPT-2 tokens; documents follow each other in input order
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from errors import UserError, exit_on_error
 from files import atomic_write
 from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
-from tokenizer import GPT2, get_tokenizer
+from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
@@ -67,6 +68,7 @@ class Config:
     name: str = None  # the dataset's config: sample-10BT for FineWeb-Edu
     split: str = None  # train when a dataset is given
     text_field: str = "text"
+    tokenizer: str = "gpt2"  # or a folder written by `python tokenizer.py train`
     data_files: list = None  # local files, folders or globs, read instead of a dataset
     streaming: bool = False
     cache_dir: str = None  # where `datasets` keeps downloads (default ~/.cache/huggingface/datasets)
@@ -550,15 +552,16 @@ def shard_buffers(shard_size):
 
 
 # ---- resuming ---------------------------------------------------------------------------------
-def settings_for(cfg, files, eot):
+def settings_for(cfg, files, tokenizer):
     """What decides the bytes of the shards: a run resumes only into a folder made with the same."""
     if files:
         source = {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
     else:  # streaming or not gives the same bytes, so a streamed run may resume downloaded
         source = {"dataset": cfg.dataset, "name": cfg.name, "split": cfg.split}
+    name = tokenizer.name if tokenizer.name in (GPT2, GPT2_CHAT) else os.path.abspath(tokenizer.name)
     settings = {
-        "tokenizer": GPT2,
-        "eot": eot,
+        "tokenizer": {"name": name, "hash": tokenizer.hash},  # train_gpt2.py --tokenizer auto reads it
+        "eot": tokenizer.eot,
         "dtype": TOKEN_DTYPE.name,
         "shard_size": cfg.shard_size,
         "max_tokens": cfg.max_tokens,
@@ -643,8 +646,13 @@ def tokenize(cfg):
     """Write the shards of cfg's input into cfg.data_dir; returns a one-line summary."""
     files = resolve_data_files(cfg.data_files) if cfg.data_files else None
     check_data_dir_apart(cfg, files)  # before anything in it is deleted or written
-    tokenizer = get_tokenizer(GPT2)
-    settings = settings_for(cfg, files, tokenizer.eot)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise UserError(
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size:,} ids, but shards hold uint16 ids (at most 65,536): "
+            f"train one with `python tokenizer.py train --vocab_size 65536` or fewer"
+        )
+    settings = settings_for(cfg, files, tokenizer)
     buffers = shard_buffers(cfg.shard_size)  # before completed_shards, which may delete (--overwrite)
     shards = completed_shards(cfg, settings)
     if shards is None:
@@ -700,10 +708,12 @@ def parse_args(argv=None):
     parser.add_argument("--name", help=f"the dataset's config (default: {DEFAULT_NAME} for {DEFAULT_DATASET})")
     parser.add_argument("--split", help="the dataset's split (default: train)")
     parser.add_argument("--text_field", default="text", help="column or JSON field holding the text (default: text)")
+    parser.add_argument("--tokenizer", default=GPT2, help="gpt2 (default), or a folder written by tokenizer.py train")
     parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (no network)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     parser.add_argument("--cache_dir", help="where datasets keeps downloads (default: ~/.cache/huggingface/datasets)")
-    parser.add_argument("--data_dir", default=Config.data_dir, help="shard folder to write, train_gpt2.py's --data_dir (default: edu_fineweb10B beside this)")
+    parser.add_argument("--data_dir", default=Config.data_dir,
+                        help="shard folder to write, train_gpt2.py's --data_dir (default: edu_fineweb10B beside this)")
     parser.add_argument("--prefix", default=Config.prefix, help="shard file name prefix (default: edufineweb)")
     parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (1e8)")
     parser.add_argument("--max_tokens", type=parse_count, help="stop after this many tokens (small demos)")

@@ -382,3 +382,43 @@ def test_fineweb_compression_near_gpt2(fineweb_sample_dir, gpt2):
     ratio = ours.bytes_per_token(held_out) / gpt2.bytes_per_token(held_out)
     assert 0.8 < ratio < 1.0
     assert ours.token_bytes()[ours.encode_to_numpy(held_out[0])].sum() == len(held_out[0].encode())
+
+
+# ---- the tokenizer through the pipeline: fineweb.py -> train_gpt2.py ----
+
+
+def test_own_tokenizer_flows_from_shards_to_training_and_is_checked(saved, trained, tmp_path, capsys):
+    import fineweb
+    import numpy as np
+    import train_gpt2
+    from test_train import TINY
+    from training_log import read_metrics
+
+    texts = [" ".join(sentence(random.Random(1000 + i)) for _ in range(20)) for i in range(40)]
+    data_dir = tmp_path / "shards"
+    fineweb.main(["--data_files", str(write_jsonl(tmp_path / "docs.jsonl", texts)), "--tokenizer", str(saved),
+                  "--data_dir", str(data_dir), "--shard_size", "2000"])  # fmt: skip
+    with open(data_dir / "meta.json") as f:
+        assert json.load(f)["settings"]["tokenizer"] == {"name": os.path.abspath(saved), "hash": trained.hash}
+    tokens = np.concatenate([np.load(p) for p in sorted(data_dir.glob("*_train_*.npy"))])
+    assert tokens.max() < trained.vocab_size and (tokens == trained.eot).sum() > 0
+    flags = [*TINY, "--data_dir", str(data_dir), "--max_steps", "2", "--eval_interval", "2"]
+    train_gpt2.main([*flags, "--log_dir", str(tmp_path / "log")])  # --tokenizer auto: the shards' own
+    config = [m for m in read_metrics(tmp_path / "log" / "metrics.jsonl") if m["kind"] == "config"][0]
+    assert config["num_params"] < 200_000  # a 521-id embedding, not GPT-2's 50,304 rows
+    val = [m for m in read_metrics(tmp_path / "log" / "metrics.jsonl") if m["kind"] == "val"][-1]
+    assert 0 < val["bpb"] < val["loss"]  # more than one byte per token
+    with pytest.raises(SystemExit, match=r"were written with tokenizer .*tok \(hash .*--tokenizer gpt2 is another one"):
+        train_gpt2.main([*flags, "--log_dir", str(tmp_path / "log2"), "--tokenizer", "gpt2"])
+
+
+def test_fineweb_refuses_a_tokenizer_too_large_for_uint16_shards(tmp_path, monkeypatch):
+    import fineweb
+
+    class Huge:
+        name, vocab_size, eot, hash = "huge", 70_000, 0, "x"
+
+    monkeypatch.setattr(fineweb, "get_tokenizer", lambda name: Huge())
+    with pytest.raises(SystemExit, match="has 70,000 ids, but shards hold uint16 ids .*--vocab_size 65536"):
+        fineweb.main(["--data_files", str(write_jsonl(tmp_path / "d.jsonl", ["a b"])), "--data_dir", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists() or not os.listdir(tmp_path / "s")
