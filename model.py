@@ -258,10 +258,10 @@ class GPT(nn.Module):
         steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, **kwargs)
         return torch.cat([idx, *(next_id[:, None] for next_id in steps)], dim=1)
 
-    @torch.no_grad()
     def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                         eot=None, use_cache=True):  # fmt: skip
-        """Yield the next token of every prompt, a (B,) tensor per step, as soon as it is sampled.
+        """An iterator over the next token of every prompt, a (B,) tensor per step, each yielded as
+        soon as it is sampled (for streaming text to a terminal or a browser).
 
         prompts: a (B, T) tensor, or B lists of token ids of any lengths (left-padded, see left_pad).
         Sampling: see next_token. eot: a row that produces it is finished and repeats it; the stream
@@ -271,12 +271,17 @@ class GPT(nn.Module):
         Beyond block_size (there are no position embeddings further), the window slides: without the
         cache every step sees the last block_size tokens; with it, once the cache is full the newest
         block_size // 2 tokens are prefilled afresh (their positions all change) and it fills again,
-        so a step sees between block_size // 2 and block_size tokens. Both agree up to block_size."""
+        so a step sees between block_size // 2 and block_size tokens. Both agree up to block_size.
+        Bad arguments raise UserError here, before the first token."""
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        idx, real = left_pad(prompts, self.config.block_size, self.transformer.wte.weight.device)
+        return self._generate_steps(idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache)
+
+    @torch.no_grad()
+    def _generate_steps(self, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache):
+        """generate_stream's loop. idx (B, T) token ids, real (B, T) True at real tokens (not padding)."""
         block_size = self.config.block_size
-        device = self.transformer.wte.weight.device
-        idx, real = left_pad(prompts, block_size, device)  # (B, T) token ids, (B, T) True at real tokens
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=device)  # rows that produced eot
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # rows that produced eot
         kv_cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
