@@ -86,7 +86,8 @@ def parse_args(argv=None):
                         help="end a completion where this text appears (repeatable); <|endoftext|> always ends it")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed and settings give the same text")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on new GPUs, fp32 on CPU), bfloat16, float16, float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on Ampere+ GPUs, fp32 on CPU), bfloat16, float16, float32")
     parser.add_argument("--no_stream", action="store_true",
                         help="generate all samples as one batch, then print them (other random draws than streaming)")
     return parser.parse_args(argv)  # fmt: skip
