@@ -5,6 +5,7 @@ The GPT-2 model: a decoder-only transformer, written to be read.
     model = GPT(GPTConfig())                 # 124M, randomly initialised, ready to train
     model = GPT.from_pretrained("gpt2")      # OpenAI's weights (or a local Hugging Face folder)
     logits, loss = model(idx, targets)       # idx, targets: (B, T) int64
+    out = model.generate(idx, 50, top_k=50)  # (B, T + 50): sampled, with a KV cache (sample.py)
 
 This file knows nothing about data, DDP or logging: `train_gpt2.py` wires those in.
 Parameter names follow the Hugging Face GPT-2 layout (`transformer.h.0.attn.c_attn.weight`, ...),
@@ -277,7 +278,6 @@ class GPT(nn.Module):
         idx, real = left_pad(prompts, self.config.block_size, self.transformer.wte.weight.device)
         return self._generate_steps(idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache)
 
-    @torch.no_grad()
     def _generate_steps(self, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache):
         """generate_stream's loop. idx (B, T) token ids, real (B, T) True at real tokens (not padding)."""
         block_size = self.config.block_size
@@ -307,6 +307,7 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_id[:, None]), dim=1)
             real = torch.cat((real, torch.ones_like(real[:, :1])), dim=1)
 
+    @torch.no_grad()  # here, not on the generator above: that would fail noisily at exit mid-stream
     def next_logits(self, idx, real, kv_cache=None):
         """Logits (B, vocab_size), float32, of the token after idx (B, T): forward's computation, for
         generation. real (B, T_all) marks the real tokens among the T_all positions the new ones attend
@@ -392,12 +393,12 @@ def left_pad(prompts, block_size, device):
     attends to it (attention_mask) and it shifts no position (positions)."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
-    if not prompts or min(len(p) for p in prompts) == 0:
+    lengths = [len(p) for p in prompts]
+    if not lengths or min(lengths) == 0:
         raise UserError("empty prompt: give at least one token to continue")
-    if max(len(p) for p in prompts) > block_size:
-        raise UserError(f"prompt of {max(len(p) for p in prompts)} tokens is longer than the model's "
-                        f"block_size={block_size}: shorten it")  # fmt: skip
-    T = max(len(p) for p in prompts)
+    T = max(lengths)
+    if T > block_size:
+        raise UserError(f"prompt of {T} tokens is longer than the model's block_size={block_size}: shorten it")
     idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     return idx, real
@@ -421,6 +422,7 @@ def attention_mask(real, n_queries):
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p):
+    """UserError for settings that cannot generate; sample.py's flags have the same names."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens={max_new_tokens}: generate at least 1 token")
     if temperature < 0:
