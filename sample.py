@@ -112,15 +112,16 @@ def read_prompt(args):
         raise UserError(f"--prompt_file {args.prompt_file}: cannot read it ({e.__class__.__name__}: {e})")
 
 
-def completion(tokens, tokenizer, stop):
-    """The text of one generated row, up to <|endoftext|> or a stop string."""
+def text_chunks(tokens, tokenizer, stop):
+    """The text of generated tokens, piece by piece as they come, up to <|endoftext|> or a stop string."""
     stream = TextStream(tokenizer, stop)
-    parts = []
     for token in tokens:
-        if token == tokenizer.eot or stream.stopped:
+        if token == tokenizer.eot:
             break
-        parts.append(stream.push(token))
-    return "".join(parts) + stream.finish()
+        yield stream.push(token)
+        if stream.stopped:
+            break  # when tokens is a live generation, no more are asked for: it ends there
+    yield stream.finish()
 
 
 @exit_on_error
@@ -143,24 +144,20 @@ def main(argv=None):
                     eot=tokenizer.eot)  # fmt: skip
     with precision.autocast():
         if args.no_stream:
-            rows = model.generate_stream([prompt] * args.num_samples, args.max_new_tokens, **settings)
-            rows = torch.stack(list(rows), dim=1).tolist()  # (num_samples, steps)
+            steps = model.generate_stream([prompt] * args.num_samples, args.max_new_tokens, **settings)
+            rows = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
             for i, row in enumerate(rows):
-                print(f"--- sample {i + 1}/{args.num_samples}\n{text}{completion(row, tokenizer, args.stop)}")
+                completion = "".join(text_chunks(row, tokenizer, args.stop))
+                print(f"--- sample {i + 1}/{args.num_samples}\n{text}{completion}")
             return
         for i in range(args.num_samples):
             # created before anything is printed: it checks the prompt (empty, longer than block_size)
             steps = model.generate_stream([prompt], args.max_new_tokens, **settings)
             print(f"--- sample {i + 1}/{args.num_samples}\n{text}", end="", flush=True)
-            stream = TextStream(tokenizer, args.stop)
-            for next_id in steps:
-                token = next_id.item()
-                if token == tokenizer.eot:
-                    break
-                print(stream.push(token), end="", flush=True)
-                if stream.stopped:
-                    break  # leaving the loop ends the generation
-            print(stream.finish(), flush=True)
+            for chunk in text_chunks((next_id.item() for next_id in steps), tokenizer, args.stop):
+                print(chunk, end="", flush=True)
+            print()
+
 
 if __name__ == "__main__":
     main()
