@@ -6,6 +6,7 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py train --model gpt2 --batch_size 64 --seq_len 1024     # training step tokens/s and MFU
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
     python bench.py gpu --out gpu_check.jsonl                             # the GPU check: every CUDA path, ~6 min
+    python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
     add --json to any of them for machine-readable output
 
 Every figure in docs/benchmarks.md comes from one of these commands.
@@ -901,6 +902,77 @@ def not_in_check_yet(flag):
     return skipped("not implemented yet")
 
 
+# ---- generation (model.py's KV cache) ---------------------------------------------------------
+def add_generate_args(parser):
+    parser.add_argument("--model", default="gpt2", help="a size in model.MODEL_SIZES, random weights: gpt2, mini, ...")
+    parser.add_argument("--batch_size", type=int, default=1, help="prompts generated together")
+    parser.add_argument("--prompt_len", type=int, default=64, help="tokens in each (random) prompt")
+    parser.add_argument("--new_tokens", type=int, default=512, help="tokens generated after it (0: no full run)")
+    parser.add_argument("--positions", default="64,512", help="positions at which to time single steps")
+    parser.add_argument("--steps", type=int, default=8, help="steps timed at each position (their median)")
+    parser.add_argument("--cache", choices=["both", "on", "off"], default="both",
+                        help="with the KV cache, recomputing the context at every step, or both")
+    from device import add_device_args
+
+    add_device_args(parser, dtype="float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; default: one per core). On a machine shared with "
+                             "other jobs, 1 avoids waiting at every op for a thread that is not running")
+
+
+def bench_generate(args):
+    """Tokens/s of GPT.generate_stream (what sample.py and the training samples run) with the KV cache
+    and recomputing the context at every step, and the time of one step at a few positions: with the
+    cache it should barely grow with the position, without it grows with the context."""
+    import statistics
+    import time
+
+    import torch
+
+    from device import pick_device, setup_precision
+    from model import GPT, GPTConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device, local_rank=0)
+    precision = setup_precision(args.dtype, device.split(":")[0])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(args.model)).to(device).eval()
+
+    def step_seconds(prompt_len, steps, use_cache):
+        """Seconds from one yielded token to the next; the first includes the prompt's prefill."""
+        prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, prompt_len), device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        seconds = []
+        with precision.autocast():
+            synchronize(device)
+            last = time.perf_counter()
+            for _ in model.generate_stream(prompts, steps, top_k=50, generator=generator, use_cache=use_cache):
+                synchronize(device)
+                seconds.append(time.perf_counter() - last)
+                last = time.perf_counter()
+        return seconds
+
+    step_seconds(args.prompt_len, 4, use_cache=True)  # warm-up: allocator, kernel selection
+    results = {"model": args.model, "params_M": model.num_params() / 1e6, "device": device,
+               "dtype": str(precision.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+               "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}  # fmt: skip
+    modes = {"on": [("cache", True)], "off": [("recompute", False)]}
+    modes["both"] = modes["on"] + modes["off"]
+    for name, use_cache in modes[args.cache]:
+        if args.new_tokens > 0:
+            seconds = sum(step_seconds(args.prompt_len, args.new_tokens, use_cache))
+            results[f"{name}_seconds"] = seconds
+            results[f"{name}_tokens_per_s"] = args.batch_size * args.new_tokens / seconds
+        for position in map(int, args.positions.split(",")):
+            # a prompt of `position` tokens: after its prefill, each step feeds the token at the next position
+            later_steps = step_seconds(position, args.steps + 1, use_cache)[1:]
+            results[f"{name}_ms_per_step_at_{position}"] = statistics.median(later_steps) * 1000
+    if args.cache == "both" and args.new_tokens > 0:
+        results["cache_speedup"] = results["recompute_seconds"] / results["cache_seconds"]
+    return results
+
+
 # ---- command line -----------------------------------------------------------------------------
 BENCHMARKS = {
     "fineweb": (add_fineweb_args, bench_fineweb),
@@ -908,6 +980,7 @@ BENCHMARKS = {
     "train": (add_train_args, bench_train),
     "hellaswag": (add_hellaswag_args, bench_hellaswag),
     "gpu": (add_gpu_args, bench_gpu),
+    "generate": (add_generate_args, bench_generate),
 }
 
 

@@ -5,6 +5,7 @@ The GPT-2 model: a decoder-only transformer, written to be read.
     model = GPT(GPTConfig())                 # 124M, randomly initialised, ready to train
     model = GPT.from_pretrained("gpt2")      # OpenAI's weights (or a local Hugging Face folder)
     logits, loss = model(idx, targets)       # idx, targets: (B, T) int64
+    out = model.generate(idx, 50, top_k=50)  # (B, T + 50): sampled, with a KV cache (sample.py)
 
 This file knows nothing about data, DDP or logging: `train_gpt2.py` wires those in.
 Parameter names follow the Hugging Face GPT-2 layout (`transformer.h.0.attn.c_attn.weight`, ...),
@@ -75,18 +76,55 @@ class CausalSelfAttention(nn.Module):
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        """Training passes x alone: every position at once, causally masked. Generation also passes
+        attn_mask (B, 1, T, T_all), True where a query may see a key, and usually a kv_cache holding
+        the keys and values of the T_all - T earlier positions (see GPT.generate_stream)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask; PyTorch picks a flash-attention kernel
-        # where it can, which never materialises the (T, T) attention matrix.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, T_all, hs): the earlier positions' keys, then these
+        if attn_mask is None:
+            # softmax(q k^T / sqrt(hs)) v with a causal mask; PyTorch picks a flash-attention kernel
+            # where it can, which never materialises the (T, T) attention matrix.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            # is_causal would be wrong here: with fewer queries than keys it aligns the mask to the
+            # first key, not the last, so the one new query would see only position 0.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.c_proj(y)
+
+
+class KVCache:
+    """One layer's keys and values of the positions processed so far, kept for generation.
+
+    Without a cache, each new token reruns the model over the whole context; yet the keys and values
+    of the earlier positions do not change (attention is causal), so they can be kept: the prompt
+    runs once (prefill), then each step feeds one token, whose query attends to the cached keys and
+    whose own key and value are appended. A step then costs one position instead of the context."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len  # positions it has room for, at most block_size
+        self.length = 0  # positions stored: the same for every row, as prompts are left-padded
+        self.k = self.v = None  # each (B, nh, max_len, hs), allocated on first use in k's dtype
+
+    def append(self, k, v):
+        """Store k, v (B, nh, T, hs) of T new positions; return the keys and values of all positions so
+        far, (B, nh, length, hs). Written into preallocated tensors: torch.cat would copy the whole
+        cache at every step."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        start, self.length = self.length, self.length + k.size(2)
+        self.k[:, :, start : self.length] = k
+        self.v[:, :, start : self.length] = v
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
 class MLP(nn.Module):
@@ -112,8 +150,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # tokens communicate
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)  # tokens communicate
         x = x + self.mlp(self.ln_2(x))  # each token computes on its own
         return x
 
@@ -211,25 +249,79 @@ class GPT(nn.Module):
         # The fused CUDA kernel updates all parameters in a few launches instead of one per tensor.
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T). temperature=0 picks the most likely
-        token; top_k keeps only the k most likely; a seeded torch.Generator makes it reproducible."""
+    # ---- generation: one function for training samples, evaluations, sample.py and chat ----
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, **kwargs):
+        """Append up to max_new_tokens tokens to idx (B, T) and return the (B, T + n) result.
+        temperature=0 picks the most likely token; top_k keeps only the k most likely; a seeded
+        torch.Generator makes it reproducible. kwargs go to generate_stream: top_p, eot (then n can
+        be smaller: generation ends once every row has produced eot), use_cache=False to recompute."""
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, **kwargs)
+        return torch.cat([idx, *(next_id[:, None] for next_id in steps)], dim=1)
+
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                        eot=None, use_cache=True):  # fmt: skip
+        """An iterator over the next token of every prompt, a (B,) tensor per step, each yielded as
+        soon as it is sampled (for streaming text to a terminal or a browser).
+
+        prompts: a (B, T) tensor, or B lists of token ids of any lengths (left-padded, see left_pad).
+        Sampling: see next_token. eot: a row that produces it is finished and repeats it; the stream
+        ends when every row is finished, or after max_new_tokens steps.
+        use_cache=False recomputes the whole window at every step, as training's forward does: the
+        slow path, kept to compare against.
+        Beyond block_size (there are no position embeddings further), the window slides: without the
+        cache every step sees the last block_size tokens; with it, once the cache is full the newest
+        block_size // 2 tokens are prefilled afresh (their positions all change) and it fills again,
+        so a step sees between block_size // 2 and block_size tokens. Both agree up to block_size.
+        Bad arguments raise UserError here, before the first token."""
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        idx, real = left_pad(prompts, self.config.block_size, self.transformer.wte.weight.device)
+        return self._generate_steps(idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache)
+
+    def _generate_steps(self, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache):
+        """generate_stream's loop. idx (B, T) token ids, real (B, T) True at real tokens (not padding)."""
+        block_size = self.config.block_size
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # rows that produced eot
+        kv_cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]  # the model cannot see further back
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()  # (B, vocab_size): only the last position predicts
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            if not use_cache:
+                window = slice(-block_size, None)  # the model sees at most block_size tokens
+                logits = self.next_logits(idx[:, window], real[:, window])
+            elif kv_cache is None or kv_cache[0].length == kv_cache[0].max_len:
+                # the prompt, or after a slide the newest half of the window: all positions at once
+                window = slice(-max(block_size // 2, 1), None) if kv_cache else slice(None)
+                max_len = min(block_size, idx.size(1) + max_new_tokens)
+                kv_cache = [KVCache(max_len) for _ in self.transformer.h]
+                logits = self.next_logits(idx[:, window], real[:, window], kv_cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
+                # the one token sampled last; it attends to the cached keys and itself
+                keys = real[:, -(kv_cache[0].length + 1) :]
+                logits = self.next_logits(idx[:, -1:], keys, kv_cache)
+            next_id = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eot is not None:
+                next_id = next_id.masked_fill(done, eot)
+                done |= next_id == eot
+            yield next_id
+            if done.all():
+                return
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            real = torch.cat((real, torch.ones_like(real[:, :1])), dim=1)
+
+    @torch.no_grad()  # here, not on the generator above: that would fail noisily at exit mid-stream
+    def next_logits(self, idx, real, kv_cache=None):
+        """Logits (B, vocab_size), float32, of the token after idx (B, T): forward's computation, for
+        generation. real (B, T_all) marks the real tokens among the T_all positions the new ones attend
+        to: the cached ones, then idx (T_all = T without a cache). Each row's tokens get positions
+        counted from its first real token, and only the last position goes through the output layer."""
+        T_all, T = real.size(1), idx.size(1)
+        pos = positions(real)[:, T_all - T :]  # (B, T)
+        attn_mask = attention_mask(real, T)  # (B, 1, T, T_all)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, None if kv_cache is None else kv_cache[i])
+        x = self.transformer.ln_f(x[:, -1])  # (B, C): only the last position predicts the next token
+        # Slicing off the 47 padding columns does what forward's -inf does: they can never be sampled.
+        return self.lm_head(x)[:, : self.config.vocab_size].float()
 
     # ---- OpenAI's weights, through the Hugging Face transformers format ----
 
@@ -289,3 +381,80 @@ class GPT(nn.Module):
                 theirs[name].copy_(src.t() if transposed else src)
         hf_model.tie_weights()
         hf_model.save_pretrained(out_dir)
+
+
+# ---- generation helpers: padding, positions, masks, sampling ----
+
+
+def left_pad(prompts, block_size, device):
+    """Prompts of different lengths as one batch: (B, T) token ids and (B, T) bool, True at the real
+    tokens. Padding goes on the left, so that every row's next token lands in the same column and one
+    cache position per step serves the whole batch; the padding's id does not matter, as nothing
+    attends to it (attention_mask) and it shifts no position (positions)."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    lengths = [len(p) for p in prompts]
+    if not lengths or min(lengths) == 0:
+        raise UserError("empty prompt: give at least one token to continue")
+    T = max(lengths)
+    if T > block_size:
+        raise UserError(f"prompt of {T} tokens is longer than the model's block_size={block_size}: shorten it")
+    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return idx, real
+
+
+def positions(real):
+    """(B, T) position of each token within its own row. GPT-2's position embeddings are learned and
+    absolute, so a left-padded row must start at 0 at its first real token, as it would alone."""
+    return (real.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def attention_mask(real, n_queries):
+    """(B, 1, n_queries, T) bool, True where a query (the last n_queries of the T positions) may
+    attend to a key: a real token at the query's position or before it, the same for every head.
+    A padding query sees itself: a row of all False would make softmax return NaN."""
+    T = real.size(1)
+    query = torch.arange(T - n_queries, T, device=real.device)[:, None]  # (n_queries, 1)
+    key = torch.arange(T, device=real.device)[None, :]  # (1, T)
+    mask = ((key <= query) & real[:, None, :]) | (key == query)  # (B, n_queries, T)
+    return mask[:, None]
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p):
+    """UserError for settings that cannot generate; sample.py's flags have the same names."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens}: generate at least 1 token")
+    if temperature < 0:
+        raise UserError(f"temperature={temperature}: must be >= 0 (0 always picks the most likely token)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k}: must be at least 1 (or unset, to keep every token)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p}: must be in (0, 1] (1 keeps every token)")
+
+
+def next_token(logits, temperature, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids. temperature=0: the most likely token (greedy). Otherwise
+    sample from softmax(logits / temperature), restricted by top_k and top_p (filter_logits)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf the logits (B, V) of the tokens that may not be sampled: all but the top_k most
+    likely (ties with the k-th are kept), then all but the nucleus, the fewest most likely tokens whose
+    probabilities add up to top_p (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration")."""
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        # a token stays if the more likely ones before it hold less than top_p: the first always stays
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back in vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import checkpoint_tokenizer, model_from_checkpoint
+from checkpoint import add_model_args, load_model
 from device import (
     DistInfo,
     add_device_args,
@@ -39,8 +39,6 @@ from device import (
 )
 from errors import UserError
 from files import atomic_write
-from model import GPT
-from tokenizer import GPT2, get_tokenizer
 from training_log import format_results
 
 
@@ -245,18 +243,13 @@ def data_file(data_path, env_var, filename, url, read):
 # ---- command line: python hellaswag.py / python evals.py TASK -----------------------------------
 def eval_parser(description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument(
-        "--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face folder"
-    )
-    weights.add_argument("--checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
+    add_model_args(parser)
     parser.add_argument(
         "--data_file",
         help="the task's data file, or the folder holding it (default: $HELLASWAG_DIR etc., else download)",
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
-    parser.add_argument("--tokenizer", default="auto", help="auto (the checkpoint's, gpt2 for --model), gpt2, or a folder")
     # float32 by default: the reference figures (on CUDA its matmuls run in TF32, as in training)
     add_device_args(parser, dtype="float32")
     return parser
@@ -267,13 +260,6 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
-
-
-def load_model(args, device):
-    """(model, tokenizer) of --checkpoint or --model."""
-    if args.checkpoint:
-        return model_from_checkpoint(args.checkpoint, device), checkpoint_tokenizer(args.checkpoint, args.tokenizer)
-    return GPT.from_pretrained(args.model).to(device), get_tokenizer(GPT2 if args.tokenizer == "auto" else args.tokenizer)
 
 
 def run_eval(task, args):

@@ -34,11 +34,11 @@ from device import setup_distributed, setup_precision, teardown_distributed
 from errors import UserError, exit_on_error
 from evals import TASKS
 from model import GPT, GPTConfig
+from sample import SAMPLE_PROMPT
 from shards import DEFAULT_DATA_DIR, shard_tokenizer
 from tokenizer import GPT2, get_tokenizer
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 def flag(default, help, low=None, high=None):

@@ -104,7 +104,8 @@ def log_train_step(log, step, max_steps, loss, lr, grad_norm, speed, show, **ext
         f"eta {timedelta(seconds=speed['eta_s'])}"
     )
     metrics = dict(step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra)
-    log.log(logging.INFO if show else QUIET, message, extra={"metrics": metrics, "log_line": f"{step} train {loss:.6f}"})
+    fields = {"metrics": metrics, "log_line": f"{step} train {loss:.6f}"}
+    log.log(logging.INFO if show else QUIET, message, extra=fields)
 
 
 def read_log(path):
