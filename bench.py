@@ -7,6 +7,8 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
     python bench.py gpu --out gpu_check.jsonl                             # the GPU check: every CUDA path, ~6 min
     python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
+    python bench.py memory --model gpt2-medium --batch_size 8 --seq_len 512   # activation checkpointing's saving
+    python bench.py fsdp --model gpt2-medium --nproc 2                    # memory per process, DDP vs FSDP (CPU)
     add --json to any of them for machine-readable output
 
 Every figure in docs/benchmarks.md comes from one of these commands.
@@ -902,6 +904,210 @@ def not_in_check_yet(flag):
     return skipped("not implemented yet")
 
 
+# ---- memory: activation checkpointing and FSDP (train_gpt2.py --plan's figures, measured) ------
+def add_memory_args(parser):
+    parser.add_argument("--model", default="gpt2-medium", help="a size in model.MODEL_SIZES, random weights")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (B)")
+    parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (T)")
+
+
+def saved_tensor_bytes(model, x, y):
+    """(bytes, loss): the bytes of the distinct tensors autograd saves for backward in the forward
+    model(x, y), weights left out. Exact and device-free: torch.autograd.graph.saved_tensors_hooks
+    sees every tensor saved; views of one storage (q, k, v of c_attn's output) count once."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _, loss = model(x, y)
+    return sum(storages.values()), loss
+
+
+def reset_peak_rss():
+    """Start VmHWM (peak RSS) again from the current RSS (Linux: /proc/self/clear_refs). Whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def checkpointing_measurement(model_name, batch_size, seq_len, checkpointing):
+    """In a fresh process: the saved bytes of one forward, then the peak RSS of a forward + backward
+    above the RSS before it (the weights), and its seconds."""
+    import time
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(model_name))
+    model.activation_checkpointing = checkpointing
+    x, y = (torch.randint(0, 50257, (batch_size, seq_len)) for _ in range(2))  # (B, T)
+    saved, loss = saved_tensor_bytes(model, x, y)
+    del loss  # and with it the graph
+    before = rss_mb("VmRSS")
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    _, loss = model(x, y)
+    loss.backward()
+    return {"saved_MB": saved / 2**20, "peak_MB": rss_mb("VmHWM") - before, "seconds": time.perf_counter() - t0}
+
+
+def bench_memory(args):
+    """Activation checkpointing at B x T on the CPU, float32: what a forward saves for backward (exact,
+    saved_tensor_bytes) against device.activation_bytes' formula, and the peak RSS of a forward +
+    backward above the weights (activations, logits, gradients), each in a fresh process."""
+    from device import activation_bytes
+    from model import GPTConfig
+
+    config = GPTConfig.from_name(args.model)
+    results = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "float32"}
+    for checkpointing in (False, True):
+        name = "ckpt" if checkpointing else "no_ckpt"
+        figures = in_fresh_process(checkpointing_measurement, args.model, args.batch_size, args.seq_len, checkpointing)
+        saved, recomputed = activation_bytes(config, args.batch_size, args.seq_len, checkpointing=checkpointing)
+        results.update({f"{name}_{key}": value for key, value in figures.items()})
+        results[f"{name}_planner_saved_MB"] = saved / 2**20
+        results[f"{name}_planner_recomputed_MB"] = recomputed / 2**20
+    results["saved_ratio"] = results["no_ckpt_saved_MB"] / results["ckpt_saved_MB"]
+    results["peak_saving_MB"] = results["no_ckpt_peak_MB"] - results["ckpt_peak_MB"]
+    results["time_ratio"] = results["ckpt_seconds"] / results["no_ckpt_seconds"]
+    return results
+
+
+def add_fsdp_args(parser):
+    parser.add_argument("--model", default="gpt2-medium", help="a size in model.MODEL_SIZES, random weights")
+    parser.add_argument("--nproc", type=int, default=2, help="processes (gloo, on the CPU)")
+    parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward pass (B)")
+    parser.add_argument("--seq_len", type=int, default=64, help="tokens per sequence (T)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps before the memory is read")
+    parser.add_argument("--out_dir", default=None, help="where the checkpoint measurements write (default: a temp folder)")
+
+
+def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
+    """One process of bench_fsdp: train_step under DDP or FSDP, then its memory; for FSDP also a
+    checkpoint both ways (the whole state gathered on rank 0, and torch.distributed.checkpoint's shards)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from checkpoint import gather_full
+    from device import DistInfo, setup_precision, shard_model
+    from model import GPT, GPTConfig
+    from train_gpt2 import TrainConfig, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist_info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device="cpu")
+    fsdp = parallel == "fsdp"
+    precision = setup_precision("float32", "cpu", sharded=fsdp)
+    recipe = TrainConfig()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(args.model))
+    train_model = shard_model(model, True, precision, dist_info) if fsdp else DDP(model)
+    optimizer = model.configure_optimizers(recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2),
+                                           recipe.adam_eps, "cpu")  # fmt: skip
+    x = torch.randint(0, 50257, (args.batch_size, args.seq_len))
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(train_model, model, optimizer, precision, lambda: (x, x), 1, recipe.grad_clip, world_size)
+    mine = lambda t: (t.to_local() if isinstance(t, DTensor) else t).nbytes  # this rank's bytes of t
+    figures = {
+        "ms_per_step": (time.perf_counter() - t0) / args.steps * 1000,
+        "weights_MB": sum(mine(p) for p in model.parameters()) / 2**20,
+        "gradients_MB": sum(mine(p.grad) for p in model.parameters()) / 2**20,
+        "optimizer_MB": sum(mine(t) for s in optimizer.state.values() for t in s.values() if t.dim()) / 2**20,
+        "rss_MB": rss_mb("VmRSS"),
+        "peak_rss_MB": rss_mb("VmHWM"),
+    }
+    if fsdp:
+        path = os.path.join(out_dir, f"full_{rank}.pt")
+        reset_peak_rss()
+        before, t0 = rss_mb("VmRSS"), time.perf_counter()
+        full = [gather_full(model.state_dict(keep_vars=True), rank == 0), gather_full(optimizer.state_dict(), rank == 0)]
+        if rank == 0:
+            torch.save(full, path)
+        dist.barrier()
+        figures.update(full_save_s=time.perf_counter() - t0, full_save_peak_MB=rss_mb("VmHWM") - before)
+        # exact: the bytes rank 0 holds (the RSS above can reuse memory freed earlier, and read less)
+        gathered = {id(t): t.nbytes for t in tensors_in(full)} if rank == 0 else {}
+        figures["full_state_MB"] = sum(gathered.values()) / 2**20
+        del full
+        reset_peak_rss()
+        before, t0 = rss_mb("VmRSS"), time.perf_counter()
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, by parameter name
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(out_dir, "dcp"))
+        figures.update(dcp_save_s=time.perf_counter() - t0, dcp_save_peak_MB=rss_mb("VmHWM") - before)
+    results.put((rank, figures))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def tensors_in(state):
+    """Every tensor in nested lists and dicts."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return [state]
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [tensor for value in values for tensor in tensors_in(value)]
+
+
+def bench_fsdp(args):
+    """Per-process memory of training --model under DDP and under FSDP (reshard_after_forward=True)
+    on --nproc CPU processes: the exact bytes of this rank's weights, gradients and AdamW state, and
+    the RSS. Then the two ways of writing an FSDP checkpoint: the state gathered whole on rank 0
+    (what checkpoint.py does) and torch.distributed.checkpoint's per-rank shards."""
+    import multiprocessing
+    import shutil
+    import socket
+    import tempfile
+
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_fsdp_")
+    results = {"model": args.model, "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    context = multiprocessing.get_context("spawn")
+    try:
+        for parallel in ("ddp", "fsdp"):
+            with socket.socket() as sock:  # a free port for the process group
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            queue = context.Queue()
+            ranks = [context.Process(target=parallel_rank, args=(rank, args.nproc, port, parallel, args, out_dir, queue))
+                     for rank in range(args.nproc)]  # fmt: skip
+            for process in ranks:
+                process.start()
+            figures = dict(queue.get() for _ in ranks)  # {rank: figures}
+            for process in ranks:
+                process.join()
+                if process.exitcode != 0:
+                    raise UserError(f"bench fsdp: a {parallel} process failed (exit code {process.exitcode})")
+            for key in figures[0]:  # the largest over the ranks (rank 0 alone for the full checkpoint)
+                results[f"{parallel}_{key}"] = max(f[key] for f in figures.values())
+    finally:
+        if not args.out_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    state = ("weights_MB", "gradients_MB", "optimizer_MB")
+    results["fsdp_over_ddp_state"] = sum(results[f"fsdp_{k}"] for k in state) / sum(results[f"ddp_{k}"] for k in state)
+    results["fsdp_over_ddp_rss"] = results["fsdp_rss_MB"] / results["ddp_rss_MB"]
+    return results
+
+
 # ---- generation (model.py's KV cache) ---------------------------------------------------------
 def add_generate_args(parser):
     parser.add_argument("--model", default="gpt2", help="a size in model.MODEL_SIZES, random weights: gpt2, mini, ...")
@@ -981,6 +1187,8 @@ BENCHMARKS = {
     "hellaswag": (add_hellaswag_args, bench_hellaswag),
     "gpu": (add_gpu_args, bench_gpu),
     "generate": (add_generate_args, bench_generate),
+    "memory": (add_memory_args, bench_memory),
+    "fsdp": (add_fsdp_args, bench_fsdp),
 }
 
 

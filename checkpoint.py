@@ -19,6 +19,14 @@ A training checkpoint is a dict saved with torch.save; this file writes and read
 Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 `torch.load(..., weights_only=True)` reads it: opening a checkpoint cannot run code.
 
+Under FSDP (train_gpt2.py --parallel fsdp) the file is the same: every sharded tensor is gathered
+whole into rank 0's CPU memory and written there (gather_full), and each rank cuts its own shard out
+of it at resume (shard_like). So a checkpoint does not depend on how it was trained: it resumes
+under DDP or FSDP, on any number of processes, and exports and evaluates as any other. The price is
+host memory on rank 0 at a save, 12 bytes per parameter (weights and AdamW's two moments; 19 GB for
+GPT-2 XL), instead of 1/N of that per rank for torch.distributed.checkpoint's sharded folders; those
+only pay off for models far larger than GPT-2's (measured: docs/benchmarks.md, "FSDP").
+
     model = model_from_checkpoint("log/model_19073.pt", "cuda")     # for evaluation or sampling
 
 Export a checkpoint as a Hugging Face GPT2LMHeadModel folder, with GPT-2's tokenizer files (for the
@@ -36,6 +44,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from device import all_gather, unwrap
 from errors import UserError, exit_on_error
@@ -100,10 +109,11 @@ def check_keys(checkpoint, keys, path, what):
         )
 
 
-def model_checkpoint(model, tokenizer=None):
-    """The part of a checkpoint that describes the model: its weights, its config, its tokenizer."""
+def model_checkpoint(model, tokenizer=None, state_dict=None):
+    """The part of a checkpoint that describes the model: its weights (state_dict, else the model's
+    own), its config, its tokenizer."""
     model = unwrap(model)
-    checkpoint = {"model": model.state_dict(), "config": asdict(model.config)}
+    checkpoint = {"model": model.state_dict() if state_dict is None else state_dict, "config": asdict(model.config)}
     if tokenizer is not None:
         checkpoint["tokenizer"] = {"name": tokenizer.name, "hash": tokenizer.hash}
     return checkpoint
@@ -164,12 +174,15 @@ def save_training_state(path, step, model, tokenizer, optimizer, scaler, train_l
     one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}. If the write
     fails (a full disk), the message names `previous`, the checkpoint before it, which is intact."""
     rngs = all_gather(rng_state(dist_info.device), dist_info.world_size)
+    # keep_vars: the parameters themselves, so that the tied wte / lm_head weight is one object, gathered once
+    model_state = gather_full(unwrap(model).state_dict(keep_vars=True), dist_info.is_master)
+    optimizer_state = gather_full(optimizer.state_dict(), dist_info.is_master)
     if not dist_info.is_master:
         return
     checkpoint = {
-        **model_checkpoint(model, tokenizer),
+        **model_checkpoint(model, tokenizer, model_state),
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict(),
         "args": asdict(cfg),
         "dataloader": train_loader.state_dict(),  # the same on every rank
@@ -250,14 +263,42 @@ def start_branch(log_dir, step):
 
 def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
     """The inverse of save_training_state, on every process. Returns the loop's saved state."""
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    own = model.state_dict()  # under FSDP, this rank's shards: the saved tensors are cut like them
+    model.load_state_dict({name: shard_like(t, own[name]) for name, t in clean_state_dict(checkpoint["model"]).items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the ids the saved state uses
+    state = {i: {key: shard_like(t, params[i]) if t.shape == params[i].shape else t for key, t in moments.items()}
+             for i, moments in checkpoint["optimizer"]["state"].items()}  # fmt: skip
+    optimizer.load_state_dict({**checkpoint["optimizer"], "state": state})
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run was not float16
         scaler.load_state_dict(checkpoint["scaler"])
     # The data position is one stream for all ranks: a run may resume on a different number of GPUs
     # (at the same total_batch_size) and read exactly the tokens it would have read.
     train_loader.load_state_dict(checkpoint["dataloader"])
     return {"nonfinite_skips": checkpoint["nonfinite_skips"], "last_val": checkpoint["last_val"]}
+
+
+def gather_full(state, is_master, gathered=None):
+    """A state_dict (nested dicts of tensors) with each FSDP shard (a DTensor) gathered whole, on the
+    CPU of rank 0; None on the other ranks. Plain tensors (DDP, one process) stay where they are.
+    Every rank must call it: each gather is an all-gather. A tensor that appears twice (the tied
+    wte / lm_head weight) is gathered once and stays one tensor in the file."""
+    gathered = {} if gathered is None else gathered
+    if isinstance(state, dict):
+        return {key: gather_full(value, is_master, gathered) for key, value in state.items()}
+    if not isinstance(state, DTensor):
+        return state.detach() if isinstance(state, torch.Tensor) else state  # a Parameter: save the tensor
+    if id(state) not in gathered:
+        full = state.full_tensor()  # one tensor at a time: the GPU never holds more than one whole
+        gathered[id(state)] = full.cpu() if is_master else None
+    return gathered[id(state)]
+
+
+def shard_like(tensor, like):
+    """A checkpoint's full tensor cut like `like`: this rank's shard of it when `like` is an FSDP
+    shard (every rank read the whole file, so each cuts its own: no communication), else as it is."""
+    if not isinstance(like, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def restore_rng(checkpoint, dist_info):

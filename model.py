@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from errors import UserError
 
@@ -172,6 +173,11 @@ class GPT(nn.Module):
         # Weight tying (GPT-2, after Press & Wolf 2017): the output layer reuses the token embedding
         # matrix. Saves 38.6M parameters (30% of the 124M model) and trains at least as well.
         self.lm_head.weight = self.transformer.wte.weight
+        # Activation checkpointing, set by the caller (train_gpt2.py --activation_checkpointing): in a
+        # training forward each block keeps only its input, 1 x (B, T, C) values instead of the ~16 x
+        # (B, T, C) its backward needs (counted in device.activation_bytes); backward runs the block's
+        # forward again to get them. Costs one more forward per step, ~1/3 more compute.
+        self.activation_checkpointing = False
         self._init_weights()
 
     def _init_weights(self):
@@ -202,7 +208,12 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # use_reentrant=False: the variant PyTorch recommends; it works with FSDP's hooks and
+                # with inputs that need no gradient
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         # The padding ids are not tokens: a logit of -inf gives them probability exactly 0, in the loss

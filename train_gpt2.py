@@ -23,17 +23,18 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import scoring
 import training_log
 from dataloader import DataLoaderLite
-from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops
-from device import setup_distributed, setup_precision, teardown_distributed
+from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops, plan_report
+from device import setup_distributed, setup_precision, shard_model, teardown_distributed, unwrap, whole_model
 from errors import UserError, exit_on_error
 from evals import TASKS
-from model import GPT, GPTConfig
+from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
 from sample import SAMPLE_PROMPT
 from shards import DEFAULT_DATA_DIR, shard_tokenizer
 from tokenizer import GPT2, get_tokenizer
@@ -55,6 +56,8 @@ class TrainConfig:
                           "or a folder written by `python tokenizer.py train`")  # fmt: skip
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
     # model: GPT-2 small
+    model: str = flag("gpt2", f"a model size ({', '.join(MODEL_SIZES)}): sets n_layer, n_head, n_embd (model.MODEL_SIZES) "
+                      "and, for the larger GPT-2s, GPT-3's batch size and LR for their size (GPT3_TABLE)")  # fmt: skip
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
     n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
     n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
@@ -93,6 +96,17 @@ class TrainConfig:
     compile: str = flag("auto", "torch.compile the training step: auto (on CUDA, eager if it fails), 1, 0")
     shuffle: bool = flag(True, "seeded shuffle of the training data, the same on every process")
     seed: int = flag(1337, "seeds the model init, the data shuffle and the samples", low=0)
+    # processes and memory (README, "Larger models: FSDP")
+    parallel: str = flag("ddp", "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
+                         "state sharded over the processes: FSDP2, see device.shard_model)")  # fmt: skip
+    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather them "
+                                       "again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like, less traffic)")  # fmt: skip
+    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward "
+                                          "(model.py): far fewer activations, ~1/3 more compute")  # fmt: skip
+    plan: bool = flag(False, "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
+                      "checkpointing) and the largest batch_size that fits, then exit (needs no shards)")  # fmt: skip
+    gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
+    nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)
 
 
 # A preset replaces some defaults; flags given on the command line still win.
@@ -103,7 +117,7 @@ PRESETS = {
     # steps of 1,024 tokens, about 6 minutes on 2 CPU cores. Its width, learning rate and batch
     # shape won measured comparisons on the offline FineWeb sample: docs/benchmarks.md, "CPU preset".
     "cpu": dict(
-        n_layer=4, n_head=4, n_embd=64,
+        model="mini",
         batch_size=4, seq_len=64, total_batch_size=1024,  # 4 micro-batches per step
         max_steps=1500, warmup_steps=30, max_lr=3e-3,
         eval_interval=250, val_steps=160, eval_limit=100, sample_interval=250, num_samples=1, ckpt_interval=250,
@@ -111,6 +125,21 @@ PRESETS = {
     ),
 }
 # fmt: on
+
+# --model: the larger GPT-2s get the batch size (tokens) and peak LR of the GPT-3 model of about their
+# size, GPT-3 paper table 2.1 (gpt2 is GPT-3 Small: the defaults above). GPT-3 XL's 2**20 tokens per
+# step halve the steps of the 10B-token run and of the 375M-token warmup.
+GPT3_TABLE = {
+    "gpt2-medium": dict(total_batch_size=2**19, max_lr=3.0e-4),  # GPT-3 Medium, 350M
+    "gpt2-large": dict(total_batch_size=2**19, max_lr=2.5e-4),  # GPT-3 Large, 760M (GPT-2 large: 774M)
+    "gpt2-xl": dict(total_batch_size=2**20, max_lr=2.0e-4, max_steps=9536, warmup_steps=357),  # GPT-3 XL, 1.3B
+}
+
+
+def model_defaults(name):
+    """The defaults --model sets: the shape of model.MODEL_SIZES[name], and GPT3_TABLE's batch and LR."""
+    n_layer, n_head, n_embd = MODEL_SIZES[name]
+    return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **GPT3_TABLE.get(name, {}))
 
 
 def parse_bool(text):
@@ -135,7 +164,7 @@ def bounded(parse, low, high):
 
 
 def parse_config(argv=None):
-    """TrainConfig from the command line: defaults, then the preset, then the flags given."""
+    """TrainConfig from the command line: defaults, then the preset, then --model's, then the flags given."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
     )
@@ -144,12 +173,16 @@ def parse_config(argv=None):
         parse = parse_bool if f.type is bool else f.type
         parser.add_argument(
             f"--{f.name}",
+            **(dict(nargs="?", const=True) if f.type is bool else {}),  # `--plan` alone means `--plan 1`
             type=bounded(parse, f.metadata["low"], f.metadata["high"]),
             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),  # argparse formats with %
         )
     flags = vars(parser.parse_args(argv))
-    preset = flags.pop("preset")
-    return TrainConfig(**{**PRESETS[preset], **flags})
+    preset = PRESETS[flags.pop("preset")]
+    model = flags.get("model", preset.get("model", "gpt2"))
+    if model not in MODEL_SIZES:
+        parser.error(f"argument --model: choose from {', '.join(MODEL_SIZES)}, not {model}")
+    return TrainConfig(**{**preset, **model_defaults(model), **flags})
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -179,8 +212,11 @@ def get_lr(step, cfg):
 
 
 def grad_sync(model, sync):
-    """DDP averages gradients over processes in every backward; with accumulation only the last
-    micro-step needs that. no_sync must wrap the forward too: that is where DDP reads the flag."""
+    """DDP averages gradients over processes in every backward, FSDP reduce-scatters them; with
+    accumulation only the last micro-step needs that. no_sync must wrap the forward too: that is where
+    DDP reads the flag. FSDP reads its own in backward."""
+    if isinstance(unwrap(model), FSDPModule):
+        unwrap(model).set_requires_gradient_sync(sync)
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
@@ -306,6 +342,8 @@ def check_config(cfg, model_config, world_size):
     """What can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_config.block_size}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"--parallel {cfg.parallel}: choose ddp or fsdp")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -358,10 +396,17 @@ def train(cfg, dist_info, job):
     if is_master and resumed:
         for path in checkpoint.start_branch(cfg.log_dir, start_step):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see checkpoint.start_branch)")
-    precision = setup_precision(cfg.dtype, dist_info.device_type)
+    fsdp = cfg.parallel == "fsdp" and world_size > 1
+    if cfg.parallel == "fsdp" and world_size == 1:
+        log.warning("--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
+                    "with --parallel ddp (to shard it, launch N processes: torchrun --nproc_per_node=N)")  # fmt: skip
+    precision = setup_precision(cfg.dtype, dist_info.device_type, sharded=fsdp)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = job.make_model()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if fsdp:  # in place, and before the optimizer is built: it must hold the shards
+        shard_model(model, cfg.reshard_after_forward, precision, dist_info)
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, dist_info.device_type
     )
@@ -375,7 +420,7 @@ def train(cfg, dist_info, job):
     example_batch = tuple(torch.zeros((B, T), dtype=torch.long, device=device) for _ in range(2))
     train_model = compile_model(model, cfg.compile, dist_info.device_type, example_batch, precision, log)
     compiled = train_model is not model
-    if world_size > 1:
+    if world_size > 1 and not fsdp:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
                   if name]  # fmt: skip
@@ -390,11 +435,14 @@ def train(cfg, dist_info, job):
 
     with StopOnSignal() as signals:
         for step in range(start_step, cfg.max_steps + 1):
-            if due(cfg.eval_interval, step, cfg.max_steps):
-                loop["last_val"] = evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
+            evaluating, sampling = due(cfg.eval_interval, step, cfg.max_steps), due(cfg.sample_interval, step, cfg.max_steps)
+            whole = whole_model(model, job.make_model) if evaluating or sampling else None  # FSDP: a gathered copy
+            if evaluating:
+                loop["last_val"] = evaluate(step, whole, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
                                             precision, dist_info, log)  # fmt: skip
-            if is_master and due(cfg.sample_interval, step, cfg.max_steps):
-                sample(step, model, tokenizer, cfg, precision, device, log)
+            if is_master and sampling:
+                sample(step, whole, tokenizer, cfg, precision, device, log)
+            del whole
             if step == cfg.max_steps:
                 break
 
@@ -429,9 +477,32 @@ def train(cfg, dist_info, job):
                 break
 
 
+def print_plan(cfg):
+    """--plan: device.plan_report for these flags, planned for GPUs: --dtype auto means bf16 here."""
+    # GPT-2's vocabulary (the size of the embedding is what matters), or that of a trained tokenizer
+    vocab_size = get_tokenizer(cfg.tokenizer).vocab_size if cfg.tokenizer not in ("auto", GPT2) else GPT2_VOCAB_SIZE
+    model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    check_config(cfg, model_config, world_size=1)
+    world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
+    gpu_memory = cfg.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / 2**30
+                                    if torch.cuda.is_available() else 0)  # fmt: skip
+    dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if cfg.dtype not in dtype:
+        raise UserError(f"--dtype {cfg.dtype}: choose auto, bfloat16, float16, float32")
+    report, problem = plan_report(model_config, cfg.batch_size, cfg.seq_len, cfg.total_batch_size, world_size,
+                                  dtype[cfg.dtype], gpu_memory, (cfg.parallel, cfg.activation_checkpointing),
+                                  cfg.reshard_after_forward)  # fmt: skip
+    print(report)
+    if problem:
+        raise UserError(problem)
+
+
 @exit_on_error
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.plan:
+        print_plan(cfg)
+        return
     dist_info = setup_distributed(cfg.device)
     finished = False
     try:
