@@ -1,0 +1,315 @@
+"""Tests for training larger models: train_gpt2.py --parallel fsdp (FSDP2), --activation_checkpointing,
+--model, and the memory planner (--plan, device.memory_plan).
+
+The multi-process tests start 2 processes with torchrun (gloo on CPU), as test_train.py's DDP test
+does, and compare them with one process accumulating the same micro-batches.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import device
+import hellaswag
+import train_gpt2
+from bench import saved_tensor_bytes
+from conftest import REPO, data_path
+from model import GPT, GPTConfig
+from test_train import TINY, losses, run, write_shards
+from training_log import read_metrics
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# 4 steps; a checkpoint after steps 2 and 4; the val loss at 0 and 4. 2 micro-steps on 2 processes
+# (B x T x processes x micro-steps = 2 x 16 x 2 x 2), 4 on one.
+STEPS = ["--max_steps", "4", "--ckpt_interval", "2", "--eval_interval", "4", "--total_batch_size", "128"]
+
+
+def torchrun(data_dir, log_dir, *flags, env=None):
+    """train_gpt2.py on 2 processes; its metrics. val_steps counts batches per process: 2 on each of
+    two read the windows 4 read on one."""
+    command = [*TORCHRUN, str(REPO / "train_gpt2.py"), "--data_dir", str(data_dir), "--log_dir", str(log_dir), *TINY,
+               "--val_steps", "2", *flags]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_metrics(os.path.join(log_dir, "metrics.jsonl"))
+
+
+def norms(metrics):
+    return {m["step"]: m["grad_norm"] for m in metrics if m["kind"] == "train"}
+
+
+def assert_same_training(a, b):
+    """Equal losses up to float32 summation order, and equal gradient norms (what the clip divides by)
+    to 5e-4. Not closer: the float32 norm clip_grad_norm_ returns is itself only that exact here. At
+    step 1 of this run it is 2.1e-4 below the float64 norm of the same gradients on one process, and
+    1.4e-4 below it for FSDP's shard-by-shard sum, while the float64 norms of the two runs' gradients
+    agree to 1e-8 (measured by dumping the gradients of both at every step)."""
+    assert sorted(losses(a)) == sorted(losses(b))
+    for step, loss in losses(a).items():
+        assert losses(b)[step] == pytest.approx(loss, abs=1e-5)
+        assert norms(b)[step] == pytest.approx(norms(a)[step], rel=5e-4)
+    for step, loss in losses(a, "val").items():
+        assert losses(b, "val")[step] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def evals():
+    """HellaSwag (4 examples) and a sample at steps 0 and 4: under FSDP they run on a gathered copy
+    of the model (device.whole_model), with the same results as on one process."""
+    with pytest.MonkeyPatch.context() as patch:  # for the in-process runs; torchrun's inherit it
+        patch.setenv("HELLASWAG_DIR", str(data_path("HELLASWAG_DIR", "hellaswag")))
+        yield ["--eval_tasks", "hellaswag", "--eval_limit", "4", "--sample_interval", "4", "--num_samples", "1",
+               "--sample_tokens", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory, evals):
+    """One process, 4 micro-steps per step: the run every other one must reproduce."""
+    log_dir = tmp_path_factory.mktemp("single")
+    return log_dir, run(data_dir, log_dir, *STEPS, "--val_steps", "4", *evals)
+
+
+@pytest.fixture(scope="module")
+def fsdp(data_dir, tmp_path_factory, evals):
+    """Two FSDP processes, 2 micro-steps per step."""
+    log_dir = tmp_path_factory.mktemp("fsdp")
+    return log_dir, torchrun(data_dir, log_dir, *STEPS, "--parallel", "fsdp", *evals)
+
+
+# ---- FSDP trains as one process does ----
+
+
+def test_two_process_fsdp_with_accumulation_equals_one_process(single, fsdp):
+    """2 processes x 2 micro-steps = 1 process x 4: the same per-step losses and gradient norms (the
+    clip sees the norm of the whole gradient, not of one shard), the same val loss after 4 updates,
+    and the same HellaSwag scores and samples."""
+    (_, single_metrics), (_, fsdp_metrics) = single, fsdp
+    config = [m for m in fsdp_metrics if m["kind"] == "config"][0]
+    assert (config["world_size"], config["grad_accum_steps"], config["parallel"]) == (2, 2, "fsdp")
+    assert_same_training(single_metrics, fsdp_metrics)
+    for kind in ("hellaswag", "sample"):
+        assert [m for m in fsdp_metrics if m["kind"] == kind] == [m for m in single_metrics if m["kind"] == kind]
+
+
+@pytest.mark.parametrize("micro_steps, checkpointing", [(1, "0"), (1, "1"), (2, "1")])
+def test_two_process_fsdp_equals_one_process_with_and_without_activation_checkpointing(
+    data_dir, tmp_path, micro_steps, checkpointing
+):
+    total_batch_size = str(2 * 16 * 2 * micro_steps)
+    steps = ["--max_steps", "3", "--eval_interval", "3", "--total_batch_size", total_batch_size]
+    single_metrics = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
+    fsdp_metrics = torchrun(data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp",
+                            "--activation_checkpointing", checkpointing)  # fmt: skip
+    assert [m["grad_accum_steps"] for m in fsdp_metrics if m["kind"] == "config"] == [micro_steps]
+    assert_same_training(single_metrics, fsdp_metrics)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group in this process, for fully_shard (which needs one)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_batches(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(0, 50257, (2, 2, 16), generator=generator)) for _ in range(n)]
+
+
+def test_grad_sync_holds_back_fsdps_reduce_scatter_until_the_last_micro_step(process_group):
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    plain = GPT(config)
+    torch.manual_seed(0)
+    sharded = device.shard_model(GPT(config), True, device.setup_precision("float32", "cpu"), device.DistInfo.single())
+    for micro_step, (x, y) in enumerate(tiny_batches(2)):
+        with train_gpt2.grad_sync(sharded, sync=micro_step == 1):
+            (sharded(x, y)[1] / 2).backward()
+        (plain(x, y)[1] / 2).backward()
+        if micro_step == 0:  # accumulated whole, not yet reduce-scattered into the shards' .grad
+            assert all(p.grad is None for p in sharded.parameters())
+    for p, q in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_saves_far_less():
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=64, vocab_size=256)  # blocks, not the logits, dominate
+    grads, saved = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.activation_checkpointing = checkpointing
+        x, y = tiny_batches(1)[0]
+        saved[checkpointing], loss = saved_tensor_bytes(model, x % 256, y % 256)
+        loss.backward()
+        grads[checkpointing] = [p.grad for p in model.parameters()]
+    for without, with_ in zip(grads[False], grads[True]):
+        torch.testing.assert_close(with_, without, rtol=1e-6, atol=1e-9)
+    assert saved[True] < saved[False] / 4
+
+
+# ---- checkpoints: one file, whatever wrote it and whatever resumes it ----
+
+
+def resume_from(checkpoint_path, log_dir):
+    """A new log_dir holding only this checkpoint: the run there resumes from it (--resume auto)."""
+    os.makedirs(log_dir)
+    shutil.copy(checkpoint_path, log_dir)
+    return log_dir
+
+
+def test_fsdp_resume_on_two_processes_is_bit_identical(data_dir, tmp_path, fsdp, evals):
+    log_dir, uninterrupted = fsdp
+    resumed = torchrun(data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel",
+                       "fsdp", *evals)  # fmt: skip
+    assert losses(resumed) == {s: losses(uninterrupted)[s] for s in (2, 3)}  # exact float equality
+    assert losses(resumed, "val")[4] == losses(uninterrupted, "val")[4]
+
+
+def test_a_two_process_fsdp_checkpoint_resumes_on_one_process(data_dir, tmp_path, single, fsdp, capsys):
+    """The same command on one process: --parallel fsdp has nothing to shard then, and says so."""
+    resumed = run(data_dir, resume_from(fsdp[0] / "model_00002.pt", tmp_path / "log"), *STEPS, "--val_steps", "4",
+                  "--parallel", "fsdp")  # fmt: skip
+    assert "--parallel fsdp on one process: there is nothing to shard over" in capsys.readouterr().out
+    assert [m["world_size"] for m in resumed if m["kind"] == "config"] == [1]
+    for step in (2, 3):
+        assert losses(resumed)[step] == pytest.approx(losses(single[1])[step], abs=1e-5)
+    assert losses(resumed, "val")[4] == pytest.approx(losses(single[1], "val")[4], abs=1e-5)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(data_dir, tmp_path, single):
+    """Written without FSDP (as DDP writes it), resumed under FSDP: the format is the same."""
+    resumed = torchrun(data_dir, resume_from(single[0] / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel",
+                       "fsdp")  # fmt: skip
+    for step in (2, 3):
+        assert losses(resumed)[step] == pytest.approx(losses(single[1])[step], abs=1e-5)
+    assert losses(resumed, "val")[4] == pytest.approx(losses(single[1], "val")[4], abs=1e-5)
+
+
+def test_an_fsdp_checkpoint_is_one_file_that_exports_and_evaluates(fsdp, single, tmp_path, capsys):
+    path = str(fsdp[0] / "model_00004.pt")
+    saved = checkpoint.load_checkpoint(path)  # weights_only=True: no DTensor inside, only whole tensors
+    assert saved["model"]["lm_head.weight"].shape == (50304, 32)
+    assert saved["model"]["lm_head.weight"] is saved["model"]["transformer.wte.weight"]  # still tied, stored once
+    assert len(saved["rng"]) == 2 and saved["args"]["parallel"] == "fsdp"
+    reference = checkpoint.load_checkpoint(str(single[0] / "model_00004.pt"))
+    assert saved["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(saved["model"][name], tensor, rtol=0, atol=1e-4)
+    checkpoint.main([path, "--hf_dir", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").is_file()
+    hellaswag.main(["--checkpoint", path, "--limit", "4", "--device", "cpu"])
+    assert "count 4" in capsys.readouterr().out
+
+
+def test_fp16_loss_scaling_under_fsdp_skips_an_overflow_on_every_rank(tmp_path):
+    """An inf in one rank's shard of the gradients: ShardedGradScaler (device.setup_precision) tells
+    every rank, so all skip the update and lower the scale; GradScaler's check would see only its shard."""
+    script = tmp_path / "overflow.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+from device import DistInfo, setup_precision, shard_model
+from model import GPT, GPTConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+precision = setup_precision("float16", "cpu", sharded=True)
+torch.manual_seed(0)
+model = shard_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)), True, precision, DistInfo(rank, rank, 2, "cpu"))
+optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+before = [p.full_tensor().clone() for p in model.parameters()]
+x = torch.randint(0, 50257, (2, 8))
+with precision.autocast():
+    _, loss = model(x, x)
+precision.scaler.scale(loss).backward()
+if rank == 1:
+    model.transformer.wte.weight.grad.to_local()[0, 0] = float("inf")
+precision.scaler.unscale_(optimizer)
+precision.scaler.step(optimizer)
+precision.scaler.update()
+unchanged = all([torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters())])  # all ranks gather
+print(f"rank {{rank}}: scale {{precision.scaler.get_scale()}}, weights unchanged {{unchanged}}")
+dist.destroy_process_group()
+""")
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: scale 32768.0, weights unchanged True" in result.stdout
+
+
+# ---- --model ----
+
+
+def test_model_sizes_take_gpt3_table_2_1_batch_and_lr_and_gpt2_keeps_todays_defaults():
+    assert train_gpt2.parse_config(["--model", "gpt2"]) == train_gpt2.parse_config([]) == train_gpt2.TrainConfig()
+    medium = train_gpt2.parse_config(["--model", "gpt2-medium"])
+    assert (medium.n_layer, medium.n_head, medium.n_embd) == (24, 16, 1024)
+    assert (medium.total_batch_size, medium.max_lr, medium.max_steps) == (2**19, 3.0e-4, 19073)
+    large = train_gpt2.parse_config(["--model", "gpt2-large"])
+    assert (large.n_layer, large.total_batch_size, large.max_lr) == (36, 2**19, 2.5e-4)
+    xl = train_gpt2.parse_config(["--model", "gpt2-xl", "--n_layer", "12"])  # flags still win
+    assert (xl.n_layer, xl.n_embd, xl.total_batch_size, xl.max_lr) == (12, 1600, 2**20, 2.0e-4)
+    assert (xl.max_steps, xl.warmup_steps) == (int(10e9 / 2**20), int(375e6 / 2**20))  # still 10B tokens
+    cpu = train_gpt2.parse_config(["--preset", "cpu"])
+    assert (cpu.model, cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.total_batch_size) == ("mini", 4, 4, 64, 1024)
+
+
+def test_an_unknown_model_or_parallel_is_refused(capsys, data_dir, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.parse_config(["--model", "gpt5"])
+    assert exit_info.value.code == 2 and "argument --model: choose from gpt2, gpt2-medium" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--parallel zero: choose ddp or fsdp"):
+        run(data_dir, tmp_path / "log", "--parallel", "zero")
+
+
+# ---- the memory planner ----
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4, n_embd=128)])
+def test_planned_activations_match_the_saved_tensors_counted_exactly(config, checkpointing):
+    """device.activation_bytes' formula against every tensor autograd saves (within 0.1% here;
+    the brief asked for 15%), for a model where the logits dominate and one where the blocks do."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.activation_checkpointing = checkpointing
+    x, y = (torch.randint(0, config.vocab_size, (4, 64)) for _ in range(2))
+    measured, _ = saved_tensor_bytes(model, x, y)
+    planned, recomputed = device.activation_bytes(config, 4, 64, checkpointing=checkpointing)
+    assert planned == pytest.approx(measured, rel=0.01)
+    assert (recomputed > 0) == checkpointing
+
+
+def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state(tmp_path, capsys):
+    train_gpt2.main(["--plan", "--data_dir", str(tmp_path / "no_shards"), "--model", "gpt2-xl", "--nproc", "8",
+                     "--gpu_memory", "80", "--batch_size", "4"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "1557.7M parameters, batch_size 4 x seq_len 1024, bfloat16, 8 process(es), 80 GiB GPUs" in text
+    rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
+    ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (AdamW)"])
+    assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
+    assert float(rows["activations"][1]) < float(rows["activations"][0]) / 4  # checkpointing
+    assert "largest batch_size" in text and not (tmp_path / "no_shards").exists()
+    plan = device.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
+    P = 1557.7e6  # one process in float32: 16 bytes per parameter (REFERENCE.md) before activations
+    assert plan["weights"] + plan["gradients"] + plan["optimizer (AdamW)"] == pytest.approx(16 * P, rel=1e-3)
+
+
+def test_plan_with_a_gpu_too_small_for_batch_size_1_says_what_would_fit(capsys):
+    with pytest.raises(SystemExit, match=r"error: --parallel ddp --activation_checkpointing 0 needs 35\.\d\d GiB per "
+                       r"GPU at batch_size 1, more than a 16 GiB GPU holds \(90% of it\): try --parallel fsdp "
+                       r"--activation_checkpointing 1 over 4 processes \(fits batch_size \d+\)"):  # fmt: skip
+        train_gpt2.main(["--plan", "--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16"])
+    assert "largest batch_size" in capsys.readouterr().out  # the table came first
