@@ -992,7 +992,7 @@ def add_fsdp_args(parser):
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward pass (B)")
     parser.add_argument("--seq_len", type=int, default=64, help="tokens per sequence (T)")
     parser.add_argument("--steps", type=int, default=2, help="training steps before the memory is read")
-    parser.add_argument("--out_dir", default=None, help="where the checkpoint measurements write (default: a temp folder)")
+    parser.add_argument("--out_dir", default=None, help="where the checkpoints are written (default: a temp folder)")
 
 
 def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
@@ -1040,7 +1040,8 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
         path = os.path.join(out_dir, f"full_{rank}.pt")
         reset_peak_rss()
         before, t0 = rss_mb("VmRSS"), time.perf_counter()
-        full = [gather_full(model.state_dict(keep_vars=True), rank == 0), gather_full(optimizer.state_dict(), rank == 0)]
+        full = [gather_full(model.state_dict(keep_vars=True), rank == 0),
+                gather_full(optimizer.state_dict(), rank == 0)]  # fmt: skip
         if rank == 0:
             torch.save(full, path)
         dist.barrier()
@@ -1088,8 +1089,8 @@ def bench_fsdp(args):
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             queue = context.Queue()
-            ranks = [context.Process(target=parallel_rank, args=(rank, args.nproc, port, parallel, args, out_dir, queue))
-                     for rank in range(args.nproc)]  # fmt: skip
+            ranks = [context.Process(target=parallel_rank, args=(r, args.nproc, port, parallel, args, out_dir, queue))
+                     for r in range(args.nproc)]  # fmt: skip
             for process in ranks:
                 process.start()
             figures = dict(queue.get() for _ in ranks)  # {rank: figures}

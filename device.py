@@ -423,7 +423,8 @@ def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype
     P = parameter_counts(config)[0]
     lines = [
         f"memory per GPU: {P / 1e6:.1f}M parameters, batch_size {batch_size} x seq_len {seq_len}, "
-        f"{str(dtype).removeprefix('torch.')}, {world_size} process(es)" + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else ""),
+        f"{str(dtype).removeprefix('torch.')}, {world_size} process(es)"
+        + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else ""),
         f"{'GiB':<20}" + "".join(f"{name:>12}" for name in names),
     ]
     for part in plans[0]:
@@ -442,7 +443,8 @@ def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype
         if not ways:  # then sharded over more processes
             more = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest("fsdp", True, N)[0]), 0)
             if more:
-                ways.append(f"{flags('fsdp', True)} over {more} processes (fits batch_size {largest('fsdp', True, more)[0]})")
+                fit = largest("fsdp", True, more)[0]
+                ways.append(f"{flags('fsdp', True)} over {more} processes (fits batch_size {fit})")
         ways += ["a shorter --seq_len", "a smaller model"]
         need = sum(plan_at(*chosen, 1).values()) / 2**30
         problem = (f"{flags(*chosen)} needs {need:.2f} GiB per GPU at batch_size 1, more than a {gpu_gib:g} GiB GPU "

@@ -4,6 +4,8 @@ Train GPT-2 (124M) on 10B tokens of FineWeb-Edu: the recipe of the GPT-2 and GPT
     python fineweb.py                                           # once: writes the shards to edu_fineweb10B/
     python train_gpt2.py                                        # one GPU (or the CPU / Apple MPS)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # 8 GPUs on one machine
+    python train_gpt2.py --plan --model gpt2-xl --nproc 8 --gpu_memory 40       # what fits where (README: FSDP)
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --model gpt2-xl --parallel fsdp --batch_size 8
     python train_gpt2.py --preset cpu --data_dir log/demo/data --log_dir log/demo   # minutes on a laptop
 
 Every flag sets the TrainConfig field of the same name (`python train_gpt2.py --help` lists them).
@@ -56,8 +58,8 @@ class TrainConfig:
                           "or a folder written by `python tokenizer.py train`")  # fmt: skip
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
     # model: GPT-2 small
-    model: str = flag("gpt2", f"a model size ({', '.join(MODEL_SIZES)}): sets n_layer, n_head, n_embd (model.MODEL_SIZES) "
-                      "and, for the larger GPT-2s, GPT-3's batch size and LR for their size (GPT3_TABLE)")  # fmt: skip
+    model: str = flag("gpt2", f"a model size ({', '.join(MODEL_SIZES)}): sets n_layer, n_head, n_embd "
+                      "(model.MODEL_SIZES) and, for larger GPT-2s, GPT-3's batch size and LR (GPT3_TABLE)")  # fmt: skip
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
     n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
     n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
@@ -99,8 +101,8 @@ class TrainConfig:
     # processes and memory (README, "Larger models: FSDP")
     parallel: str = flag("ddp", "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
                          "state sharded over the processes: FSDP2, see device.shard_model)")  # fmt: skip
-    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather them "
-                                       "again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like, less traffic)")  # fmt: skip
+    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather "
+                                       "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)")  # fmt: skip
     activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward "
                                           "(model.py): far fewer activations, ~1/3 more compute")  # fmt: skip
     plan: bool = flag(False, "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
@@ -435,7 +437,8 @@ def train(cfg, dist_info, job):
 
     with StopOnSignal() as signals:
         for step in range(start_step, cfg.max_steps + 1):
-            evaluating, sampling = due(cfg.eval_interval, step, cfg.max_steps), due(cfg.sample_interval, step, cfg.max_steps)
+            evaluating = due(cfg.eval_interval, step, cfg.max_steps)
+            sampling = due(cfg.sample_interval, step, cfg.max_steps)
             whole = whole_model(model, job.make_model) if evaluating or sampling else None  # FSDP: a gathered copy
             if evaluating:
                 loop["last_val"] = evaluate(step, whole, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
@@ -482,8 +485,8 @@ def print_plan(cfg):
     # GPT-2's vocabulary (the size of the embedding is what matters), or that of a trained tokenizer
     vocab_size = get_tokenizer(cfg.tokenizer).vocab_size if cfg.tokenizer not in ("auto", GPT2) else GPT2_VOCAB_SIZE
     model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    check_config(cfg, model_config, world_size=1)
-    world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
+    world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    check_config(cfg, model_config, world_size)
     gpu_memory = cfg.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / 2**30
                                     if torch.cuda.is_available() else 0)  # fmt: skip
     dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

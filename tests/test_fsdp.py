@@ -278,7 +278,8 @@ def test_an_unknown_model_or_parallel_is_refused(capsys, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4, n_embd=128)])
+@pytest.mark.parametrize("config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4,
+                                                                             n_embd=128)])  # fmt: skip
 def test_planned_activations_match_the_saved_tensors_counted_exactly(config, checkpointing):
     """device.activation_bytes' formula against every tensor autograd saves (within 0.1% here;
     the brief asked for 15%), for a model where the logits dominate and one where the blocks do."""
