@@ -278,6 +278,8 @@ def add_train_args(parser):
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
     add_device_args(parser)
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="LoRA adapters of this rank on attn and mlp, as finetune.py --lora_rank (0: full)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument(
@@ -305,7 +307,11 @@ def bench_train(args):
     recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).to(device)
-    optimizer = model.configure_optimizers(
+    if args.lora_rank:
+        from lora import apply_lora
+
+        apply_lora(model, args.lora_rank, 2 * args.lora_rank, ["attn", "mlp"])
+    optimizer = model.configure_optimizers(  # AdamW over the parameters that train: with LoRA, the adapters
         recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2), recipe.adam_eps, device_type
     )
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
@@ -332,6 +338,7 @@ def bench_train(args):
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
         "model": args.model,
         "params_M": model.num_params() / 1e6,
+        "trainable_params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "dtype": str(precision.dtype).removeprefix("torch."),

@@ -40,7 +40,8 @@ import torch
 from device import all_gather, unwrap
 from errors import UserError, exit_on_error
 from files import atomic_write, describe_os_error
-from model import GPT, GPTConfig
+from lora import adapter_state_dict, apply_lora, merge_lora
+from model import GPT, MODEL_SIZES, GPTConfig
 from tokenizer import GPT2, get_tokenizer, save_hf_tokenizer
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
@@ -101,9 +102,14 @@ def check_keys(checkpoint, keys, path, what):
 
 
 def model_checkpoint(model, tokenizer=None):
-    """The part of a checkpoint that describes the model: its weights, its config, its tokenizer."""
+    """The part of a checkpoint that describes the model: its weights, its config, its tokenizer.
+    A model with frozen parameters (LoRA) saves only the trainable ones: the frozen ones are its base
+    weights, which the checkpoint names (its `init`, see finetune.py) instead of copying."""
     model = unwrap(model)
-    checkpoint = {"model": model.state_dict(), "config": asdict(model.config)}
+    weights = model.state_dict()
+    if any(not p.requires_grad for p in model.parameters()):
+        weights = adapter_state_dict(model)
+    checkpoint = {"model": weights, "config": asdict(model.config)}
     if tokenizer is not None:
         checkpoint["tokenizer"] = {"name": tokenizer.name, "hash": tokenizer.hash}
     return checkpoint
@@ -124,13 +130,55 @@ def checkpoint_tokenizer(path, name="auto"):
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild a GPT from a checkpoint file, for evaluation or sampling."""
+    """Rebuild a plain GPT from a checkpoint file, for evaluation, sampling, chat or export. A LoRA
+    checkpoint (finetune.py --lora_rank) is its base weights plus its adapters, merged."""
     checkpoint = load_checkpoint(path)
     what = "a checkpoint of this repo (a Hugging Face folder loads with --model)"
     check_keys(checkpoint, ["model", "config"], path, what)
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    return model.to(device)
+    config = GPTConfig(**checkpoint["config"])
+    lora = checkpoint.get("lora")
+    if not lora:
+        model = GPT(config)
+        load_weights(model, checkpoint["model"], path)
+        return model.to(device)
+    model = apply_lora(load_init(checkpoint["init"], config), lora["rank"], lora["alpha"], lora["targets"])
+    load_weights(model, checkpoint["model"], path)
+    return merge_lora(model).to(device)
+
+
+def load_init(init, config=None):
+    """The base weights fine-tuning starts from: a train_gpt2.py checkpoint, a Hugging Face GPT-2
+    folder, or a hub name (gpt2, gpt2-medium, ...). With config (the same shape, perhaps more ids:
+    GPT-2's chat tokens live in rows the padded embedding already has), a GPT of that config."""
+    if os.path.isfile(init):
+        base = model_from_checkpoint(init)
+    elif os.path.isdir(init) or init in MODEL_SIZES:
+        base = GPT.from_pretrained(init)
+    else:
+        raise UserError(
+            f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
+            f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"
+        )
+    if config is None:
+        return base
+    check_model_config({"config": {**asdict(base.config), "vocab_size": config.vocab_size}}, config, init)
+    model = GPT(config)
+    model.load_state_dict(base.state_dict())  # the embedding's rows are padded_vocab_size either way
+    return model
+
+
+def load_weights(model, weights, path):
+    """model.load_state_dict(weights), where weights may leave out frozen parameters (a LoRA
+    checkpoint holds its adapters only); anything else missing or extra is an error."""
+    missing, unexpected = model.load_state_dict(clean_state_dict(weights), strict=False)
+    # keep_vars: the tensors themselves, so that a tied weight (lm_head is wte) counts under both names
+    frozen = {name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad}
+    really_missing = [name for name in missing if name not in frozen]
+    if really_missing or unexpected:
+        raise UserError(
+            f"{path} does not fit this model: missing {really_missing[:3]}, unexpected {unexpected[:3]} (a "
+            f"checkpoint of another model, or of LoRA with other --lora_targets?)"
+        )
 
 
 def add_model_args(parser):
@@ -184,8 +232,9 @@ def save_training_state(path, step, model, tokenizer, optimizer, scaler, train_l
     prune_checkpoints(cfg.log_dir, cfg.keep_last)
 
 
-def resume_checkpoint(cfg, model_config, dist_info):
-    """The checkpoint a run starts from (None for a fresh start), checked against the run's flags.
+def resume_checkpoint(cfg, model_config, dist_info, expected=None):
+    """The checkpoint a run starts from (None for a fresh start), checked against the run's flags and
+    against `expected`, keys its value must have (finetune.py: the base weights, LoRA, the template).
     Rank 0 picks it and every rank learns its choice (or its error) before anyone loads anything, so
     all resume from the same file and all stop together if there is none to resume from."""
     choice = pick_checkpoint(cfg.resume, cfg.log_dir) if dist_info.is_master else None
@@ -200,6 +249,12 @@ def resume_checkpoint(cfg, model_config, dist_info):
     checkpoint = load_checkpoint(path)
     check_keys(checkpoint, TRAINING_KEYS, path, "a training checkpoint written by train_gpt2.py")
     check_model_config(checkpoint, model_config, path)
+    for key, value in (expected or {}).items():
+        if checkpoint.get(key) != value:
+            raise UserError(
+                f"{path} was written with {key} {checkpoint.get(key)}, this run has {value}: resume with the same "
+                f"settings, or start afresh in a new --log_dir"
+            )
     saved_batch = checkpoint["args"]["total_batch_size"]
     if saved_batch != cfg.total_batch_size:
         raise UserError(
@@ -250,7 +305,7 @@ def start_branch(log_dir, step):
 
 def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
     """The inverse of save_training_state, on every process. Returns the loop's saved state."""
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    load_weights(model, checkpoint["model"], checkpoint["path"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run was not float16
         scaler.load_state_dict(checkpoint["scaler"])

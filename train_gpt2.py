@@ -134,22 +134,28 @@ def bounded(parse, low, high):
     return parse_bounded
 
 
-def parse_config(argv=None):
-    """TrainConfig from the command line: defaults, then the preset, then the flags given."""
+def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__, hidden=()):
+    """A config_class from the command line: defaults, then the preset, then the flags given. Every
+    field is a flag of its name, except those in `hidden` (finetune.py takes the model's shape from
+    its base weights, so it has no --n_layer)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
-    )
-    parser.add_argument("--preset", choices=PRESETS, default="gpt2", help="a set of defaults (default: gpt2)")
-    for f in fields(TrainConfig):
-        parse = parse_bool if f.type is bool else f.type
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    parser.add_argument("--preset", choices=presets, default=next(iter(presets)), help="a set of defaults")
+    for f in fields(config_class):
+        if f.name in hidden:
+            continue
+        parse = parse_bool if f.type is bool else str if f.type is list else f.type
         parser.add_argument(
             f"--{f.name}",
             type=bounded(parse, f.metadata["low"], f.metadata["high"]),
+            nargs="+" if f.type is list else None,
             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),  # argparse formats with %
         )
     flags = vars(parser.parse_args(argv))
     preset = flags.pop("preset")
-    return TrainConfig(**{**PRESETS[preset], **flags})
+    return config_class(**{**presets[preset], **flags})
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -347,7 +353,7 @@ def train(cfg, dist_info, job):
     tokenizer, train_loader, val_loader = job.tokenizer, job.train_loader, job.val_loader
     B, T = cfg.batch_size, cfg.seq_len
 
-    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info)
+    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
     start_step = resumed["step"] if resumed else 0
     if start_step > cfg.max_steps:
         raise UserError(
@@ -429,17 +435,21 @@ def train(cfg, dist_info, job):
                 break
 
 
-@exit_on_error
-def main(argv=None):
-    cfg = parse_config(argv)
+def launch(cfg, make_job):
+    """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
     dist_info = setup_distributed(cfg.device)
     finished = False
     try:
-        train(cfg, dist_info, pretraining_job(cfg, dist_info))
+        train(cfg, dist_info, make_job(cfg, dist_info))
         finished = True
     finally:
         training_log.close_logging()
         teardown_distributed(finished)
+
+
+@exit_on_error
+def main(argv=None):
+    launch(parse_config(argv), pretraining_job)
 
 
 if __name__ == "__main__":

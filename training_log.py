@@ -65,7 +65,7 @@ def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, worl
         f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
         f"x grad_accum_steps {grad_accum_steps}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
-        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then a decay to {cfg.max_lr * cfg.min_lr_ratio:g}",
         step=start_step,
         kind="config",
         **asdict(cfg),
