@@ -479,7 +479,9 @@ TRAIN_CONFIGS = [
 
 
 def add_gpu_args(parser):
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, cpu")
+    from device import DEVICE_HELP
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # no --dtype: the check runs each of them
     parser.add_argument("--out", default="gpu_check.jsonl",
                         help="JSON-lines file the results are appended to, or a folder for gpu_check.jsonl in it")
     parser.add_argument("--smoke", action="store_true",

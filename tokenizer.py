@@ -9,9 +9,9 @@ Tokenizers: text <-> token ids, behind one small interface that every script use
 
 Train a byte-level BPE of your own on any text fineweb.py can read, then look at it:
 
-    python tokenizer.py train --data_files ../shared/data/fineweb_sample --vocab_size 32768 --out_dir log/tok
+    python tokenizer.py train --data_files path/to/parquet_folder --vocab_size 32768 --out_dir log/tok
     python tokenizer.py encode --tokenizer log/tok "Hello world"
-    python tokenizer.py compare --tokenizer log/tok --data_files ../shared/data/fineweb_sample/001_00000.parquet
+    python tokenizer.py compare --tokenizer log/tok --data_files path/to/held_out.parquet
 
 GPT-2's BPE has 50,000 merges on top of the 256 single bytes, plus one special token,
 <|endoftext|> (id 50256), which fineweb.py puts before every document. tiktoken downloads its two
