@@ -12,9 +12,13 @@ A training checkpoint is a dict saved with torch.save; this file writes and read
     dataloader      the train loader's state_dict(): one stream position, the same on every rank
     rng             [rng_state() of each rank]
     nonfinite_skips updates skipped so far for an inf/nan loss or gradient
-    last_val        {"step", "loss"} of the newest validation before this checkpoint, or None. The
-                    checkpoint of step s is saved before step s's own evaluation (so a crash in the
-                    evaluation loses no training): its last_val is from an earlier step.
+    last_val        {"step", "loss", "bpb"} of the newest validation before this checkpoint, or None.
+                    The checkpoint of step s is saved before step s's own evaluation (so a crash in
+                    the evaluation loses no training): its last_val is from an earlier step.
+    init            fine-tuning (finetune.py): {"path", "fingerprint"} of the base weights; None otherwise
+    lora            fine-tuning with LoRA: {"rank", "alpha", "targets"}; `model` then holds only the
+                    adapters, and loading merges them into the base (model_from_checkpoint)
+    template        chat fine-tuning: the chat format's name and token ids (finetune.chat_template)
 
 Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 `torch.load(..., weights_only=True)` reads it: opening a checkpoint cannot run code.
@@ -32,7 +36,7 @@ import glob
 import os
 import random
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -141,30 +145,44 @@ def model_from_checkpoint(path, device="cpu"):
         model = GPT(config)
         load_weights(model, checkpoint["model"], path)
         return model.to(device)
-    model = apply_lora(load_init(checkpoint["init"], config), lora["rank"], lora["alpha"], lora["targets"])
+    base = load_init(checkpoint["init"]["path"], config.vocab_size)
+    if fingerprint(base) != checkpoint["init"]["fingerprint"]:
+        raise UserError(
+            f"{path} holds LoRA adapters for the weights in {checkpoint['init']['path']}, which have changed since "
+            f"(another model is there now): restore those weights, or fine-tune again"
+        )
+    model = apply_lora(base, lora["rank"], lora["alpha"], lora["targets"])
     load_weights(model, checkpoint["model"], path)
     return merge_lora(model).to(device)
 
 
-def load_init(init, config=None):
+def load_init(init, vocab_size=None):
     """The base weights fine-tuning starts from: a train_gpt2.py checkpoint, a Hugging Face GPT-2
-    folder, or a hub name (gpt2, gpt2-medium, ...). With config (the same shape, perhaps more ids:
-    GPT-2's chat tokens live in rows the padded embedding already has), a GPT of that config."""
+    folder, or a hub name (gpt2, gpt2-medium, ...), as a GPT. With vocab_size, the model predicts
+    that many ids: GPT-2's chat tokens (50,257-50,260) take rows its padded embedding already has."""
     if os.path.isfile(init):
-        base = model_from_checkpoint(init)
-    elif os.path.isdir(init) or init in MODEL_SIZES:
-        base = GPT.from_pretrained(init)
+        model = model_from_checkpoint(init)
+    elif os.path.isdir(init) or init.startswith("gpt2") and init in MODEL_SIZES:
+        model = GPT.from_pretrained(init)
     else:
         raise UserError(
             f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
             f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"
         )
-    if config is None:
-        return base
-    check_model_config({"config": {**asdict(base.config), "vocab_size": config.vocab_size}}, config, init)
-    model = GPT(config)
-    model.load_state_dict(base.state_dict())  # the embedding's rows are padded_vocab_size either way
+    if vocab_size is not None and vocab_size != model.config.vocab_size:
+        wider = replace(model.config, vocab_size=vocab_size)
+        if wider.padded_vocab_size != model.config.padded_vocab_size:
+            rows = model.config.padded_vocab_size
+            raise UserError(f"{init} has {rows:,} embedding rows, too few for a tokenizer of {vocab_size:,} ids")
+        model.config = wider  # the same tensors: only which rows are real ids changes
     return model
+
+
+def fingerprint(model):
+    """A number that changes with any weight: the float64 sum of all of them. A LoRA checkpoint
+    records its base's, so that adapters are never merged into weights they were not trained on."""
+    with torch.no_grad():
+        return sum(tensor.double().sum().item() for tensor in model.state_dict().values())
 
 
 def load_weights(model, weights, path):
@@ -241,9 +259,6 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
     path, skipped, error = all_gather(choice, dist_info.world_size)[0]
     if error:
         raise UserError(error)
-    if dist_info.is_master:
-        for reason in skipped:
-            print(f"warning: {reason}; resuming from an older checkpoint")
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
@@ -263,6 +278,7 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
             f"{saved_batch}, or start afresh in a new --log_dir"
         )
     checkpoint["path"] = path
+    checkpoint["passed_over"] = skipped  # for the run's log: why newer checkpoints were not used
     return checkpoint
 
 
@@ -273,7 +289,7 @@ def pick_checkpoint(resume, log_dir):
     readable one."""
     try:
         if resume != "auto":
-            return resume_path(resume, log_dir), [], None
+            return explicit_resume(resume, log_dir), [], None
         skipped = []
         for path in reversed(list_checkpoints(log_dir).values()):
             try:
@@ -340,9 +356,8 @@ def list_checkpoints(log_dir):
     return dict(sorted(found.items()))
 
 
-def resume_path(resume, log_dir):
-    """The checkpoint to start from: None for a fresh start.
-    resume: "auto" (the newest in log_dir, if any), "none", or a path."""
+def explicit_resume(resume, log_dir):
+    """--resume none (None: a fresh start, refused if log_dir holds checkpoints) or --resume PATH."""
     if resume == "none":
         existing = list_checkpoints(log_dir)
         if existing:
@@ -351,9 +366,6 @@ def resume_path(resume, log_dir):
                 "from an earlier run: continue it with --resume auto, or pick another --log_dir"
             )
         return None
-    if resume == "auto":
-        existing = list_checkpoints(log_dir)
-        return existing[max(existing)] if existing else None
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such checkpoint file (or pass --resume auto / none)")
     return resume

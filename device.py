@@ -153,6 +153,11 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
+def sum_dtype(device):
+    """The dtype to add up many figures in: float64 keeps the sums exact, but MPS has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def any_process(flag, device, world_size):
     """True on every rank if flag is True on any rank."""
     return all_reduce_sum(torch.tensor(float(flag), device=device), world_size).item() > 0

@@ -29,20 +29,21 @@ multi-turn conversation is trained on.
 """
 
 import hashlib
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import checkpoint
 import fineweb
+from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
 from lora import apply_lora, lora_layers
-from model import GPT, GPTConfig
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
-from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, flag, launch, parse_config
+from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, flag, launch, parse_config
 
 ROLES = ("system", "user", "assistant")
 
@@ -155,18 +156,17 @@ class RowLoader:
 
     Why padding and not packing several conversations into one row: packed rows need an attention
     mask that keeps each conversation to itself (or the model reads the neighbour's turns), and
-    cost the same compute per token slot. Padding wastes the slots after a short row instead; the
-    run's summary says how many (about a third on the test set's short chats).
+    cost the same compute per token slot. Padding wastes the slots after a short row instead (the
+    rounding to 64 keeps that within 63 slots per row beyond the longest row of the batch).
+
+    Each micro-batch's loss is the mean over its targets, and micro-batches weigh the same (as in
+    nanochat): one whose rows hold few assistant tokens counts as much as a full one.
 
     The rows are dealt out exactly as DataLoaderLite deals out windows: one endless stream (each
     epoch a new seeded permutation of the rows when shuffled), rank r of W taking batch s*W + r at
     its s-th call; the position is one integer, so resuming is exact on any number of processes."""
 
     def __init__(self, rows, B, process_rank=0, num_processes=1, shuffle=False, seed=0, device="cpu", pad_id=0):
-        if len(rows) < num_processes * B and shuffle:
-            raise UserError(
-                f"{len(rows)} training rows, fewer than one step's {num_processes} x {B}: lower --batch_size"
-            )
         self.rows, self.B, self.T = rows, B, max(len(x) for x, _ in rows)  # T: the longest row
         self.process_rank, self.num_processes = process_rank, num_processes
         self.shuffle, self.seed, self.device, self.pad_id = shuffle, seed, torch.device(device), pad_id
@@ -187,7 +187,7 @@ class RowLoader:
         epoch, within = divmod(i, len(self.rows))
         if self.shuffle:
             if self._order_epoch != epoch:  # one permutation per epoch, the same on every rank
-                self._order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.rows))
+                self._order = permutation(len(self.rows), self.seed, epoch, 0)
                 self._order_epoch = epoch
             within = int(self._order[within])
         return self.rows[within]
@@ -252,6 +252,7 @@ class FinetuneConfig(TrainConfig):
     min_lr_ratio: float = flag(0.0, "final LR / max_lr: a linear decay down to 0, the usual SFT schedule", 0, 1)
     weight_decay: float = flag(0.0, "AdamW weight decay on matrices", low=0)
     eval_interval: int = flag(100, "steps between val losses, and at the end (0: never)", low=0)
+    val_steps: int = flag(20, "batches per process for the val loss, at most one pass over the validation rows", low=1)
     eval_tasks: str = flag("", f"comma-separated eval tasks ({', '.join(TASKS)}), '' for none")
     sample_interval: int = flag(0, "steps between text samples (0: never; talk to it with chat.py)", low=0)
     ckpt_interval: int = flag(100, "steps between checkpoints (0: only the one written at the end)", low=0)
@@ -274,15 +275,12 @@ def sft_lr(step, cfg):
 def read_rows(files, dataset, cfg):
     """Every row of --data_files (or of --dataset), as fineweb.py's readers give them: dicts, or the
     text of a .txt file."""
-    if files:
-        return list(fineweb.local_rows(fineweb.resolve_data_files(files), None, 0))
-    source = fineweb.Config(dataset=dataset, name=cfg.name, split=cfg.split, text_field=None)
-    return list(fineweb.hub_rows(source, fineweb.hub_dataset(source), fineweb.Position()))
+    return list(fineweb.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
 
 
-def tokenized_rows(rows, tokenizer, seq_len, what):
-    """(x, y) rows of chat/instruction rows, or of plain text when the data has no conversation."""
-    if any(conversation_of(row) is not None for row in rows):
+def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):
+    """(x, y) rows of chat/instruction rows, or of plain text (when the data has no conversation)."""
+    if is_chat:
         counts = {}
         tokenized = list(chat_rows(rows, tokenizer, seq_len, counts))
         for reason, n in counts.items():
@@ -303,17 +301,19 @@ def finetuning_job(cfg, dist_info):
         raise UserError("pass the data with --data_files (local files) or --dataset (a Hugging Face id), one of them")
     rows = read_rows(cfg.data_files, cfg.dataset, cfg)
     is_chat = any(conversation_of(row) is not None for row in rows)
-    base = checkpoint.load_init(cfg.init)
     tokenizer = checkpoint.checkpoint_tokenizer(cfg.init) if os.path.isfile(cfg.init) else get_tokenizer(GPT2)
     if is_chat and tokenizer.name == GPT2:
         tokenizer = get_tokenizer(GPT2_CHAT)  # the chat tokens, in rows GPT-2's padded embedding has
-    model_config = GPTConfig(**{**asdict(base.config), "vocab_size": tokenizer.vocab_size})
+    base = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
+    base_fingerprint = checkpoint.fingerprint(base)
+    check_config(cfg, base.config, dist_info.world_size)
     if cfg.lora_rank:
         lora_layers(base, cfg.lora_targets.split(","))  # an unknown target is an error before any data work
 
-    train_rows = tokenized_rows(rows, tokenizer, cfg.seq_len, "training data")
+    train_rows = tokenized_rows(rows, is_chat, tokenizer, cfg.seq_len, "training data")
     if cfg.val_files:
-        val_rows = tokenized_rows(read_rows(cfg.val_files, None, cfg), tokenizer, cfg.seq_len, "validation data")
+        val_rows = read_rows(cfg.val_files, None, cfg)
+        val_rows = tokenized_rows(val_rows, is_chat, tokenizer, cfg.seq_len, "validation data")
     else:  # a seeded split of the rows (of the windows, for plain text): the same on every rank and resume
         order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
         n_val = max(1, round(cfg.val_fraction * len(train_rows))) if cfg.val_fraction > 0 else 0
@@ -321,6 +321,11 @@ def finetuning_job(cfg, dist_info):
             raise UserError(f"{len(train_rows)} row(s): cannot hold out a validation set; pass --val_files, or "
                             f"--val_fraction above 0 with more rows")  # fmt: skip
         val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
+    if len(train_rows) < cfg.batch_size * dist_info.world_size:  # a step would read some rows twice
+        raise UserError(f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
+                        f"{cfg.batch_size}: lower --batch_size, or add rows")  # fmt: skip
+    # the val loss reads the validation rows once (val_steps batches per process), not round and round
+    cfg.val_steps = min(cfg.val_steps, math.ceil(len(val_rows) / (cfg.batch_size * dist_info.world_size)))
     if dist_info.is_master:
         filled = sum(len(x) for x, _ in train_rows) / (len(train_rows) * cfg.seq_len)
         kind = "chat" if is_chat else "plain text"
@@ -331,21 +336,20 @@ def finetuning_job(cfg, dist_info):
     train_loader = RowLoader(train_rows, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = RowLoader(val_rows, cfg.batch_size, **loader_args)
 
-    def make_model():
-        model = GPT(model_config)
-        model.load_state_dict(base.state_dict())
+    def make_model():  # called once, after the seed is set: LoRA's A matrices are random
         if cfg.lora_rank:
-            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-        return model.to(dist_info.device)
+            apply_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        return base.to(dist_info.device)
 
-    init = os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init
+    init_path = os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init
+    init = {"path": init_path, "fingerprint": base_fingerprint}
     lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
     extra = {
         "init": init,
         "lora": lora if cfg.lora_rank else None,
         "template": chat_template(tokenizer) if is_chat else None,
     }
-    return Job(tokenizer, model_config, train_loader, val_loader, make_model, lambda step: sft_lr(step, cfg), extra)
+    return Job(tokenizer, base.config, train_loader, val_loader, make_model, lambda step: sft_lr(step, cfg), extra)
 
 
 def chat_template(tokenizer):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from errors import UserError, exit_on_error
 from files import atomic_write
 from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
-from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
+from tokenizer import GPT2, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
@@ -351,6 +351,15 @@ def hub_rows(cfg, ds, start):
         raise UserError(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
 
 
+def read_rows(data_files=None, dataset=None, name=None, split=None, text_field="text", streaming=False):
+    """The rows of local files, or else of a hub dataset, from the start: what other scripts read
+    text with (tokenizer.py train, finetune.py). text_field None: whole records (dicts)."""
+    if data_files:
+        return local_rows(resolve_data_files(data_files), text_field, 0)
+    cfg = Config(dataset=dataset, name=name, split=split, text_field=text_field, streaming=streaming)
+    return hub_rows(cfg, hub_dataset(cfg), Position())
+
+
 def loads_state(ds, state):
     """Point a stream at a saved state: it jumps over whole files instead of streaming them again."""
     try:
@@ -569,9 +578,8 @@ def settings_for(cfg, files, tokenizer):
         source = {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
     else:  # streaming or not gives the same bytes, so a streamed run may resume downloaded
         source = {"dataset": cfg.dataset, "name": cfg.name, "split": cfg.split}
-    name = tokenizer.name if tokenizer.name in (GPT2, GPT2_CHAT) else os.path.abspath(tokenizer.name)
     settings = {
-        "tokenizer": {"name": name, "hash": tokenizer.hash},  # train_gpt2.py --tokenizer auto reads it
+        "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash},  # train_gpt2.py --tokenizer auto reads it
         "eot": tokenizer.eot,
         "dtype": TOKEN_DTYPE.name,
         "shard_size": cfg.shard_size,
@@ -602,7 +610,7 @@ def completed_shards(cfg, settings):
     if cfg.overwrite:  # only what we write, and what the data loader would read: never the whole folder
         for path in files_matching(cfg.data_dir, shard_patterns() + ["meta.json"]):
             os.remove(path)
-    for path in files_matching(cfg.data_dir, ("*.npy.tmp", "meta.json.tmp")):
+    for path in files_matching(cfg.data_dir, ("*.npy.*tmp", "meta.json.*tmp")):
         os.remove(path)  # left by a crash in the middle of a save
     if not os.path.exists(meta_path):
         if files_matching(cfg.data_dir, shard_patterns()):

@@ -108,10 +108,12 @@ def read_prompt(args):
 
 
 def text_chunks(tokens, tokenizer, stop):
-    """The text of generated tokens, piece by piece as they come, up to <|endoftext|> or a stop string."""
+    """The text of generated tokens, piece by piece as they come, up to a special token (<|endoftext|>,
+    or a chat model's <|end|>) or a stop string."""
     stream = TextStream(tokenizer, stop)
+    specials = set(tokenizer.special_tokens.values())
     for token in tokens:
-        if token == tokenizer.eot:
+        if token in specials:
             break
         yield stream.push(token)
         if stream.stopped:

@@ -30,7 +30,7 @@ import scoring
 import training_log
 from dataloader import DataLoaderLite
 from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops
-from device import setup_distributed, setup_precision, teardown_distributed
+from device import setup_distributed, setup_precision, sum_dtype, teardown_distributed
 from errors import UserError, exit_on_error
 from evals import TASKS
 from model import GPT, GPTConfig
@@ -257,13 +257,15 @@ def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, p
     those tokens stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
     model.eval()
     val_loader.reset()  # the same batches every time, so the numbers are comparable
-    sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device)  # summed loss (nats), targets, their bytes
+    dtype = sum_dtype(dist_info.device)
+    sums = torch.zeros(3, dtype=dtype, device=dist_info.device)  # summed loss (nats), targets, their bytes
     for _ in range(cfg.val_steps):
         x, y = val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
         with precision.autocast():
             _, loss = model(x, y)  # the mean over the targets
-        targets = y[y >= 0]
-        sums += torch.stack([loss.double() * len(targets), torch.tensor(len(targets)), token_bytes[targets].sum()])
+        is_target = y >= 0
+        n = is_target.sum()  # a tensor on the device: no wait for the GPU inside the loop
+        sums += torch.stack([loss.to(dtype) * n, n.to(dtype), token_bytes[y[is_target]].sum().to(dtype)])
     loss_sum, n_targets, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
     val_loss = loss_sum / n_targets
     bpb = loss_sum / (math.log(2) * bytes_sum)
@@ -309,13 +311,13 @@ def pick_tokenizer(cfg):
 
 
 def check_config(cfg, model_config, world_size):
-    """What can be refused before any data is read or any process talks to another."""
+    """Refuse what can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_config.block_size}")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    return get_grad_accum_steps(cfg, world_size)
+    get_grad_accum_steps(cfg, world_size)
 
 
 @dataclass
@@ -343,15 +345,19 @@ def pretraining_job(cfg, dist_info):
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
     return Job(tokenizer, model_config, train_loader, val_loader,
-               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg))
+               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg),
+               checkpoint_extra={"init": None})  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
     device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
-    grad_accum_steps = check_config(cfg, job.model_config, world_size)
+    grad_accum_steps = get_grad_accum_steps(cfg, world_size)
     tokenizer, train_loader, val_loader = job.tokenizer, job.train_loader, job.val_loader
     B, T = cfg.batch_size, cfg.seq_len
+    # the evaluation data too before anything is written: a missing file (offline) stops the run here
+    eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
+                  if name]  # fmt: skip
 
     resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
     start_step = resumed["step"] if resumed else 0
@@ -361,6 +367,8 @@ def train(cfg, dist_info, job):
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
     log = training_log.setup_logging(cfg.log_dir, start_step, is_master)  # takes the folder's lock first
+    for reason in resumed["passed_over"] if resumed else []:
+        log.warning(f"{reason}: resuming from an older checkpoint")
     if is_master and resumed:
         for path in checkpoint.start_branch(cfg.log_dir, start_step):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see checkpoint.start_branch)")
@@ -383,8 +391,6 @@ def train(cfg, dist_info, job):
     compiled = train_model is not model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
-    eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
-                  if name]  # fmt: skip
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)  # (vocab_size,): bytes per token
     timer = training_log.StepTimer(cfg.total_batch_size, model.flops_per_token(T),
                                    peak_flops(device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip

@@ -54,7 +54,8 @@ def test_rendering_and_loss_mask_equal_an_independent_rendering(chat_tokenizer, 
     assert finetune.targets_of(ids, train) == [token if target else -1 for token, target in pairs[1:]]
     assert chat_tokenizer.decode(ids).startswith("<|endoftext|><|system|>Be brief.<|end|><|user|>Capital")
     prompt = finetune.render_prompt(CONVERSATION[:2], chat_tokenizer)
-    assert prompt == [token for token, _ in pairs[: 3 + len(enc.encode("Be brief.")) + len(enc.encode("Capital of France?")) + 2]] + [ASSISTANT]
+    first_two_turns = 5 + len(enc.encode("Be brief.")) + len(enc.encode("Capital of France?"))  # to the user's <|end|>
+    assert prompt == [token for token, _ in pairs[:first_two_turns]] + [ASSISTANT]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,8 @@ def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly
     finetune.main([*common, "--log_dir", str(tmp_path / "a"), "--max_steps", "6", "--ckpt_interval", "3"])
     whole = read_metrics(tmp_path / "a" / "metrics.jsonl")
     saved = checkpoint.load_checkpoint(str(tmp_path / "a" / "model_00006.pt"))
-    assert all("lora_" in name for name in saved["model"]) and saved["init"] == base_checkpoint  # adapters only
+    assert all("lora_" in name for name in saved["model"])  # the adapters only
+    assert saved["init"]["path"] == base_checkpoint
     assert saved["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["attn", "mlp"]}
     # the merged model (what sample.py, chat.py and the evaluations load) equals base + adapters
     merged = checkpoint.model_from_checkpoint(str(tmp_path / "a" / "model_00006.pt")).eval()
@@ -205,13 +207,17 @@ def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly
     losses = lambda ms: {m["step"]: m["loss"] for m in ms if m["kind"] == "train"}  # noqa: E731
     assert {s: v for s, v in losses(second).items() if s >= 3} == {s: v for s, v in losses(whole).items() if s >= 3}
     # the frozen weights: the merged model minus its adapters' product is the base, bit for bit
-    model = GPT(GPTConfig(**checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))["config"]))
-    model = apply_lora(checkpoint.load_init(base_checkpoint, model.config), 4, 16.0, ["attn", "mlp"])
+    model = apply_lora(checkpoint.load_init(base_checkpoint, 50261), 4, 16.0, ["attn", "mlp"])
     checkpoint.load_weights(model, checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))["model"], "x")
     base = checkpoint.load_checkpoint(base_checkpoint)["model"]
     for name, tensor in model.state_dict().items():
         if "lora_" not in name:
             assert torch.equal(tensor, base[name.replace(".base.", ".")]), name
+    # the base changed under the adapters: loading them onto other weights is refused
+    other = tiny(seed=1, vocab_size=50257, n_embd=64)
+    checkpoint.save_checkpoint(base_checkpoint, checkpoint.model_checkpoint(other, get_tokenizer("gpt2")))
+    with pytest.raises(UserError, match="holds LoRA adapters for the weights in .*base.pt, which have changed"):
+        checkpoint.model_from_checkpoint(str(tmp_path / "b" / "model_00006.pt"))
 
 
 def test_plain_text_continues_pretraining_on_every_token(tmp_path, base_checkpoint):
