@@ -37,13 +37,14 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from checkpoint import add_model_args
 from device import add_device_args, pick_device, setup_precision
 from errors import UserError, exit_on_error
-from finetune import chat_tokens, check_conversation, render_prompt
+from finetune import check_conversation, render_prompt
 from model import KVCache, check_sampling_args
 from sample import load_sampling_model, text_chunks
 
@@ -215,77 +216,14 @@ def bench(chat, system, turns, max_new_tokens, args, device):
             reply = [next(chunks)]  # the text of the first token (maybe ""): it has been sampled
             first_token[reuse, turn] = time.perf_counter() - start
             reply += list(chunks)
-            prompt_len = len(render_prompt(messages, chat.tokenizer))
+            prompt_len, ms = len(render_prompt(messages, chat.tokenizer)), 1000 * first_token[reuse, turn]
             print(f"cache reused: {'yes' if reuse else 'no '}  turn {turn + 1}: prompt of {prompt_len} tokens, "
-                  f"{chat.reused} from the cache, first token after {1000 * first_token[reuse, turn]:.1f} ms")  # fmt: skip
+                  f"{chat.reused} from the cache, first token after {ms:.1f} ms")  # fmt: skip
             messages = messages + [{"role": "assistant", "content": "".join(reply)}]
     last = turns - 1
     print(f"turn {turns}: time to first token {1000 * first_token[False, last]:.1f} ms computing the whole prompt, "
           f"{1000 * first_token[True, last]:.1f} ms reusing the cache "
           f"({first_token[False, last] / first_token[True, last]:.1f}x)")  # fmt: skip
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.add_argument("--system", default=None, help="a system message that opens every conversation")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--prompt", default=None, help="reply to this one message, print the reply and exit")
-    mode.add_argument("--web", action="store_true", help="serve the chat page and its API instead of the terminal")
-    mode.add_argument("--bench", type=int, metavar="TURNS", default=None,
-                      help="time to first token over a scripted conversation of TURNS turns, cache reused and not")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="tokens per reply, at most (default: 256, or half the context of a model with less)")
-    # nanochat's chat defaults: a little below 1 and the 50 most likely tokens keep a small model on topic
-    parser.add_argument("--temperature", type=float, default=0.6,
-                        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder")
-    parser.add_argument("--top_k", type=int, default=50, help="sample only among the k most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None,
-                        help="sample only among the most likely tokens that together hold this probability")
-    parser.add_argument("--seed", type=int, default=1337, help="the same seed, flags and messages give the same replies")
-    add_device_args(parser)
-    web = parser.add_argument_group("--web")
-    web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network, take care)")
-    web.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free one)")
-    web.add_argument("--max_message_chars", type=int, default=4000,
-                     help="longest user or system message the server takes, in characters")
-    return parser.parse_args(argv)  # fmt: skip
-
-
-@exit_on_error
-def main(argv=None):
-    args = parse_args(argv)
-    check_sampling_args(args.max_new_tokens or 1, args.temperature, args.top_k, args.top_p)
-    sock = listen(args.host, args.port) if args.web else None  # a port in use fails now, not after loading
-    device = pick_device(args.device, local_rank=0)
-    precision = setup_precision(args.dtype, device.split(":")[0])
-    model, tokenizer = load_sampling_model(args, device)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
-                        f"{tokenizer.vocab_size}: they do not belong together")  # fmt: skip
-    if "<|assistant|>" not in tokenizer.special_tokens:
-        raise UserError(f"the {tokenizer.name} tokenizer has no chat tokens: chat.py talks to a model fine-tuned by "
-                        "finetune.py (GPT-2's BPE with chat tokens is --tokenizer gpt2-chat)")  # fmt: skip
-    if args.max_new_tokens is None:
-        args.max_new_tokens = min(256, model.config.block_size // 2)
-    if args.max_new_tokens > model.config.block_size // 2:
-        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves the conversation less than half of the "
-                        f"model's context of {model.config.block_size} tokens: ask for at most "
-                        f"{model.config.block_size // 2}")  # fmt: skip
-    chat = Chat(model, tokenizer)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    if args.web:
-        app = make_app(chat, args, precision, device, name=args.checkpoint or args.model)
-        return serve(app, sock)
-    with precision.autocast():
-        if args.bench:
-            return bench(chat, system, args.bench, args.max_new_tokens, args, device)
-        if args.prompt is not None:
-            messages, _ = chat.fit(system + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
-            return say(chat, messages, args.max_new_tokens, sampling_settings(args, device))
-        print(f"chat.py: {args.checkpoint or args.model} ({model.num_params() / 1e6:.1f}M parameters, a context of "
-              f"{chat.block_size} tokens). /reset starts over, /quit leaves, Ctrl-C stops a reply.")  # fmt: skip
-        chat_loop(chat, system, args.max_new_tokens, sampling_settings(args, device))
 
 
 # ---- the web server: one page, one endpoint ----
@@ -299,7 +237,8 @@ def listen(host, port):
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e} (another server there? pass --port)")
+        reason = e.strerror or e
+        raise UserError(f"cannot serve on {host}:{port}: {reason} (another server there? pass --port)") from None
     return sock
 
 
@@ -329,7 +268,8 @@ def read_request(body, args):
             raise UserError(f"a message of {len(message['content']):,} characters: this server takes at most "
                             f"{args.max_message_chars:,} (--max_message_chars)")  # fmt: skip
     settings = {}
-    for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
+    kinds = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+    for name, kind in kinds.items():
         value = body.get(name, getattr(args, name))
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind | int)):
             raise UserError(f"{name}={json.dumps(value)}: must be {'an integer' if kind is int else 'a number'}")
@@ -408,7 +348,7 @@ def make_app(chat, args, precision, device, name):
             try:
                 body = await request.json()
             except ValueError:
-                raise UserError("the request body is not JSON")
+                raise UserError("the request body is not JSON") from None
             messages, settings = read_request(body, args)
             messages, dropped = chat.fit(messages, settings["max_new_tokens"])
         except UserError as e:
@@ -455,14 +395,14 @@ PAGE = """<!doctype html>
 <body>
 <main>
   <header>
-    <h1>{{model}}</h1>
+    <h1>chat.py &middot; {{model}}</h1>
     <label>temperature <input id="temperature" type="number" value="{{temperature}}" min="0" step="0.1"></label>
     <label>max tokens <input id="max_new_tokens" type="number" value="{{max_new_tokens}}" min="1"></label>
     <button id="new" type="button">New chat</button>
   </header>
   <div id="log"></div>
   <form id="form">
-    <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter starts a new line)" autofocus></textarea>
+    <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter: a new line)" autofocus></textarea>
     <button id="send">Send</button>
   </form>
 </main>
@@ -501,7 +441,9 @@ async function ask(text, bubble) {
       if (event.text) { bubble.textContent += event.text; $("log").scrollTop = $("log").scrollHeight; }
       if (event.done) {
         messages = [...asked, {role: "assistant", content: event.reply}].slice(event.dropped);
-        if (event.dropped) show("note", `The conversation outgrew the model's context: its oldest ${event.dropped} messages were dropped.`);
+        if (event.dropped) {
+          show("note", `The conversation outgrew the model's context: its ${event.dropped} oldest messages are gone.`);
+        }
         return;
       }
     }
@@ -534,6 +476,73 @@ $("new").onclick = () => { messages = []; $("log").replaceChildren(); $("input")
 </body>
 </html>
 """
+
+
+# ---- the command line ----
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--system", default=None, help="a system message that opens every conversation")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", default=None, help="reply to this one message, print the reply and exit")
+    mode.add_argument("--web", action="store_true", help="serve the chat page and its API instead of the terminal")
+    mode.add_argument("--bench", type=int, metavar="TURNS", default=None,
+                      help="time to first token over a scripted conversation of TURNS turns, cache reused and not")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="tokens per reply, at most (default: 256, or half the context of a model with less)")
+    # nanochat's chat defaults: a little below 1 and the 50 most likely tokens keep a small model on topic
+    parser.add_argument("--temperature", type=float, default=0.6,
+                        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder")
+    parser.add_argument("--top_k", type=int, default=50, help="sample only among the k most likely tokens")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="sample only among the most likely tokens that together hold this probability")
+    parser.add_argument("--seed", type=int, default=1337, help="the same seed, flags and messages: the same replies")
+    add_device_args(parser)
+    web = parser.add_argument_group("--web")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network, take care)")
+    web.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free one)")
+    web.add_argument("--max_message_chars", type=int, default=4000,
+                     help="longest user or system message the server takes, in characters")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+@exit_on_error
+def main(argv=None):
+    args = parse_args(argv)
+    check_sampling_args(args.max_new_tokens or 1, args.temperature, args.top_k, args.top_p)
+    sock = listen(args.host, args.port) if args.web else None  # a port in use fails now, not after loading
+    device = pick_device(args.device, local_rank=0)
+    precision = setup_precision(args.dtype, device.split(":")[0])
+    model, tokenizer = load_sampling_model(args, device)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
+                        f"{tokenizer.vocab_size}: they do not belong together")  # fmt: skip
+    if "<|assistant|>" not in tokenizer.special_tokens:
+        raise UserError(f"the {tokenizer.name} tokenizer has no chat tokens: chat.py talks to a model fine-tuned by "
+                        "finetune.py (GPT-2's BPE with chat tokens is --tokenizer gpt2-chat)")  # fmt: skip
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(256, model.config.block_size // 2)
+    if args.max_new_tokens > model.config.block_size // 2:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves the conversation less than half of the "
+                        f"model's context of {model.config.block_size} tokens: ask for at most "
+                        f"{model.config.block_size // 2}")  # fmt: skip
+    chat = Chat(model, tokenizer)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.web:
+        name = args.model or "/".join(Path(args.checkpoint).parts[-2:])  # log/sft/model_00500.pt -> sft/model_00500.pt
+        app = make_app(chat, args, precision, device, name)
+        return serve(app, sock)
+    with precision.autocast():
+        if args.bench:
+            return bench(chat, system, args.bench, args.max_new_tokens, args, device)
+        if args.prompt is not None:
+            messages, _ = chat.fit(system + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
+            return say(chat, messages, args.max_new_tokens, sampling_settings(args, device))
+        print(f"chat.py: {args.checkpoint or args.model} ({model.num_params() / 1e6:.1f}M parameters, a context of "
+              f"{chat.block_size} tokens). /reset starts over, /quit leaves, Ctrl-C stops a reply.")  # fmt: skip
+        chat_loop(chat, system, args.max_new_tokens, sampling_settings(args, device))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tokenizer):
-    path = str(tmp_path_factory.mktemp("chat") / "model_00000.pt")
+    path = str(tmp_path_factory.mktemp("random", numbered=False) / "model_00000.pt")  # the page shows both names
     ck.save_checkpoint(path, ck.model_checkpoint(tiny_chat_model(), tokenizer))
     return path
 
@@ -161,19 +161,24 @@ def test_ctrl_c_inside_a_step_leaves_no_half_written_cache(tokenizer):
 
 
 def test_oldest_turns_are_dropped_until_the_conversation_fits(tokenizer):
-    replier = chat.Chat(tiny_chat_model(), tokenizer)  # block_size 128
+    replier = chat.Chat(tiny_chat_model(), tokenizer)  # block_size 128: prompts of 104 tokens leave room for 24
     system = {"role": "system", "content": "Be brief."}
-    exchanges = [[user(f"Question number {i}, a fairly long one."), assistant(f"Answer number {i}.")] for i in range(6)]
+    # dropping the long first question alone would be enough, but the answer to it must go too
+    exchanges = [[user("A long first question, " * 10), assistant("Answer 0.")]]
+    exchanges += [[user(f"Question number {i}?"), assistant(f"Answer number {i}.")] for i in range(1, 4)]
     messages = [system, *sum(exchanges, []), user("And the last question?")]
-    assert len(render_prompt(messages, tokenizer)) > 128 - 24
+    assert len(render_prompt(messages, tokenizer)) > 104 >= len(render_prompt([system] + messages[2:], tokenizer))
 
     kept, dropped = replier.fit(messages, max_new_tokens=24)
-    assert dropped > 0 and dropped % 2 == 0
-    assert kept == [system] + messages[1 + dropped :]
-    assert len(render_prompt(kept, tokenizer)) <= 128 - 24
-    assert len(render_prompt([system] + messages[dropped - 1 :], tokenizer)) > 128 - 24  # no more than needed
-
+    assert (kept, dropped) == ([system] + messages[3:], 2)
     assert replier.fit(kept, max_new_tokens=24) == (kept, 0)
+
+    many = [system, *sum([[user(f"Question number {i}, a fairly long one."), assistant(f"Answer {i}.")]
+                          for i in range(8)], []), user("And the last question?")]  # fmt: skip
+    kept, dropped = replier.fit(many, max_new_tokens=24)
+    assert kept == [system] + many[1 + dropped :] and dropped % 2 == 0
+    assert len(render_prompt(kept, tokenizer)) <= 104 < len(render_prompt([system] + many[dropped - 1 :], tokenizer))
+
     with pytest.raises(UserError, match="too long"):
         replier.fit([system, user("word " * 200)], max_new_tokens=24)
 
@@ -349,7 +354,9 @@ def chromium_driver():
         pytest.skip("Chromium not found: apt-get install chromium chromium-driver (as .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=800,600"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=800,640",
+                 # 127.0.0.1 only: no background requests, and no host name resolves
+                 "--disable-background-networking", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
@@ -369,13 +376,14 @@ def test_browser_chat_streams_replies_and_shows_errors(server, http, tmp_path):
         browser.get(server)
         box = browser.find_element("id", "input")
         send = browser.find_element("id", "send")
-        texts = lambda selector: browser.execute_script(  # noqa: E731
-            f"return [...document.querySelectorAll('{selector}')].map((e) => e.textContent)"
-        )
+
+        def texts(selector):
+            return browser.execute_script(f"return [...document.querySelectorAll('{selector}')].map(e=>e.textContent)")
+
         messages = []
-        for text in ["Hello! Who are you?", "Tell me about the weather."]:
+        for turn, text in enumerate(["Hello! Who are you?", "Tell me about the weather."]):
             box.send_keys(text + "\n")  # Enter sends
-            assert wait_for(lambda: len(texts(".assistant")) == len(messages) // 2 + 1 and send.is_enabled())
+            assert wait_for(lambda n=turn + 1: len(texts(".assistant")) == n and send.is_enabled())
             reply = texts(".assistant")[-1]
             # the page's conversation, asked once more at the page's settings: the same reply
             messages += [user(text)]
