@@ -19,7 +19,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Local files when FINEWEB_DATA_FILES is set, otherwise FineWeb-Edu streamed from the hub.
 FINEWEB_SOURCE = $(if $(FINEWEB_DATA_FILES),--data_files $(FINEWEB_DATA_FILES),--streaming)
 
-.PHONY: demo test setup
+.PHONY: demo demo-tokenizer test setup
 
 setup: $(VENV)/.runtime-installed
 
@@ -37,6 +37,14 @@ demo: $(VENV)/.runtime-installed
 	$(PY) fineweb.py $(FINEWEB_SOURCE) --data_dir $(DEMO_DIR)/data --shard_size 1e6 --max_tokens 3e6
 	$(PY) train_gpt2.py --preset cpu --data_dir $(DEMO_DIR)/data --log_dir $(DEMO_DIR)
 	$(PY) plot.py $(DEMO_DIR)
+
+# The demo with a tokenizer of its own: a 16K BPE learned from the same source, its val bits per byte
+# comparable with the GPT-2 demo's (plot.py draws both runs' curves).
+demo-tokenizer: $(VENV)/.runtime-installed
+	$(PY) tokenizer.py train $(FINEWEB_SOURCE) --max_chars 2e7 --vocab_size 16384 --out_dir $(DEMO_DIR)_tok/tokenizer
+	$(PY) fineweb.py $(FINEWEB_SOURCE) --tokenizer $(DEMO_DIR)_tok/tokenizer --data_dir $(DEMO_DIR)_tok/data --shard_size 1e6 --max_tokens 3e6
+	$(PY) train_gpt2.py --preset cpu --data_dir $(DEMO_DIR)_tok/data --log_dir $(DEMO_DIR)_tok
+	$(PY) plot.py $(DEMO_DIR)_tok
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q --durations=10

@@ -280,6 +280,8 @@ def add_train_args(parser):
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
     add_device_args(parser)
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="LoRA adapters of this rank on attn and mlp, as finetune.py --lora_rank (0: full)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument(
@@ -307,7 +309,11 @@ def bench_train(args):
     recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).to(device)
-    optimizer = model.configure_optimizers(
+    if args.lora_rank:
+        from lora import apply_lora
+
+        apply_lora(model, args.lora_rank, 2 * args.lora_rank, ["attn", "mlp"])
+    optimizer = model.configure_optimizers(  # AdamW over the parameters that train: with LoRA, the adapters
         recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2), recipe.adam_eps, device_type
     )
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
@@ -334,6 +340,7 @@ def bench_train(args):
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
         "model": args.model,
         "params_M": model.num_params() / 1e6,
+        "trainable_params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "dtype": str(precision.dtype).removeprefix("torch."),
@@ -474,7 +481,9 @@ TRAIN_CONFIGS = [
 
 
 def add_gpu_args(parser):
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, cpu")
+    from device import DEVICE_HELP
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # no --dtype: the check runs each of them
     parser.add_argument("--out", default="gpu_check.jsonl",
                         help="JSON-lines file the results are appended to, or a folder for gpu_check.jsonl in it")
     parser.add_argument("--smoke", action="store_true",

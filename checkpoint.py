@@ -12,9 +12,13 @@ A training checkpoint is a dict saved with torch.save; this file writes and read
     dataloader      the train loader's state_dict(): one stream position, the same on every rank
     rng             [rng_state() of each rank]
     nonfinite_skips updates skipped so far for an inf/nan loss or gradient
-    last_val        {"step", "loss"} of the newest validation before this checkpoint, or None. The
-                    checkpoint of step s is saved before step s's own evaluation (so a crash in the
-                    evaluation loses no training): its last_val is from an earlier step.
+    last_val        {"step", "loss", "bpb"} of the newest validation before this checkpoint, or None.
+                    The checkpoint of step s is saved before step s's own evaluation (so a crash in
+                    the evaluation loses no training): its last_val is from an earlier step.
+    init            fine-tuning (finetune.py): {"path", "fingerprint"} of the base weights; None otherwise
+    lora            fine-tuning with LoRA: {"rank", "alpha", "targets"}; `model` then holds only the
+                    adapters, and loading merges them into the base (model_from_checkpoint)
+    template        chat fine-tuning: the chat format's name and token ids (finetune.chat_template)
 
 Every value is a tensor, a number, a string or a list/dict/tuple of those, so
 `torch.load(..., weights_only=True)` reads it: opening a checkpoint cannot run code.
@@ -40,7 +44,7 @@ import glob
 import os
 import random
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -49,7 +53,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from device import all_gather, unwrap
 from errors import UserError, exit_on_error
 from files import atomic_write, describe_os_error
-from model import GPT, GPTConfig
+from lora import adapter_state_dict, apply_lora, merge_lora
+from model import GPT, MODEL_SIZES, GPTConfig
 from tokenizer import GPT2, get_tokenizer, save_hf_tokenizer
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
@@ -109,14 +114,23 @@ def check_keys(checkpoint, keys, path, what):
         )
 
 
-def model_checkpoint(model, tokenizer=None, state_dict=None):
-    """The part of a checkpoint that describes the model: its weights (state_dict, else the model's
-    own), its config, its tokenizer."""
+def model_checkpoint(model, tokenizer=None, weights=None):
+    """The part of a checkpoint that describes the model: its weights (`weights`, else the model's
+    own: trained_weights), its config, its tokenizer."""
     model = unwrap(model)
-    checkpoint = {"model": model.state_dict() if state_dict is None else state_dict, "config": asdict(model.config)}
+    checkpoint = {"model": trained_weights(model) if weights is None else weights, "config": asdict(model.config)}
     if tokenizer is not None:
         checkpoint["tokenizer"] = {"name": tokenizer.name, "hash": tokenizer.hash}
     return checkpoint
+
+
+def trained_weights(model, keep_vars=False):
+    """The weights a checkpoint holds: all of them; for a model with frozen parameters (LoRA) only the
+    trainable ones, as the frozen ones are its base weights, which the checkpoint names (its `init`,
+    see finetune.py) instead of copying."""
+    if any(not p.requires_grad for p in model.parameters()):
+        return adapter_state_dict(model)
+    return model.state_dict(keep_vars=keep_vars)
 
 
 def checkpoint_tokenizer(path, name="auto"):
@@ -134,13 +148,69 @@ def checkpoint_tokenizer(path, name="auto"):
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild a GPT from a checkpoint file, for evaluation or sampling."""
+    """Rebuild a plain GPT from a checkpoint file, for evaluation, sampling, chat or export. A LoRA
+    checkpoint (finetune.py --lora_rank) is its base weights plus its adapters, merged."""
     checkpoint = load_checkpoint(path)
     what = "a checkpoint of this repo (a Hugging Face folder loads with --model)"
     check_keys(checkpoint, ["model", "config"], path, what)
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    return model.to(device)
+    config = GPTConfig(**checkpoint["config"])
+    lora = checkpoint.get("lora")
+    if not lora:
+        model = GPT(config)
+        load_weights(model, checkpoint["model"], path)
+        return model.to(device)
+    base = load_init(checkpoint["init"]["path"], config.vocab_size)
+    if fingerprint(base) != checkpoint["init"]["fingerprint"]:
+        raise UserError(
+            f"{path} holds LoRA adapters for the weights in {checkpoint['init']['path']}, which have changed since "
+            f"(another model is there now): restore those weights, or fine-tune again"
+        )
+    model = apply_lora(base, lora["rank"], lora["alpha"], lora["targets"])
+    load_weights(model, checkpoint["model"], path)
+    return merge_lora(model).to(device)
+
+
+def load_init(init, vocab_size=None):
+    """The base weights fine-tuning starts from: a train_gpt2.py checkpoint, a Hugging Face GPT-2
+    folder, or a hub name (gpt2, gpt2-medium, ...), as a GPT. With vocab_size, the model predicts
+    that many ids: GPT-2's chat tokens (50,257-50,260) take rows its padded embedding already has."""
+    if os.path.isfile(init):
+        model = model_from_checkpoint(init)
+    elif os.path.isdir(init) or init.startswith("gpt2") and init in MODEL_SIZES:
+        model = GPT.from_pretrained(init)
+    else:
+        raise UserError(
+            f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
+            f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"
+        )
+    if vocab_size is not None and vocab_size != model.config.vocab_size:
+        wider = replace(model.config, vocab_size=vocab_size)
+        if wider.padded_vocab_size != model.config.padded_vocab_size:
+            rows = model.config.padded_vocab_size
+            raise UserError(f"{init} has {rows:,} embedding rows, too few for a tokenizer of {vocab_size:,} ids")
+        model.config = wider  # the same tensors: only which rows are real ids changes
+    return model
+
+
+def fingerprint(model):
+    """A number that changes with any weight: the float64 sum of all of them. A LoRA checkpoint
+    records its base's, so that adapters are never merged into weights they were not trained on."""
+    with torch.no_grad():
+        return sum(tensor.double().sum().item() for tensor in model.state_dict().values())
+
+
+def load_weights(model, weights, path):
+    """model.load_state_dict(weights), where weights may leave out frozen parameters (a LoRA
+    checkpoint holds its adapters only); anything else missing or extra is an error."""
+    missing, unexpected = model.load_state_dict(clean_state_dict(weights), strict=False)
+    # keep_vars: the tensors themselves, so that a tied weight (lm_head is wte) counts under both names
+    frozen = {name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad}
+    really_missing = [name for name in missing if name not in frozen]
+    if really_missing or unexpected:
+        raise UserError(
+            f"{path} does not fit this model: missing {really_missing[:3]}, unexpected {unexpected[:3]} (a "
+            f"checkpoint of another model, or of LoRA with other --lora_targets?)"
+        )
 
 
 def add_model_args(parser):
@@ -174,13 +244,14 @@ def save_training_state(path, step, model, tokenizer, optimizer, scaler, train_l
     one's RNG state is gathered); rank 0 writes. loop: {"nonfinite_skips", "last_val"}. If the write
     fails (a full disk), the message names `previous`, the checkpoint before it, which is intact."""
     rngs = all_gather(rng_state(dist_info.device), dist_info.world_size)
-    # keep_vars: the parameters themselves, so that the tied wte / lm_head weight is one object, gathered once
-    model_state = gather_full(unwrap(model).state_dict(keep_vars=True), dist_info.is_master)
+    # Under FSDP every tensor is a shard: gathered whole here. keep_vars: the parameters themselves,
+    # so that the tied wte / lm_head weight is one object, gathered once.
+    weights = gather_full(trained_weights(unwrap(model), keep_vars=True), dist_info.is_master)
     optimizer_state = gather_full(optimizer.state_dict(), dist_info.is_master)
     if not dist_info.is_master:
         return
     checkpoint = {
-        **model_checkpoint(model, tokenizer, model_state),
+        **model_checkpoint(model, tokenizer, weights),
         "step": step,
         "optimizer": optimizer_state,
         "scaler": scaler.state_dict(),
@@ -197,22 +268,26 @@ def save_training_state(path, step, model, tokenizer, optimizer, scaler, train_l
     prune_checkpoints(cfg.log_dir, cfg.keep_last)
 
 
-def resume_checkpoint(cfg, model_config, dist_info):
-    """The checkpoint a run starts from (None for a fresh start), checked against the run's flags.
+def resume_checkpoint(cfg, model_config, dist_info, expected=None):
+    """The checkpoint a run starts from (None for a fresh start), checked against the run's flags and
+    against `expected`, keys its value must have (finetune.py: the base weights, LoRA, the template).
     Rank 0 picks it and every rank learns its choice (or its error) before anyone loads anything, so
     all resume from the same file and all stop together if there is none to resume from."""
     choice = pick_checkpoint(cfg.resume, cfg.log_dir) if dist_info.is_master else None
     path, skipped, error = all_gather(choice, dist_info.world_size)[0]
     if error:
         raise UserError(error)
-    if dist_info.is_master:
-        for reason in skipped:
-            print(f"warning: {reason}; resuming from an older checkpoint")
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
     check_keys(checkpoint, TRAINING_KEYS, path, "a training checkpoint written by train_gpt2.py")
     check_model_config(checkpoint, model_config, path)
+    for key, value in (expected or {}).items():
+        if checkpoint.get(key) != value:
+            raise UserError(
+                f"{path} was written with {key} {checkpoint.get(key)}, this run has {value}: resume with the same "
+                f"settings, or start afresh in a new --log_dir"
+            )
     saved_batch = checkpoint["args"]["total_batch_size"]
     if saved_batch != cfg.total_batch_size:
         raise UserError(
@@ -221,6 +296,7 @@ def resume_checkpoint(cfg, model_config, dist_info):
             f"{saved_batch}, or start afresh in a new --log_dir"
         )
     checkpoint["path"] = path
+    checkpoint["passed_over"] = skipped  # for the run's log: why newer checkpoints were not used
     return checkpoint
 
 
@@ -231,7 +307,7 @@ def pick_checkpoint(resume, log_dir):
     readable one."""
     try:
         if resume != "auto":
-            return resume_path(resume, log_dir), [], None
+            return explicit_resume(resume, log_dir), [], None
         skipped = []
         for path in reversed(list_checkpoints(log_dir).values()):
             try:
@@ -264,7 +340,9 @@ def start_branch(log_dir, step):
 def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
     """The inverse of save_training_state, on every process. Returns the loop's saved state."""
     own = model.state_dict()  # under FSDP, this rank's shards: the saved tensors are cut like them
-    model.load_state_dict({name: shard_like(t, own[name]) for name, t in clean_state_dict(checkpoint["model"]).items()})
+    weights = {name: shard_like(t, own[name]) if name in own else t
+               for name, t in clean_state_dict(checkpoint["model"]).items()}  # fmt: skip
+    load_weights(model, weights, checkpoint["path"])
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the ids the saved state uses
     state = {i: {key: shard_like(t, params[i]) if t.shape == params[i].shape else t for key, t in moments.items()}
              for i, moments in checkpoint["optimizer"]["state"].items()}  # fmt: skip
@@ -326,9 +404,8 @@ def list_checkpoints(log_dir):
     return dict(sorted(found.items()))
 
 
-def resume_path(resume, log_dir):
-    """The checkpoint to start from: None for a fresh start.
-    resume: "auto" (the newest in log_dir, if any), "none", or a path."""
+def explicit_resume(resume, log_dir):
+    """--resume none (None: a fresh start, refused if log_dir holds checkpoints) or --resume PATH."""
     if resume == "none":
         existing = list_checkpoints(log_dir)
         if existing:
@@ -337,9 +414,6 @@ def resume_path(resume, log_dir):
                 "from an earlier run: continue it with --resume auto, or pick another --log_dir"
             )
         return None
-    if resume == "auto":
-        existing = list_checkpoints(log_dir)
-        return existing[max(existing)] if existing else None
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such checkpoint file (or pass --resume auto / none)")
     return resume

@@ -200,10 +200,10 @@ class DataLoaderLite:
         mine = self.state_dict()
         keys = ["B", "T", "shuffle", "split", "shards", "shard_tokens"] + (["seed"] if self.shuffle else [])
         for key in keys:
-            if state[key] != mine[key]:
+            if state.get(key) != mine[key]:  # .get: a fine-tuning checkpoint's loader has other keys
                 raise UserError(
                     f"cannot resume the {self.split} data loader: the checkpoint was taken with "
-                    f"{key}={describe(state[key])}, this run has {key}={describe(mine[key])} "
+                    f"{key}={describe(state.get(key))}, this run has {key}={describe(mine[key])} "
                     f"(data in {self.data_dir}); resume with the same setting"
                 )
         self.position = state["position"]

@@ -11,6 +11,7 @@ model is spread over processes (DDP or FSDP) and how much memory that takes (tra
 Kept out of `train_gpt2.py` so the training loop reads the same on a laptop CPU and on 8 GPUs.
 """
 
+import copy
 import ctypes
 import functools
 import os
@@ -159,6 +160,11 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
+def sum_dtype(device):
+    """The dtype to add up many figures in: float64 keeps the sums exact, but MPS has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def any_process(flag, device, world_size):
     """True on every rank if flag is True on any rank."""
     return all_reduce_sum(torch.tensor(float(flag), device=device), world_size).item() > 0
@@ -296,20 +302,29 @@ def shard_model(model, reshard_after_forward, precision, dist_info):
     return model
 
 
-def whole_model(model, make_model):
-    """The model itself, or, when FSDP shards it, a plain copy with all the weights on this rank.
-    Evaluations and samples run on it: FSDP's gathers need every rank to make the same forward calls,
-    and they do not (HellaSwag's examples split unevenly over ranks, only rank 0 samples). Every rank
-    must call it. The copy costs 4 bytes per parameter while it lives."""
+def empty_copy(model, device):
+    """A copy of model whose weights are new, uninitialised tensors on device ("meta": no memory at
+    all): a deepcopy in which each parameter is stood in for by an empty one of its shape, so that a
+    tied weight stays tied."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            for p in model.parameters()}  # fmt: skip
+    return copy.deepcopy(model, memo)
+
+
+def whole_model(model, empty):
+    """The model itself, or, when FSDP shards it, a plain copy with all the weights on this rank,
+    built from `empty` (empty_copy(model, "meta") before it was sharded). Evaluations and samples run
+    on it: FSDP's gathers need every rank to make the same forward calls, and they do not (HellaSwag
+    splits its examples unevenly, only rank 0 samples). Every rank must call it. The copy costs 4
+    bytes per parameter while it lives."""
     if not isinstance(model, FSDPModule):
         return model
-    with torch.random.fork_rng(devices=[]):  # make_model initialises weights: keep the RNG as it was
-        copy = make_model()
-    weights = copy.state_dict()
+    whole = empty_copy(empty, next(model.parameters()).device)
+    weights = whole.state_dict()
     with torch.no_grad():
         for name, shard in model.state_dict().items():
             weights[name].copy_(shard.full_tensor())  # an all-gather, one tensor at a time
-    return copy
+    return whole
 
 
 # ---- how much memory training takes: train_gpt2.py --plan ----

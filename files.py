@@ -3,8 +3,9 @@ Writing files so that a crash, a full disk or Ctrl-C never leaves a half-written
 
     atomic_write("log/model_00250.pt", lambda f: torch.save(checkpoint, f))
 
-Every file the repo produces goes through here: checkpoints, token shards and their meta.json,
-downloaded evaluation data, logs rewritten at resume and saved tokenizers.
+Checkpoints, token shards and their meta.json, downloaded evaluation data and the logs rewritten
+at resume go through here. (A trained tokenizer is a folder: tokenizer.py writes it whole into a
+temporary folder and renames that, the same idea one level up.)
 """
 
 import errno
@@ -19,7 +20,9 @@ def atomic_write(path, write, check=None):
     check(temporary path), if given, may raise to refuse the content before it takes the name (a
     download that is not what it should be). An OSError (disk full, read-only folder, permissions)
     becomes a UserError naming path."""
-    tmp_path = f"{path}.tmp"
+    # the process id in the name: processes writing the same file (each torchrun rank downloading
+    # HellaSwag into one cache) never write into each other's temporary file
+    tmp_path = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp_path, "wb") as f:
             write(f)

@@ -28,6 +28,23 @@ never on the system or user text, nor on the tokens that open a turn. Every assi
 multi-turn conversation is trained on.
 """
 
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import checkpoint
+import fineweb
+from dataloader import permutation
+from errors import UserError, exit_on_error
+from evals import TASKS
+from lora import apply_lora, lora_layers
+from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
+from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, flag, launch, parse_config
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -80,3 +97,271 @@ def targets_of(ids, train):
     """The targets of a rendered row: y[t] = ids[t + 1] where that token is trained on, else -1
     (left out of the loss)."""
     return [token if trained else -1 for token, trained in zip(ids[1:], train[1:])]
+
+
+# ---- the examples: chat, instruction or plain text rows -> (ids, targets) rows -----------------
+def conversation_of(row):
+    """The conversation in a row: its `messages`, or an Alpaca-style instruction as one user turn
+    and one assistant turn. None for a row without either (plain text is handled apart)."""
+    if isinstance(row, dict) and "messages" in row:
+        return row["messages"]
+    if isinstance(row, dict) and "instruction" in row and "output" in row:
+        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return None
+
+
+def text_of(row):
+    """The text of a plain-text row (a .txt file, or a row with only a `text` field), else None."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
+        return row["text"]
+    return None
+
+
+def chat_rows(rows, tokenizer, seq_len, counts):
+    """(x, y) token lists of each usable conversation, cut to seq_len + 1 tokens. counts: how many
+    rows were skipped, and why."""
+    for row in rows:
+        messages = conversation_of(row)
+        problem = check_conversation(messages) if messages is not None else "no `messages`, instruction or text"
+        if problem:
+            counts[problem] = counts.get(problem, 0) + 1
+            continue
+        ids, train = render_conversation(messages, tokenizer)
+        if len(ids) > seq_len + 1:  # the rule: keep the first seq_len + 1 tokens, drop the rest
+            counts["cut to --seq_len (kept)"] = counts.get("cut to --seq_len (kept)", 0) + 1
+            ids, train = ids[: seq_len + 1], train[: seq_len + 1]
+            if not any(train[1:]):
+                counts["no assistant token within --seq_len"] = counts.get("no assistant token within --seq_len", 0) + 1
+                continue
+        yield ids[:-1], targets_of(ids, train)
+
+
+def text_rows(texts, tokenizer, seq_len):
+    """Continued pretraining: [<|endoftext|>] + tokens of each text, one stream, cut into windows of
+    seq_len + 1 tokens (the last one shorter), every token a target."""
+    stream = [token for text in texts for token in [tokenizer.eot, *tokenizer.encode(text)]]
+    for start in range(0, len(stream) - 1, seq_len):
+        window = stream[start : start + seq_len + 1]
+        yield window[:-1], window[1:]
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class RowLoader:
+    """next_batch() -> (x, y), each (B, L) int64 on `device`: B rows of a list of (x, y) token lists,
+    right-padded to L, the longest row of the batch rounded up to a multiple of 64 (a few distinct
+    shapes, so torch.compile does not recompile for every batch). y is -1 on padding.
+
+    Why padding and not packing several conversations into one row: packed rows need an attention
+    mask that keeps each conversation to itself (or the model reads the neighbour's turns), and
+    cost the same compute per token slot. Padding wastes the slots after a short row instead (the
+    rounding to 64 keeps that within 63 slots per row beyond the longest row of the batch).
+
+    Each micro-batch's loss is the mean over its targets, and micro-batches weigh the same (as in
+    nanochat): one whose rows hold few assistant tokens counts as much as a full one.
+
+    The rows are dealt out exactly as DataLoaderLite deals out windows: one endless stream (each
+    epoch a new seeded permutation of the rows when shuffled), rank r of W taking batch s*W + r at
+    its s-th call; the position is one integer, so resuming is exact on any number of processes."""
+
+    def __init__(self, rows, B, process_rank=0, num_processes=1, shuffle=False, seed=0, device="cpu", pad_id=0):
+        self.rows, self.B, self.T = rows, B, max(len(x) for x, _ in rows)  # T: the longest row
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.shuffle, self.seed, self.device, self.pad_id = shuffle, seed, torch.device(device), pad_id
+        lengths = np.array([len(x) for x, _ in rows])
+        self.fingerprint = hashlib.sha256(lengths.tobytes() + np.array([x[-1] for x, _ in rows]).tobytes()).hexdigest()
+        self._order_epoch = self._order = None
+        self.reset()
+
+    def reset(self):
+        self.position = 0  # the stream index of the next step's first batch
+
+    @property
+    def epoch(self):
+        return self.position * self.B // len(self.rows)
+
+    def row(self, i):
+        """Row i of the endless stream of rows."""
+        epoch, within = divmod(i, len(self.rows))
+        if self.shuffle:
+            if self._order_epoch != epoch:  # one permutation per epoch, the same on every rank
+                self._order = permutation(len(self.rows), self.seed, epoch, 0)
+                self._order_epoch = epoch
+            within = int(self._order[within])
+        return self.rows[within]
+
+    def next_batch(self):
+        first = (self.position + self.process_rank) * self.B
+        self.position += self.num_processes
+        batch = [self.row(i) for i in range(first, first + self.B)]
+        L = min(self.T, -(-max(len(x) for x, _ in batch) // 64) * 64)
+        x = torch.full((self.B, L), self.pad_id, dtype=torch.long)
+        y = torch.full((self.B, L), -1, dtype=torch.long)
+        for b, (xs, ys) in enumerate(batch):
+            x[b, : len(xs)], y[b, : len(ys)] = torch.tensor(xs), torch.tensor(ys)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self):
+        return {"position": self.position, "B": self.B, "shuffle": self.shuffle, "seed": self.seed,
+                "rows": len(self.rows), "fingerprint": self.fingerprint}  # fmt: skip
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("B", "shuffle", "seed", "rows", "fingerprint"):
+            if state[key] != mine[key]:
+                raise UserError(
+                    f"cannot resume: the checkpoint's data had {key}={state[key]}, this run's has {mine[key]} (other "
+                    f"--data_files, --seq_len, --val_fraction or --seed?): resume with the same data and flags"
+                )
+        self.position = state["position"]
+
+
+# ---- the run ----------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig(TrainConfig):
+    # what to start from, and the data
+    init: str = flag(
+        None, "base weights: a train_gpt2.py checkpoint, a Hugging Face GPT-2 folder, or gpt2, gpt2-medium..."
+    )
+    data_files: list = flag(
+        None, "local .jsonl / .json / .parquet / .txt files, folders or globs (as fineweb.py reads)"
+    )
+    dataset: str = flag(None, "or a Hugging Face dataset id (with --name, --split)")
+    name: str = flag(None, "the dataset's config")
+    split: str = flag("train", "the dataset's split")
+    val_files: list = flag(None, "held-out rows for the val loss (default: --val_fraction of the data)")
+    val_fraction: float = flag(
+        0.05, "share of the rows held out for the val loss, when there are no --val_files", 0, 0.5
+    )
+    # LoRA (lora.py); rank 0 is full fine-tuning
+    lora_rank: int = flag(0, "rank r of the LoRA adapters (0: train every weight)", low=0)
+    lora_alpha: float = flag(16.0, "LoRA's alpha: the adapters' output is scaled by alpha / r", low=0)
+    lora_targets: str = flag("attn,mlp", "the layers that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj)")
+    # the defaults of train_gpt2.py's flags that fine-tuning sets otherwise
+    log_dir: str = flag(os.path.join(SCRIPT_DIR, "log", "sft"), "log.txt, metrics.jsonl and checkpoints go here")
+    batch_size: int = flag(8, "rows per forward pass on each GPU", low=1)
+    seq_len: int = flag(512, "tokens per row at most: longer conversations are cut (and counted)", low=1)
+    total_batch_size: int = flag(
+        4096, "token slots per optimizer step: batch_size x seq_len x processes x accumulation", low=1
+    )
+    max_steps: int = flag(500, "optimizer steps", low=1)
+    warmup_steps: int = flag(20, "steps of linear LR warmup", low=0)
+    max_lr: float = flag(1e-4, "peak learning rate (LoRA usually takes more, e.g. 1e-3)", low=0)
+    min_lr_ratio: float = flag(0.0, "final LR / max_lr: a linear decay down to 0, the usual SFT schedule", 0, 1)
+    weight_decay: float = flag(0.0, "AdamW weight decay on matrices", low=0)
+    eval_interval: int = flag(100, "steps between val losses, and at the end (0: never)", low=0)
+    val_steps: int = flag(20, "batches per process for the val loss, at most one pass over the validation rows", low=1)
+    eval_tasks: str = flag("", f"comma-separated eval tasks ({', '.join(TASKS)}), '' for none")
+    sample_interval: int = flag(0, "steps between text samples (0: never; talk to it with chat.py)", low=0)
+    ckpt_interval: int = flag(100, "steps between checkpoints (0: only the one written at the end)", low=0)
+    log_interval: int = flag(10, "print every N-th step (log.txt and metrics.jsonl get every step)", low=1)
+
+
+PRESETS = {"sft": {}}
+# Fine-tuning takes the model's shape and tokenizer from --init, and its data from --data_files.
+HIDDEN = ("data_dir", "tokenizer", "n_layer", "n_head", "n_embd")
+
+
+def sft_lr(step, cfg):
+    """Linear warmup to max_lr, then a linear decay to min_lr_ratio * max_lr (0 by default) at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
+    return cfg.max_lr * (1 - progress * (1 - cfg.min_lr_ratio))
+
+
+def read_rows(files, dataset, cfg):
+    """Every row of --data_files (or of --dataset), as fineweb.py's readers give them: dicts, or the
+    text of a .txt file."""
+    return list(fineweb.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
+
+
+def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):
+    """(x, y) rows of chat/instruction rows, or of plain text (when the data has no conversation)."""
+    if is_chat:
+        counts = {}
+        tokenized = list(chat_rows(rows, tokenizer, seq_len, counts))
+        for reason, n in counts.items():
+            print(f"{what}: {n:,} row(s): {reason}" + ("" if "kept" in reason else " (skipped)"))
+    else:
+        texts = [text for text in map(text_of, rows) if text]
+        tokenized = list(text_rows(texts, tokenizer, seq_len))
+    if not tokenized:
+        raise UserError(f"{what}: no usable rows (need `messages`, instruction/output, or text)")
+    return tokenized
+
+
+def finetuning_job(cfg, dist_info):
+    """The Job of train_gpt2.train: the base model (with LoRA adapters if asked), the rows, the schedule."""
+    if not cfg.init:
+        raise UserError("--init: pass the weights to start from (a checkpoint, a Hugging Face folder, or gpt2)")
+    if bool(cfg.data_files) == bool(cfg.dataset):
+        raise UserError("pass the data with --data_files (local files) or --dataset (a Hugging Face id), one of them")
+    rows = read_rows(cfg.data_files, cfg.dataset, cfg)
+    is_chat = any(conversation_of(row) is not None for row in rows)
+    tokenizer = checkpoint.checkpoint_tokenizer(cfg.init) if os.path.isfile(cfg.init) else get_tokenizer(GPT2)
+    if is_chat and tokenizer.name == GPT2:
+        tokenizer = get_tokenizer(GPT2_CHAT)  # the chat tokens, in rows GPT-2's padded embedding has
+    base = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
+    base_fingerprint = checkpoint.fingerprint(base)
+    check_config(cfg, base.config, dist_info.world_size)
+    if cfg.lora_rank:
+        lora_layers(base, cfg.lora_targets.split(","))  # an unknown target is an error before any data work
+
+    train_rows = tokenized_rows(rows, is_chat, tokenizer, cfg.seq_len, "training data")
+    if cfg.val_files:
+        val_rows = read_rows(cfg.val_files, None, cfg)
+        val_rows = tokenized_rows(val_rows, is_chat, tokenizer, cfg.seq_len, "validation data")
+    else:  # a seeded split of the rows (of the windows, for plain text): the same on every rank and resume
+        order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
+        n_val = max(1, round(cfg.val_fraction * len(train_rows))) if cfg.val_fraction > 0 else 0
+        if n_val == 0 or n_val >= len(train_rows):
+            raise UserError(f"{len(train_rows)} row(s): cannot hold out a validation set; pass --val_files, or "
+                            f"--val_fraction above 0 with more rows")  # fmt: skip
+        val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
+    if len(train_rows) < cfg.batch_size * dist_info.world_size:  # a step would read some rows twice
+        raise UserError(f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
+                        f"{cfg.batch_size}: lower --batch_size, or add rows")  # fmt: skip
+    # the val loss reads the validation rows once (val_steps batches per process), not round and round
+    cfg.val_steps = min(cfg.val_steps, math.ceil(len(val_rows) / (cfg.batch_size * dist_info.world_size)))
+    if dist_info.is_master:
+        filled = sum(len(x) for x, _ in train_rows) / (len(train_rows) * cfg.seq_len)
+        kind = "chat" if is_chat else "plain text"
+        print(f"{len(train_rows):,} training rows ({filled:.0%} of --seq_len filled), {len(val_rows):,} validation "
+              f"rows; {kind}")  # fmt: skip
+    loader_args = dict(process_rank=dist_info.rank, num_processes=dist_info.world_size, device=dist_info.device,
+                       pad_id=tokenizer.eot)  # fmt: skip
+    train_loader = RowLoader(train_rows, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
+    val_loader = RowLoader(val_rows, cfg.batch_size, **loader_args)
+
+    def make_model():  # called once, after the seed is set: LoRA's A matrices are random
+        if cfg.lora_rank:
+            apply_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        return base.to(dist_info.device)
+
+    init_path = os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init
+    init = {"path": init_path, "fingerprint": base_fingerprint}
+    lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
+    extra = {
+        "init": init,
+        "lora": lora if cfg.lora_rank else None,
+        "template": chat_template(tokenizer) if is_chat else None,
+    }
+    return Job(tokenizer, base.config, train_loader, val_loader, make_model, lambda step: sft_lr(step, cfg), extra)
+
+
+def chat_template(tokenizer):
+    """What a checkpoint records of the chat format: a resume or chat.py with another one is refused."""
+    openers, end = chat_tokens(tokenizer)
+    return {"name": "chat-v1", "openers": openers, "end": end}
+
+
+@exit_on_error
+def main(argv=None):
+    launch(parse_config(argv, FinetuneConfig, PRESETS, __doc__, HIDDEN), finetuning_job)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from errors import UserError, exit_on_error
 from files import atomic_write
 from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
-from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
+from tokenizer import GPT2, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
@@ -179,8 +179,9 @@ def open_parquet(path):
 
 
 def check_text(text, where, text_field):
-    """text, if it is a str or None (a null document); else a UserError saying where it is."""
-    if text is None or isinstance(text, str):
+    """text, if it is a str or None (a null document); else a UserError saying where it is. With
+    text_field None the readers hand out whole records (finetune.py reads chat rows so), unchecked."""
+    if text is None or isinstance(text, str) or text_field is None:
         return text
     raise UserError(
         f"{where}: field {text_field!r} holds {type(text).__name__} {text!r:.40}, not text: "
@@ -189,10 +190,11 @@ def check_text(text, where, text_field):
 
 
 def parquet_rows(path, text_field, skip):
-    """Texts of a parquet file after its first `skip` rows; returns the file's row count."""
+    """Texts of a parquet file after its first `skip` rows (whole rows, as dicts, with text_field
+    None); returns the file's row count."""
     parquet = open_parquet(path)
     columns = parquet.schema_arrow.names
-    if text_field not in columns:
+    if text_field is not None and text_field not in columns:
         raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
     # skip whole row groups by their metadata, so resuming deep into a file reads little of it
     group, row = 0, 0  # row: the file's row of the next record batch's first text
@@ -202,8 +204,9 @@ def parquet_rows(path, text_field, skip):
         group += 1
     if group < parquet.num_row_groups:
         row_groups = range(group, parquet.num_row_groups)
-        for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=[text_field]):
-            texts = record_batch.column(0).to_pylist()
+        read = None if text_field is None else [text_field]
+        for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=read):
+            texts = record_batch.to_pylist() if text_field is None else record_batch.column(0).to_pylist()
             for i in range(skip, len(texts)):
                 yield check_text(texts[i], f"{path} row {row + i}", text_field)
             skip, row = max(0, skip - len(texts)), row + len(texts)
@@ -252,7 +255,10 @@ def json_rows(path, text_field, skip):
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not valid JSON ({e})")
             if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
+                raise UserError(f"{path}:{number}: expected a JSON object, not {type(record).__name__}")
+            if text_field is None:
+                yield record
+                continue
             if text_field not in record:
                 raise UserError(
                     f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
@@ -314,21 +320,26 @@ def hub_dataset(cfg):
         raise UserError(f"--dataset {cfg.dataset}: {e}")
     except OSError as e:  # ConnectionError, HTTP errors, timeouts
         raise UserError(hub_unreachable(cfg, e))
-    if ds.column_names is not None and cfg.text_field not in ds.column_names:
+    if cfg.text_field is None or ds.column_names is None:  # whole records; or a stream that names no columns
+        return ds
+    if cfg.text_field not in ds.column_names:
         raise UserError(
             f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field"
         )
-    return ds.select_columns([cfg.text_field]) if ds.column_names is not None else ds
+    return ds.select_columns([cfg.text_field])
 
 
 def hub_rows(cfg, ds, start):
-    """Texts of a hub dataset from row start.row on."""
-    if not cfg.streaming:
+    """Texts of a hub dataset from row start.row on (whole rows, as dicts, with text_field None)."""
+    field = (lambda row: row) if cfg.text_field is None else (lambda row: row[cfg.text_field])
+    if not cfg.streaming and cfg.text_field is None:
+        rows = iter(ds.skip(start.row))
+    elif not cfg.streaming:  # a column at a time: much faster than formatting each row as a dict
         rows = (text for batch in ds.skip(start.row).iter(batch_size=1024) for text in batch[cfg.text_field])
     elif start.stream_state is not None and loads_state(ds, start.stream_state):
-        rows = islice((row[cfg.text_field] for row in ds), start.stream_skip, None)
+        rows = islice((field(row) for row in ds), start.stream_skip, None)
     else:
-        rows = islice((row[cfg.text_field] for row in ds), start.row, None)
+        rows = islice((field(row) for row in ds), start.row, None)
     try:
         for row, text in enumerate(rows, start.row):
             yield check_text(text, f"{cfg.dataset} row {row}", cfg.text_field)
@@ -338,6 +349,15 @@ def hub_rows(cfg, ds, start):
         raise UserError(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
     except Exception as e:  # the network failing hours into a stream: the shards so far are kept
         raise UserError(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
+
+
+def read_rows(data_files=None, dataset=None, name=None, split=None, text_field="text", streaming=False):
+    """The rows of local files, or else of a hub dataset, from the start: what other scripts read
+    text with (tokenizer.py train, finetune.py). text_field None: whole records (dicts)."""
+    if data_files:
+        return local_rows(resolve_data_files(data_files), text_field, 0)
+    cfg = Config(dataset=dataset, name=name, split=split, text_field=text_field, streaming=streaming)
+    return hub_rows(cfg, hub_dataset(cfg), Position())
 
 
 def loads_state(ds, state):
@@ -558,9 +578,8 @@ def settings_for(cfg, files, tokenizer):
         source = {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
     else:  # streaming or not gives the same bytes, so a streamed run may resume downloaded
         source = {"dataset": cfg.dataset, "name": cfg.name, "split": cfg.split}
-    name = tokenizer.name if tokenizer.name in (GPT2, GPT2_CHAT) else os.path.abspath(tokenizer.name)
     settings = {
-        "tokenizer": {"name": name, "hash": tokenizer.hash},  # train_gpt2.py --tokenizer auto reads it
+        "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash},  # train_gpt2.py --tokenizer auto reads it
         "eot": tokenizer.eot,
         "dtype": TOKEN_DTYPE.name,
         "shard_size": cfg.shard_size,
@@ -591,7 +610,7 @@ def completed_shards(cfg, settings):
     if cfg.overwrite:  # only what we write, and what the data loader would read: never the whole folder
         for path in files_matching(cfg.data_dir, shard_patterns() + ["meta.json"]):
             os.remove(path)
-    for path in files_matching(cfg.data_dir, ("*.npy.tmp", "meta.json.tmp")):
+    for path in files_matching(cfg.data_dir, ("*.npy.*tmp", "meta.json.*tmp")):
         os.remove(path)  # left by a crash in the middle of a save
     if not os.path.exists(meta_path):
         if files_matching(cfg.data_dir, shard_patterns()):

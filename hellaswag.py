@@ -22,7 +22,7 @@ across DDP ranks, for this command line and for the periodic evaluation in train
 """
 
 from errors import exit_on_error
-from scoring import Task, check_row_count, data_file, eval_parser, pad_rows, read_jsonl, run_eval
+from scoring import Task, check_row_count, data_file, eval_parser, read_jsonl, run_eval
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_FILE = "hellaswag_val.jsonl"
@@ -61,14 +61,6 @@ def hellaswag_rows(example, tokenizer):
     """(rows, label): one row per ending, the context followed by " " + ending."""
     context = tokenizer.encode(example["ctx"])
     return [(context, tokenizer.encode(" " + ending)) for ending in example["endings"]], example["label"]
-
-
-def render_example(example, tokenizer):
-    """One example as the model sees it: tokens (4, L), mask (4, L) with 1 on the ending tokens,
-    and the label (index of the right ending)."""
-    rows, label = hellaswag_rows(example, tokenizer)
-    tokens, mask = pad_rows(rows)
-    return tokens, mask, label
 
 
 def hellaswag_results(totals):

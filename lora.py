@@ -9,7 +9,7 @@ A frozen nn.Linear computes x W^T + b. LoRA adds a product of two thin matrices,
 and trains only A and B. B starts at zero, so at step 0 the model is exactly the base model; A
 starts random, so B gets gradients from the first step. alpha / r keeps the size of an update
 about the same whatever the rank. GPT-2 124M's four matrices per block (attn.c_attn, attn.c_proj,
-mlp.c_fc, mlp.c_proj) at r = 8 are 1.3M trainable parameters instead of 124M: AdamW's state
+mlp.c_fc, mlp.c_proj) at r = 8 are 1.18M trainable parameters instead of 124M: AdamW's state
 shrinks with them, which is what makes fine-tuning fit a small GPU.
 
     apply_lora(model, rank=8, alpha=16, targets=["attn", "mlp"])   # model.parameters(): only A, B train

@@ -271,7 +271,7 @@ class GPT(nn.Module):
         return torch.cat([idx, *(next_id[:, None] for next_id in steps)], dim=1)
 
     def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                        eot=None, use_cache=True):  # fmt: skip
+                        eot=None, use_cache=True, kv_cache=None):  # fmt: skip
         """An iterator over the next token of every prompt, a (B,) tensor per step, each yielded as
         soon as it is sampled (for streaming text to a terminal or a browser).
 
@@ -284,16 +284,24 @@ class GPT(nn.Module):
         cache every step sees the last block_size tokens; with it, once the cache is full the newest
         block_size // 2 tokens are prefilled afresh (their positions all change) and it fills again,
         so a step sees between block_size // 2 and block_size tokens. Both agree up to block_size.
+        kv_cache: one KVCache per layer, kept by the caller across calls (chat.py keeps it from one turn
+        of a conversation to the next): it holds the keys and values of the first kv_cache[0].length
+        tokens of the one prompt (fewer than all of them), which are not computed again, and is filled
+        in place with the rest of the prompt and the tokens generated (all but the last one).
         Bad arguments raise UserError here, before the first token."""
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         idx, real = left_pad(prompts, self.config.block_size, self.transformer.wte.weight.device)
-        return self._generate_steps(idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache)
+        if kv_cache is not None and not (idx.size(0) == 1 and kv_cache[0].length < idx.size(1)):
+            raise ValueError("a kv_cache passed in must hold fewer positions than the one prompt has")
+        return self._generate_steps(idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache,
+                                    kv_cache)  # fmt: skip
 
-    def _generate_steps(self, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache):
+    def _generate_steps(self, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache,
+                        kv_cache):  # fmt: skip
         """generate_stream's loop. idx (B, T) token ids, real (B, T) True at real tokens (not padding)."""
         block_size = self.config.block_size
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # rows that produced eot
-        kv_cache = None
+        new = idx.size(1) - kv_cache[0].length if kv_cache else 1  # the tokens at the end of idx not in the cache
         for _ in range(max_new_tokens):
             if not use_cache:
                 window = slice(-block_size, None)  # the model sees at most block_size tokens
@@ -305,9 +313,11 @@ class GPT(nn.Module):
                 kv_cache = [KVCache(max_len) for _ in self.transformer.h]
                 logits = self.next_logits(idx[:, window], real[:, window], kv_cache)
             else:
-                # the one token sampled last; it attends to the cached keys and itself
-                keys = real[:, -(kv_cache[0].length + 1) :]
-                logits = self.next_logits(idx[:, -1:], keys, kv_cache)
+                # the one token sampled last (or the end of the prompt a caller's cache lacks); it attends
+                # to the cached keys and itself
+                keys = real[:, -(kv_cache[0].length + new) :]
+                logits = self.next_logits(idx[:, -new:], keys, kv_cache)
+            new = 1
             next_id = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eot is not None:
                 next_id = next_id.masked_fill(done, eot)

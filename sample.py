@@ -94,6 +94,9 @@ def load_sampling_model(args, device):
         model, tokenizer = load_model(args, device)
     except UserError as e:  # a missing or unreadable file; the cause can run over many lines
         raise UserError(str(e).strip().splitlines()[0]) from None
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
+                        f"{tokenizer.vocab_size}: they do not belong together")  # fmt: skip
     return model.eval(), tokenizer
 
 
@@ -108,10 +111,12 @@ def read_prompt(args):
 
 
 def text_chunks(tokens, tokenizer, stop):
-    """The text of generated tokens, piece by piece as they come, up to <|endoftext|> or a stop string."""
+    """The text of generated tokens, piece by piece as they come, up to a special token (<|endoftext|>,
+    or a chat model's <|end|>) or a stop string."""
     stream = TextStream(tokenizer, stop)
+    specials = set(tokenizer.special_tokens.values())
     for token in tokens:
-        if token == tokenizer.eot:
+        if token in specials:
             break
         yield stream.push(token)
         if stream.stopped:
@@ -128,9 +133,6 @@ def main(argv=None):
     device = pick_device(args.device, local_rank=0)
     precision = setup_precision(args.dtype, device.split(":")[0])
     model, tokenizer = load_sampling_model(args, device)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
-                        f"{tokenizer.vocab_size}: they do not belong together")  # fmt: skip
     text = read_prompt(args)
     prompt = tokenizer.encode(text)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -34,6 +34,7 @@ from device import (
     all_reduce_sum,
     setup_distributed,
     setup_precision,
+    sum_dtype,
     teardown_distributed,
     unwrap,
 )
@@ -123,8 +124,8 @@ def score_examples(model, examples, render, tokenizer, dist, precision=None, bat
     # batch too large for memory fails at once rather than after most of the work.
     rendered.sort(key=lambda item: max(len(c) + len(e) for c, e in item[0]), reverse=True)
     # The totals stay on the device until the end: reading them after every batch would make the
-    # CPU wait for the GPU instead of preparing the next batch. float64 keeps the sums exact (MPS has none).
-    dtype = torch.float32 if torch.device(dist.device).type == "mps" else torch.float64
+    # CPU wait for the GPU instead of preparing the next batch.
+    dtype = sum_dtype(dist.device)
     totals = torch.zeros(len(TOTALS), dtype=dtype, device=dist.device)
     was_training = model.training
     model.eval()
@@ -202,8 +203,8 @@ def download(url, path, read, env_var):
         response = urllib.request.urlopen(url, timeout=60)
     except (urllib.error.URLError, OSError) as e:  # no network, DNS, timeout, HTTP error
         raise UserError(
-            f"could not download {url} ({e}). Offline? Pass --data_file with {filename} (or the folder "
-            f"holding it), or set {env_var}=FOLDER"
+            f"could not download {url} ({e}). Offline? Set {env_var}=FOLDER, a folder holding {filename} "
+            f"(hellaswag.py and evals.py also take --data_file); to train without this evaluation, --eval_tasks ''"
         )
 
     def fetch(f):

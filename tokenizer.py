@@ -9,9 +9,9 @@ Tokenizers: text <-> token ids, behind one small interface that every script use
 
 Train a byte-level BPE of your own on any text fineweb.py can read, then look at it:
 
-    python tokenizer.py train --data_files ../shared/data/fineweb_sample --vocab_size 32768 --out_dir log/tok
+    python tokenizer.py train --data_files path/to/parquet_folder --vocab_size 32768 --out_dir log/tok
     python tokenizer.py encode --tokenizer log/tok "Hello world"
-    python tokenizer.py compare --tokenizer log/tok --data_files ../shared/data/fineweb_sample/001_00000.parquet
+    python tokenizer.py compare --tokenizer log/tok --data_files path/to/held_out.parquet
 
 GPT-2's BPE has 50,000 merges on top of the 256 single bytes, plus one special token,
 <|endoftext|> (id 50256), which fineweb.py puts before every document. tiktoken downloads its two
@@ -278,6 +278,8 @@ class Tokenizer:
             shutil.rmtree(old_dir, ignore_errors=True)
         except BaseException as e:  # disk full, permissions, Ctrl-C
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if os.path.exists(old_dir) and not os.path.exists(out_dir):
+                os.rename(old_dir, out_dir)  # the old tokenizer back under its name
             if isinstance(e, OSError):
                 raise UserError(f"could not write the tokenizer to {out_dir} ({e})") from None
             raise
@@ -328,6 +330,8 @@ def load_tokenizer(folder):
             f"tokenizer folder {folder} is damaged: its files hash to {actual_hash}, but {META_FILE} records "
             f"hash {expected_hash}. Train it again (or restore the folder)"
         )
+    # named by its absolute path: checkpoints and meta.json record the name, and must find it from anywhere
+    folder = os.path.abspath(folder)
     return Tokenizer(make_encoding(folder, pattern, ranks, special_tokens), folder)
 
 
@@ -398,12 +402,7 @@ def read_texts(args):
     """The documents of --data_files or --dataset, as fineweb.py reads them (str, or None for a null row)."""
     import fineweb
 
-    if args.data_files:
-        return fineweb.local_rows(fineweb.resolve_data_files(args.data_files), args.text_field, skip=0)
-    cfg = fineweb.Config(
-        dataset=args.dataset, name=args.name, split=args.split, text_field=args.text_field, streaming=args.streaming
-    )
-    return fineweb.hub_rows(cfg, fineweb.hub_dataset(cfg), fineweb.Position())
+    return fineweb.read_rows(args.data_files, args.dataset, args.name, args.split, args.text_field, args.streaming)
 
 
 def source_of(args):
@@ -531,6 +530,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", nargs="+", required=True, metavar="DIR", help="tokenizer folders")
     p.add_argument("--data_files", nargs="+", required=True, metavar="PATH", help="local files, folders or globs")
     p.add_argument("--text_field", default="text", help="column or JSON field holding the text (default: text)")
+    p.set_defaults(dataset=None, name=None, split=None, streaming=False)  # local files only
     args = parser.parse_args(argv)
     if args.command == "train":
         if args.data_files and (args.dataset or args.name or args.split):

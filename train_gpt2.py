@@ -33,7 +33,8 @@ import scoring
 import training_log
 from dataloader import DataLoaderLite
 from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops, plan_report
-from device import setup_distributed, setup_precision, shard_model, teardown_distributed, unwrap, whole_model
+from device import empty_copy, setup_distributed, setup_precision, shard_model, sum_dtype, teardown_distributed
+from device import unwrap, whole_model
 from errors import UserError, exit_on_error
 from evals import TASKS
 from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
@@ -165,26 +166,36 @@ def bounded(parse, low, high):
     return parse_bounded
 
 
-def parse_config(argv=None):
-    """TrainConfig from the command line: defaults, then the preset, then --model's, then the flags given."""
+def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__, hidden=()):
+    """A config_class from the command line: defaults, then the preset, then --model's (model_defaults),
+    then the flags given. Every field is a flag of its name, except those in `hidden` (finetune.py
+    takes the model's shape from its base weights, so it has no --n_layer, nor --model)."""
+    hidden = (*hidden, "model") if "n_layer" in hidden else hidden
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
-    )
-    parser.add_argument("--preset", choices=PRESETS, default="gpt2", help="a set of defaults (default: gpt2)")
-    for f in fields(TrainConfig):
-        parse = parse_bool if f.type is bool else f.type
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    parser.add_argument("--preset", choices=presets, default=next(iter(presets)), help="a set of defaults")
+    for f in fields(config_class):
+        if f.name in hidden:
+            continue
+        parse = parse_bool if f.type is bool else str if f.type is list else f.type
         parser.add_argument(
             f"--{f.name}",
-            **(dict(nargs="?", const=True) if f.type is bool else {}),  # `--plan` alone means `--plan 1`
             type=bounded(parse, f.metadata["low"], f.metadata["high"]),
+            nargs="+" if f.type is list else "?" if f.type is bool else None,
+            const=True if f.type is bool else None,  # `--plan` alone means `--plan 1`
             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),  # argparse formats with %
         )
     flags = vars(parser.parse_args(argv))
-    preset = PRESETS[flags.pop("preset")]
-    model = flags.get("model", preset.get("model", "gpt2"))
-    if model not in MODEL_SIZES:
-        parser.error(f"argument --model: choose from {', '.join(MODEL_SIZES)}, not {model}")
-    return TrainConfig(**{**preset, **model_defaults(model), **flags})
+    preset = presets[flags.pop("preset")]
+    sizes = {}
+    if "model" not in hidden:
+        model = flags.get("model", preset.get("model", "gpt2"))
+        if model not in MODEL_SIZES:
+            parser.error(f"argument --model: choose from {', '.join(MODEL_SIZES)}, not {model}")
+        sizes = model_defaults(model)
+    return config_class(**{**preset, **sizes, **flags})
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -289,13 +300,15 @@ def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, p
     those tokens stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
     model.eval()
     val_loader.reset()  # the same batches every time, so the numbers are comparable
-    sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device)  # summed loss (nats), targets, their bytes
+    dtype = sum_dtype(dist_info.device)
+    sums = torch.zeros(3, dtype=dtype, device=dist_info.device)  # summed loss (nats), targets, their bytes
     for _ in range(cfg.val_steps):
         x, y = val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
         with precision.autocast():
             _, loss = model(x, y)  # the mean over the targets
-        targets = y[y >= 0]
-        sums += torch.stack([loss.double() * len(targets), torch.tensor(len(targets)), token_bytes[targets].sum()])
+        is_target = y >= 0
+        n = is_target.sum()  # a tensor on the device: no wait for the GPU inside the loop
+        sums += torch.stack([loss.to(dtype) * n, n.to(dtype), token_bytes[y[is_target]].sum().to(dtype)])
     loss_sum, n_targets, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
     val_loss = loss_sum / n_targets
     bpb = loss_sum / (math.log(2) * bytes_sum)
@@ -341,7 +354,7 @@ def pick_tokenizer(cfg):
 
 
 def check_config(cfg, model_config, world_size):
-    """What can be refused before any data is read or any process talks to another."""
+    """Refuse what can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_config.block_size}")
     if cfg.parallel not in ("ddp", "fsdp"):
@@ -349,7 +362,7 @@ def check_config(cfg, model_config, world_size):
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    return get_grad_accum_steps(cfg, world_size)
+    get_grad_accum_steps(cfg, world_size)
 
 
 @dataclass
@@ -377,17 +390,21 @@ def pretraining_job(cfg, dist_info):
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
     return Job(tokenizer, model_config, train_loader, val_loader,
-               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg))
+               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg),
+               checkpoint_extra={"init": None})  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
     device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
-    grad_accum_steps = check_config(cfg, job.model_config, world_size)
+    grad_accum_steps = get_grad_accum_steps(cfg, world_size)
     tokenizer, train_loader, val_loader = job.tokenizer, job.train_loader, job.val_loader
     B, T = cfg.batch_size, cfg.seq_len
+    # the evaluation data too before anything is written: a missing file (offline) stops the run here
+    eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
+                  if name]  # fmt: skip
 
-    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info)
+    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
     start_step = resumed["step"] if resumed else 0
     if start_step > cfg.max_steps:
         raise UserError(
@@ -395,6 +412,8 @@ def train(cfg, dist_info, job):
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
     log = training_log.setup_logging(cfg.log_dir, start_step, is_master)  # takes the folder's lock first
+    for reason in resumed["passed_over"] if resumed else []:
+        log.warning(f"{reason}: resuming from an older checkpoint")
     if is_master and resumed:
         for path in checkpoint.start_branch(cfg.log_dir, start_step):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see checkpoint.start_branch)")
@@ -407,6 +426,7 @@ def train(cfg, dist_info, job):
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = job.make_model()
     model.activation_checkpointing = cfg.activation_checkpointing
+    empty = empty_copy(model, "meta") if fsdp else None  # the shape of the whole copies evaluations use
     if fsdp:  # in place, and before the optimizer is built: it must hold the shards
         shard_model(model, cfg.reshard_after_forward, precision, dist_info)
     optimizer = model.configure_optimizers(
@@ -424,8 +444,6 @@ def train(cfg, dist_info, job):
     compiled = train_model is not model
     if world_size > 1 and not fsdp:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
-    eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
-                  if name]  # fmt: skip
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)  # (vocab_size,): bytes per token
     timer = training_log.StepTimer(cfg.total_batch_size, model.flops_per_token(T),
                                    peak_flops(device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip
@@ -439,7 +457,7 @@ def train(cfg, dist_info, job):
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
-            whole = whole_model(model, job.make_model) if evaluating or sampling else None  # FSDP: a gathered copy
+            whole = whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
             if evaluating:
                 loop["last_val"] = evaluate(step, whole, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
                                             precision, dist_info, log)  # fmt: skip
@@ -500,20 +518,24 @@ def print_plan(cfg):
         raise UserError(problem)
 
 
-@exit_on_error
-def main(argv=None):
-    cfg = parse_config(argv)
-    if cfg.plan:
-        print_plan(cfg)
-        return
+def launch(cfg, make_job):
+    """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
     dist_info = setup_distributed(cfg.device)
     finished = False
     try:
-        train(cfg, dist_info, pretraining_job(cfg, dist_info))
+        train(cfg, dist_info, make_job(cfg, dist_info))
         finished = True
     finally:
         training_log.close_logging()
         teardown_distributed(finished)
+
+
+@exit_on_error
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.plan:  # the memory plan only: no processes, no shards
+        return print_plan(cfg)
+    launch(cfg, pretraining_job)
 
 
 if __name__ == "__main__":

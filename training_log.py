@@ -54,18 +54,19 @@ def format_results(name, results):
 def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step):
     """The setup and the values derived from it, once at the start."""
     B, T = cfg.batch_size, cfg.seq_len
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # fewer with LoRA
     dtype = str(precision.dtype).removeprefix("torch.")
     if precision.scaler.is_enabled():
         dtype += " with loss scaling"
     log_record(
         log,
         f"{world_size} process(es) on {device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token(T) / 1e9:.3f} GFLOP per token "
-        f"(training)\n"
+        f"model: {model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
+        f"{model.flops_per_token(T) / 1e9:.3f} GFLOP per token (training)\n"
         f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
         f"x grad_accum_steps {grad_accum_steps}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
-        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, cosine to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then a decay to {cfg.max_lr * cfg.min_lr_ratio:g}",
         step=start_step,
         kind="config",
         **asdict(cfg),

@@ -98,19 +98,18 @@ def test_rng_state_survives_a_weights_only_round_trip_and_restores_every_generat
     assert draws() == expected
 
 
-def test_resume_path_finds_the_newest_checkpoint_and_ignores_temp_files(tmp_path):
+def test_checkpoints_are_found_by_step_temp_files_ignored_and_resume_none_or_path_checked(tmp_path):
     log_dir = str(tmp_path)
-    assert ck.resume_path("auto", log_dir) is None  # a fresh start
+    assert ck.pick_checkpoint("auto", log_dir) == (None, [], None)  # a fresh start
     for name in ["model_00900.pt", "model_01000.pt", "model_05000.pt.tmp", "model_final.pt"]:
         (tmp_path / name).write_bytes(b"")
     expected = {900: str(tmp_path / "model_00900.pt"), 1000: str(tmp_path / "model_01000.pt")}
     assert ck.list_checkpoints(log_dir) == expected
-    assert ck.resume_path("auto", log_dir) == str(tmp_path / "model_01000.pt")  # by step, not by name length
-    assert ck.resume_path(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
+    assert ck.explicit_resume(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
     with pytest.raises(UserError, match="--resume none, but .* already holds checkpoints"):
-        ck.resume_path("none", log_dir)
+        ck.explicit_resume("none", log_dir)
     with pytest.raises(UserError, match="--resume nope.pt: no such checkpoint file"):
-        ck.resume_path("nope.pt", log_dir)
+        ck.explicit_resume("nope.pt", log_dir)
 
 
 def test_prune_keeps_the_newest_checkpoints(tmp_path):

@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 import checkpoint
 import device
+import finetune
 import hellaswag
 import train_gpt2
 from bench import saved_tensor_bytes
 from conftest import REPO, data_path
 from model import GPT, GPTConfig
+from test_finetune import FLAGS as FINETUNE_FLAGS
+from test_finetune import base_checkpoint, chat_data, chat_tokenizer  # noqa: F401 (fixtures)
 from test_train import TINY, losses, run, write_shards
 from training_log import read_metrics
 
@@ -314,3 +317,26 @@ def test_plan_with_a_gpu_too_small_for_batch_size_1_says_what_would_fit(capsys):
                        r"--activation_checkpointing 1 over 4 processes \(fits batch_size \d+\)"):  # fmt: skip
         train_gpt2.main(["--plan", "--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16"])
     assert "largest batch_size" in capsys.readouterr().out  # the table came first
+
+
+# ---- fine-tuning (finetune.py runs train_gpt2.py's loop) ----
+
+
+def test_lora_fine_tuning_under_fsdp_with_checkpointing_equals_one_process(tmp_path, chat_data, base_checkpoint):
+    """Frozen base weights and trainable adapters in the same FSDP units, each block checkpointed:
+    the same losses as one process, and the same adapters in the checkpoint."""
+    flags = ["--init", base_checkpoint, "--data_files", str(chat_data), *FINETUNE_FLAGS, "--max_steps", "3",
+             "--total_batch_size", "256", "--max_lr", "3e-3", "--lora_rank", "4"]  # fmt: skip
+    finetune.main([*flags, "--log_dir", str(tmp_path / "one")])
+    command = [*TORCHRUN, str(REPO / "finetune.py"), *flags, "--log_dir", str(tmp_path / "two"), "--parallel", "fsdp",
+               "--activation_checkpointing", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert sorted(losses(two)) == [0, 1, 2]
+    for step, loss in losses(one).items():
+        assert losses(two)[step] == pytest.approx(loss, abs=1e-5)
+    adapters = [checkpoint.load_checkpoint(str(tmp_path / d / "model_00003.pt"))["model"] for d in ("one", "two")]
+    assert sorted(adapters[1]) == sorted(adapters[0]) and all("lora_" in name for name in adapters[0])
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=0, atol=1e-5)

@@ -92,11 +92,12 @@ def oracle():
 
 
 # ---- rendering ----------------------------------------------------------------------------------
-def test_render_example_gives_context_then_space_ending_with_mask_on_ending(examples, gpt2_tokenizer):
+def test_an_example_is_context_then_space_ending_padded_with_the_mask_on_the_ending(examples, gpt2_tokenizer):
     enc = gpt2_tokenizer
     example = examples[0]
     assert example["ctx"] == FIRST_CTX and example["endings"] == FIRST_ENDINGS and example["label"] == 3
-    tokens, mask, label = hellaswag.render_example(example, get_tokenizer())
+    rows, label = rows_of(example)
+    tokens, mask = scoring.pad_rows(rows)
     context = enc.encode(FIRST_CTX)
     endings = [enc.encode(" " + ending) for ending in FIRST_ENDINGS]
     assert len(context) == 9 and [len(e) for e in endings] == [11, 6, 8, 9]
@@ -296,7 +297,7 @@ def offline_cache(monkeypatch, tmp_path, response=None):
 def test_download_failure_names_the_offline_options(tmp_path, monkeypatch):
     offline_cache(monkeypatch, tmp_path)
     with pytest.raises(
-        UserError, match=r"could not download .*hellaswag_val.jsonl[\s\S]*--data_file[\s\S]*HELLASWAG_DIR"
+        UserError, match=r"could not download .*HELLASWAG_DIR=FOLDER, a folder holding hellaswag_val.jsonl.*--data_file"
     ):
         hellaswag.load_hellaswag()
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left behind

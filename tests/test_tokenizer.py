@@ -420,5 +420,6 @@ def test_fineweb_refuses_a_tokenizer_too_large_for_uint16_shards(tmp_path, monke
 
     monkeypatch.setattr(fineweb, "get_tokenizer", lambda name: Huge())
     with pytest.raises(SystemExit, match="has 70,000 ids, but shards hold uint16 ids .*--vocab_size 65536"):
-        fineweb.main(["--data_files", str(write_jsonl(tmp_path / "d.jsonl", ["a b"])), "--data_dir", str(tmp_path / "s")])
+        data_files = str(write_jsonl(tmp_path / "d.jsonl", ["a b"]))
+        fineweb.main(["--data_files", data_files, "--data_dir", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists() or not os.listdir(tmp_path / "s")

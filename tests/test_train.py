@@ -442,7 +442,8 @@ def test_demo_pipeline_trains_evaluates_samples_and_plots(
     # bits per byte against an independent count: the UTF-8 bytes of the val targets (2 windows of 4 x 32)
     val_tokens = np.load(data_dir / "edufineweb_val_000000.npy").astype(np.int64)
     targets = np.concatenate([val_tokens[1:129], val_tokens[129:257]])
-    target_bytes = sum(len(gpt2_tokenizer.decode_single_token_bytes(t)) for t in targets if t != gpt2_tokenizer.eot_token)
+    enc = gpt2_tokenizer
+    target_bytes = sum(len(enc.decode_single_token_bytes(t)) for t in targets if t != enc.eot_token)
     val = [m for m in metrics if m["kind"] == "val"][-1]
     assert val["bpb"] == pytest.approx(val["loss"] * len(targets) / (math.log(2) * target_bytes), rel=1e-9)
     hella = [m for m in metrics if m["kind"] == "hellaswag"]

@@ -1,0 +1,272 @@
+"""Tests for finetune.py and lora.py: the chat rendering and its loss mask against an independent
+rendering, the rows and their errors, LoRA's algebra, and fine-tuning end to end: a tiny model
+learns facts it cannot know from pretraining and answers them through the chat template."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import finetune
+from conftest import REPO
+from errors import UserError
+from lora import LoRALinear, apply_lora, merge_lora
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
+from training_log import read_metrics
+
+SYSTEM, USER, ASSISTANT, END, EOT = 50257, 50258, 50259, 50260, 50256  # gpt2-chat's ids
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        pytest.skip("set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files")
+    return get_tokenizer("gpt2-chat")
+
+
+# ---- the template -------------------------------------------------------------------------------
+def test_rendering_and_loss_mask_equal_an_independent_rendering(chat_tokenizer, gpt2_tokenizer):
+    enc = gpt2_tokenizer  # tiktoken's GPT-2; the template's ids written out by hand
+    given = lambda text: [(t, False) for t in enc.encode(text)]  # noqa: E731
+    said = lambda text: [(t, True) for t in enc.encode(text)]  # noqa: E731
+    pairs = (  # (token, is it a target)
+        [(EOT, False), (SYSTEM, False)] + given("Be brief.") + [(END, False)]
+        + [(USER, False)] + given("Capital of France?") + [(END, False)]
+        + [(ASSISTANT, False)] + said("Paris.") + [(END, True)]
+        + [(USER, False)] + given("And of Italy?") + [(END, False)]
+        + [(ASSISTANT, False)] + said("Rome.") + [(END, True)]
+    )  # fmt: skip
+    ids, train = finetune.render_conversation(CONVERSATION, chat_tokenizer)
+    assert ids == [token for token, _ in pairs]
+    assert finetune.targets_of(ids, train) == [token if target else -1 for token, target in pairs[1:]]
+    assert chat_tokenizer.decode(ids).startswith("<|endoftext|><|system|>Be brief.<|end|><|user|>Capital")
+    prompt = finetune.render_prompt(CONVERSATION[:2], chat_tokenizer)
+    first_two_turns = 5 + len(enc.encode("Be brief.")) + len(enc.encode("Capital of France?"))  # to the user's <|end|>
+    assert prompt == [token for token, _ in pairs[:first_two_turns]] + [ASSISTANT]
+
+
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "hi"}], "no assistant turn"),
+        ([{"role": "assistant", "content": "hi"}], "must alternate"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
+        ([{"role": "bot", "content": "a"}], "each message needs a role"),
+        ([{"role": "user", "content": 5}], "each message needs a role"),
+    ],
+)
+def test_a_conversation_that_cannot_be_trained_on_says_why(messages, problem):
+    assert problem in finetune.check_conversation(messages)
+
+
+def test_instruction_rows_are_one_user_and_one_assistant_turn():
+    row = {"instruction": "Add.", "input": "2 + 2", "output": "4"}
+    assert finetune.conversation_of(row) == [{"role": "user", "content": "Add.\n\n2 + 2"},
+                                             {"role": "assistant", "content": "4"}]  # fmt: skip
+    assert finetune.conversation_of({"instruction": "Hi.", "output": "Hello."})[0]["content"] == "Hi."
+
+
+def test_long_conversations_are_cut_and_rows_without_targets_dropped_with_counts(chat_tokenizer):
+    long = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok " * 50}]
+    no_room = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    bad = [{"role": "user", "content": "no reply"}]
+    counts = {}
+    rows = list(finetune.chat_rows([{"messages": long}, {"messages": no_room}, {"messages": bad}, {"text": "x"}],
+                                   chat_tokenizer, 64, counts))  # fmt: skip
+    assert len(rows) == 1 and len(rows[0][0]) == 64 and len(rows[0][1]) == 64
+    assert counts == {"cut to --seq_len (kept)": 2, "no assistant token within --seq_len": 1,
+                      "no assistant turn: nothing to learn from": 1,
+                      "no `messages`, instruction or text": 1}  # fmt: skip
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+def tiny(seed=0, vocab_size=50261, n_embd=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=n_embd, block_size=64))
+
+
+def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_to_the_same_logits():
+    base = tiny()
+    idx = torch.randint(0, 50261, (2, 16))
+    with torch.no_grad():
+        expected = base(idx)[0]
+    model = apply_lora(tiny(), rank=4, alpha=8, targets=["attn", "mlp"])
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], expected)  # B = 0: exactly the base model at step 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    C, r = 32, 4  # per block: c_attn C -> 3C, c_proj C -> C, c_fc C -> 4C, mlp c_proj 4C -> C; r x (in + out) each
+    assert trainable == 2 * r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 8
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_()  # as if trained
+        unmerged = model(idx)[0]
+        merged = merge_lora(model)(idx)[0]
+    assert not torch.allclose(unmerged, expected)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_an_unknown_lora_target_is_refused():
+    with pytest.raises(UserError, match="--lora_targets attn,ffn: choose from attn, mlp"):
+        apply_lora(tiny(), 4, 8, ["attn", "ffn"])
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]
+WORDS = ["blue", "seven", "river", "maple", "quartz", "tiger", "lemon", "cloud", "piano", "ember"]
+
+
+def question(name):
+    return f"What is {name}'s secret word?"
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    """Facts no pretraining could teach: each person's secret word, asked in a user turn."""
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as f:
+        for name, word in zip(NAMES, WORDS):
+            for _ in range(4):
+                messages = [{"role": "user", "content": question(name)},
+                            {"role": "assistant", "content": f"{name}'s secret word is {word}."}]  # fmt: skip
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path, chat_tokenizer):
+    """A tiny 'pretrained' model, as train_gpt2.py writes it (the GPT-2 tokenizer: 50,257 ids)."""
+    path = str(tmp_path / "base.pt")
+    model = tiny(vocab_size=50257, n_embd=64)
+    checkpoint.save_checkpoint(path, checkpoint.model_checkpoint(model, get_tokenizer("gpt2")))
+    return path
+
+
+FLAGS = ["--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--device", "cpu", "--dtype", "float32",
+         "--compile", "0", "--val_fraction", "0.05", "--eval_interval", "0", "--warmup_steps", "10"]  # fmt: skip
+
+
+def answer(model, tokenizer, name):
+    prompt = finetune.render_prompt([{"role": "user", "content": question(name)}], tokenizer)
+    end = tokenizer.special("<|end|>")
+    tokens = [t.item() for t in model.generate_stream([prompt], 20, temperature=0, eot=end)]
+    return tokenizer.decode([t for t in tokens if t != end]), end in tokens
+
+
+def test_fine_tuning_teaches_facts_answered_through_the_chat_template(chat_data, base_checkpoint, tmp_path,
+                                                                      chat_tokenizer):  # fmt: skip
+    log_dir = tmp_path / "sft"
+    finetune.main(["--init", base_checkpoint, "--data_files", str(chat_data), "--log_dir", str(log_dir),
+                   "--max_steps", "200", "--max_lr", "3e-3", *FLAGS])  # fmt: skip
+    saved = checkpoint.load_checkpoint(str(log_dir / "model_00200.pt"))
+    assert saved["template"]["name"] == "chat-v1" and saved["tokenizer"]["name"] == "gpt2-chat"
+    assert saved["config"]["vocab_size"] == 50261  # the chat tokens, in rows the base's embedding had
+    model = checkpoint.model_from_checkpoint(str(log_dir / "model_00200.pt")).eval()
+    answers = [answer(model, chat_tokenizer, name) for name in NAMES]
+    right = sum(text == f"{name}'s secret word is {word}." for (text, _), name, word in zip(answers, NAMES, WORDS))
+    assert right >= 9, answers  # at least 90% of the questions
+    assert all(stopped for _, stopped in answers)  # it learned to end its turn
+
+
+def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly(
+    chat_data, base_checkpoint, tmp_path, monkeypatch
+):
+    lora = ["--lora_rank", "4", "--max_lr", "1e-2"]
+    common = ["--init", base_checkpoint, "--data_files", str(chat_data), *FLAGS, *lora]
+    finetune.main([*common, "--log_dir", str(tmp_path / "a"), "--max_steps", "6", "--ckpt_interval", "3"])
+    whole = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    saved = checkpoint.load_checkpoint(str(tmp_path / "a" / "model_00006.pt"))
+    assert all("lora_" in name for name in saved["model"])  # the adapters only
+    assert saved["init"]["path"] == base_checkpoint
+    assert saved["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["attn", "mlp"]}
+    # the merged model (what sample.py, chat.py and the evaluations load) equals base + adapters
+    merged = checkpoint.model_from_checkpoint(str(tmp_path / "a" / "model_00006.pt")).eval()
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    os.remove(tmp_path / "a" / "model_00006.pt")
+    (tmp_path / "b").mkdir()
+    for name in ("model_00003.pt",):
+        os.replace(tmp_path / "a" / name, tmp_path / "b" / name)
+    finetune.main([*common, "--log_dir", str(tmp_path / "b"), "--max_steps", "6"])
+    second = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    losses = lambda ms: {m["step"]: m["loss"] for m in ms if m["kind"] == "train"}  # noqa: E731
+    assert {s: v for s, v in losses(second).items() if s >= 3} == {s: v for s, v in losses(whole).items() if s >= 3}
+    # the frozen weights: the merged model minus its adapters' product is the base, bit for bit
+    model = apply_lora(checkpoint.load_init(base_checkpoint, 50261), 4, 16.0, ["attn", "mlp"])
+    checkpoint.load_weights(model, checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))["model"], "x")
+    base = checkpoint.load_checkpoint(base_checkpoint)["model"]
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base.", ".")]), name
+    # the base changed under the adapters: loading them onto other weights is refused
+    other = tiny(seed=1, vocab_size=50257, n_embd=64)
+    checkpoint.save_checkpoint(base_checkpoint, checkpoint.model_checkpoint(other, get_tokenizer("gpt2")))
+    with pytest.raises(UserError, match="holds LoRA adapters for the weights in .*base.pt, which have changed"):
+        checkpoint.model_from_checkpoint(str(tmp_path / "b" / "model_00006.pt"))
+
+
+def test_plain_text_continues_pretraining_on_every_token(tmp_path, base_checkpoint):
+    (tmp_path / "input.txt").write_text("To be, or not to be, that is the question. " * 40)
+    finetune.main(["--init", base_checkpoint, "--data_files", str(tmp_path / "input.txt"), "--log_dir",
+                   str(tmp_path / "txt"), "--max_steps", "2", *FLAGS])  # fmt: skip
+    saved = checkpoint.load_checkpoint(str(tmp_path / "txt" / "model_00002.pt"))
+    assert saved["template"] is None and saved["tokenizer"]["name"] == "gpt2" and saved["config"]["vocab_size"] == 50257
+
+
+# ---- errors -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"messages": [{"role": "user", "content": "no reply"}]}] * 5, "no usable rows"),
+        ([{"prompt": "a", "completion": "b"}] * 5, "no usable rows"),
+    ],
+)
+def test_data_without_anything_to_learn_is_one_message(tmp_path, base_checkpoint, rows, message, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit, match=message):
+        finetune.main(["--init", base_checkpoint, "--data_files", str(path), "--log_dir", str(tmp_path / "x"), *FLAGS])
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_bad_init_bad_target_and_another_template_at_resume_are_one_message_each(tmp_path, chat_data, base_checkpoint):
+    common = ["--data_files", str(chat_data), *FLAGS]
+    with pytest.raises(SystemExit, match="--init nope: neither a checkpoint file, nor a Hugging Face model folder"):
+        finetune.main(["--init", "nope", "--log_dir", str(tmp_path / "x"), *common])
+    with pytest.raises(SystemExit, match="--lora_targets mlp,head: choose from attn, mlp"):
+        finetune.main(["--init", base_checkpoint, "--lora_rank", "4", "--lora_targets", "mlp,head", *common])
+    finetune.main(["--init", base_checkpoint, "--log_dir", str(tmp_path / "run"), "--max_steps", "2", *common])
+    with pytest.raises(SystemExit, match=r"was written with lora None, this run has \{'rank': 4"):
+        finetune.main(["--init", base_checkpoint, "--log_dir", str(tmp_path / "run"), "--max_steps", "4",
+                       "--lora_rank", "4", *common])  # fmt: skip
+
+
+def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat_data, base_checkpoint):
+    """The training machinery is train_gpt2.py's, DDP included: 2 gloo processes x 1 micro-step of 4
+    rows take the same steps as 1 process x 2 micro-steps."""
+    flags = ["--init", base_checkpoint, "--data_files", str(chat_data), *FLAGS, "--max_steps", "3",
+             "--total_batch_size", "256", "--max_lr", "3e-3"]  # fmt: skip
+    finetune.main([*flags, "--log_dir", str(tmp_path / "one")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, str(REPO / "finetune.py"), *flags, "--log_dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    train = lambda ms: [m["loss"] for m in ms if m["kind"] == "train"]  # noqa: E731
+    assert len(train(one)) == 3
+    assert train(two) == pytest.approx(train(one), abs=1e-5)
