@@ -321,9 +321,12 @@ def whole_model(model, empty):
         return model
     whole = empty_copy(empty, next(model.parameters()).device)
     weights = whole.state_dict()
+    gathered = set()  # the tied wte / lm_head weight is one shard under two names: gathered once
     with torch.no_grad():
         for name, shard in model.state_dict().items():
-            weights[name].copy_(shard.full_tensor())  # an all-gather, one tensor at a time
+            if id(shard) not in gathered:
+                gathered.add(id(shard))
+                weights[name].copy_(shard.full_tensor())  # an all-gather, one tensor at a time
     return whole
 
 
