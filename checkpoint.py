@@ -6,7 +6,8 @@ A training checkpoint is a dict saved with torch.save; this file writes and read
     config          dataclasses.asdict(GPTConfig): enough to rebuild the model with no other file
     tokenizer       {"name", "hash"} of its tokenizer (tokenizer.py): gpt2, or the folder of a trained one
     step            optimizer updates done (steps 0 .. step-1); training resumes at step `step`
-    optimizer       AdamW's state_dict (moments and step counts)
+    optimizer       the optimizer's state_dict (moments and step counts): AdamW's, or with --optimizer muon
+                    model.MuonWithAdamW's, in the same format
     scaler          the fp16 GradScaler's state_dict ({} when not training in float16)
     args            dataclasses.asdict(TrainConfig) of the run that wrote it
     dataloader      the train loader's state_dict(): one stream position, the same on every rank
@@ -44,7 +45,7 @@ import glob
 import os
 import random
 import re
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -288,13 +289,15 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
                 f"{path} was written with {key} {checkpoint.get(key)}, this run has {value}: resume with the same "
                 f"settings, or start afresh in a new --log_dir"
             )
-    saved_batch = checkpoint["args"]["total_batch_size"]
-    if saved_batch != cfg.total_batch_size:
-        raise UserError(
-            f"{path} was trained with --total_batch_size {saved_batch}, this run has {cfg.total_batch_size}: the "
-            f"data position and the LR schedule count steps of that size. Resume with --total_batch_size "
-            f"{saved_batch}, or start afresh in a new --log_dir"
-        )
+    defaults = {f.name: f.default for f in fields(cfg)}  # for checkpoints older than a flag
+    for name, why in (("total_batch_size", "the data position and the LR schedule count steps of that size"),
+                      ("optimizer", "the optimizer state it holds is that optimizer's")):  # fmt: skip
+        saved = checkpoint["args"].get(name, defaults[name])
+        if saved != getattr(cfg, name):
+            raise UserError(
+                f"{path} was trained with --{name} {saved}, this run has {getattr(cfg, name)}: {why}. Resume with "
+                f"--{name} {saved}, or start afresh in a new --log_dir"
+            )
     checkpoint["path"] = path
     checkpoint["passed_over"] = skipped  # for the run's log: why newer checkpoints were not used
     return checkpoint
@@ -430,13 +433,14 @@ def prune_checkpoints(log_dir, keep_last):
 
 def check_model_config(checkpoint, config, path):
     """A checkpoint only loads into a model of the same shape: say which flags differ."""
-    saved = checkpoint["config"]
+    saved = {**asdict(GPTConfig()), **checkpoint["config"]}  # a switch a checkpoint predates was off
     wanted = asdict(config)
     diffs = [f"{k}={saved[k]} (flags say {wanted[k]})" for k in wanted if saved.get(k) != wanted[k]]
     if diffs:
         raise UserError(
             f"checkpoint {path} holds a model with {', '.join(diffs)}: pass the same model flags "
-            "(--n_layer --n_head --n_embd, or the same --preset) to resume it, or a new --log_dir to start afresh"
+            "(--n_layer --n_head --n_embd and the recipe's switches, or the same --preset and --recipe) to resume it, "
+            "or a new --log_dir to start afresh"
         )
 
 

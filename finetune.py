@@ -42,6 +42,7 @@ from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
 from lora import apply_lora, lora_layers
+from model import MODERN_SWITCHES
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
 from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, flag, launch, parse_config
 
@@ -260,8 +261,10 @@ class FinetuneConfig(TrainConfig):
 
 
 PRESETS = {"sft": {}}
-# Fine-tuning takes the model's shape and tokenizer from --init, and its data from --data_files.
-HIDDEN = ("data_dir", "tokenizer", "n_layer", "n_head", "n_embd")
+# Fine-tuning takes the model (shape and recipe) and tokenizer from --init, its data from --data_files,
+# and its LR schedule from sft_lr.
+HIDDEN = ("data_dir", "tokenizer", "n_layer", "n_head", "n_embd", "recipe", *MODERN_SWITCHES, "lr_schedule",
+          "decay_frac")  # fmt: skip
 
 
 def sft_lr(step, cfg):

@@ -13,7 +13,7 @@ so OpenAI's checkpoint maps onto ours one tensor at a time.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,15 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # The modern recipe (train_gpt2.py --recipe modern turns all of these on; all off is GPT-2). Each is
+    # a switch of its own, so that `git grep` of its name finds every line it changes.
+    rope: bool = False  # rotary position embeddings instead of learned ones (Su et al. 2021, RoFormer)
+    rmsnorm: bool = False  # RMSNorm without a gain for every LayerNorm, and on the embeddings (modded-nanogpt)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys (Dehghani et al. 2023, ViT-22B)
+    relu2: bool = False  # ReLU(x)^2 instead of GELU in the MLP (So et al. 2021, Primer)
+    untied_head: bool = False  # an output layer of its own, not the token embedding (modded-nanogpt)
+    zero_init: bool = False  # output projections and an untied head start at zero (modded-nanogpt, after muP)
+    logit_softcap: float = 0.0  # logits squashed into (-cap, cap) by cap * tanh(logits / cap), 0: off (Gemma 2)
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -65,6 +74,39 @@ class GPTConfig:
     def padded_vocab_size(self):
         return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
+    @property
+    def is_gpt2(self):
+        """True when no modern switch is on: the architecture of OpenAI's GPT-2 (and of its HF format)."""
+        return not any(getattr(self, name) for name in MODERN_SWITCHES)
+
+
+MODERN_SWITCHES = ("rope", "rmsnorm", "qk_norm", "relu2", "untied_head", "zero_init", "logit_softcap")
+
+
+def make_norm(config):
+    """GPT-2's LayerNorm or, with config.rmsnorm, RMSNorm without a gain: x / sqrt(mean(x^2) + eps). No
+    mean to subtract and no parameters: cheaper, and trains as well (Zhang & Sennrich 2019)."""
+    return nn.RMSNorm(config.n_embd, elementwise_affine=False) if config.rmsnorm else nn.LayerNorm(config.n_embd)
+
+
+def rotary_angles(pos, head_size, base=10000.0):
+    """(cos, sin) of the rotary angles of positions pos, (T,) or (B, T) for per-row positions, each
+    (T, hs/2) or (B, 1, T, hs/2), to broadcast over (B, nh, T, hs/2). Channel pair i turns by
+    pos * base^(-2i/hs): fast turns for the first pairs, slow ones for the last (RoFormer, eq. 15)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos[..., None].float() * inv_freq  # (..., T, hs/2)
+    if pos.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, hs/2): the same for every head
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, rotary):
+    """x (B, nh, T, hs) with each channel pair (j, j + hs/2) turned by its angle. Queries and keys turned
+    by their positions make q . k depend on how far apart two tokens are, not on where they are."""
+    cos, sin = (t.to(x.dtype) for t in rotary)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -72,21 +114,27 @@ class CausalSelfAttention(nn.Module):
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
         self.n_head = config.n_head
+        self.qk_norm = config.qk_norm
         # query, key and value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
+    def forward(self, x, rotary=None, attn_mask=None, kv_cache=None):
         """Training passes x alone: every position at once, causally masked. Generation also passes
         attn_mask (B, 1, T, T_all), True where a query may see a key, and usually a kv_cache holding
-        the keys and values of the T_all - T earlier positions (see GPT.generate_stream)."""
+        the keys and values of the T_all - T earlier positions (see GPT.generate_stream). rotary: the
+        (cos, sin) of rotary_angles for these T positions (config.rope), else None."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:  # every q . k / sqrt(hs) is then at most sqrt(hs): no attention logit can blow up
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:  # turned after the norm (a rotation keeps the norm); cached keys are turned
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, T_all, hs): the earlier positions' keys, then these
         if attn_mask is None:
@@ -135,24 +183,28 @@ class MLP(nn.Module):
         # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs by ~1e-3
         # and would break parity with OpenAI's weights.
         self.gelu = nn.GELU(approximate="tanh")
+        self.relu2 = config.relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        x = self.c_fc(x)  # (B, T, 4C)
+        # ReLU^2: cheaper than GELU, and sparse (Primer found it the best of many activations)
+        x = F.relu(x).square() if self.relu2 else self.gelu(x)
+        return self.c_proj(x)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: LayerNorm sits inside each residual branch (GPT-2, not GPT-1)."""
+    """Pre-LN transformer block: the norm sits inside each residual branch (GPT-2, not GPT-1)."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)  # tokens communicate
+    def forward(self, x, rotary=None, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, attn_mask, kv_cache)  # tokens communicate
         x = x + self.mlp(self.ln_2(x))  # each token computes on its own
         return x
 
@@ -161,18 +213,20 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        # built in this order, which fixes the order of the random draws of the initialisation
+        modules = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))  # token embeddings
+        if not config.rope:  # rotary embeddings turn queries and keys instead: nothing to learn
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        if config.rmsnorm:  # the embeddings normalised too, so that the first block's input has a fixed scale
+            modules["ln_e"] = make_norm(config)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying (GPT-2, after Press & Wolf 2017): the output layer reuses the token embedding
-        # matrix. Saves 38.6M parameters (30% of the 124M model) and trains at least as well.
-        self.lm_head.weight = self.transformer.wte.weight
+        if not config.untied_head:
+            # Weight tying (GPT-2, after Press & Wolf 2017): the output layer reuses the token embedding
+            # matrix. Saves 38.6M parameters (30% of the 124M model) and trains at least as well.
+            self.lm_head.weight = self.transformer.wte.weight
         # Activation checkpointing, set by the caller (train_gpt2.py --activation_checkpointing): in a
         # training forward each block keeps only its input, 1 x (B, T, C) values instead of the ~16 x
         # (B, T, C) its backward needs (counted in device.activation_bytes); backward runs the block's
@@ -190,7 +244,11 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 module_std = residual_std if name.endswith("c_proj") else std
-                torch.nn.init.normal_(module.weight, mean=0.0, std=module_std)
+                # zero_init: every block starts as the identity and the first logits are uniform; the
+                # gradients still reach these weights, as their inputs are not zero
+                output = name.endswith("c_proj") or (name == "lm_head" and self.config.untied_head)
+                zero = self.config.zero_init and output
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.0 if zero else module_std)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -206,20 +264,20 @@ class GPT(nn.Module):
                 f"crop the input or train with a larger block_size"
             )
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x, rotary = self.embed(idx, pos)  # (B, T, C)
         for block in self.transformer.h:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # use_reentrant=False: the variant PyTorch recommends; it works with FSDP's hooks and
                 # with inputs that need no gradient
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rotary, use_reentrant=False)
             else:
-                x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+                x = block(x, rotary)
+        logits = self.head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         # The padding ids are not tokens: a logit of -inf gives them probability exactly 0, in the loss
         # and when sampling. The write is hidden from autograd: recorded, its backward would clone the
         # whole (B, T, padded_vocab_size) gradient to zero 47 columns that are zero anyway (softmax
-        # gives them probability 0). The matmul's backward needs only its inputs, so this is safe.
+        # gives them probability 0). The backward of the matmul (and of the soft cap's final
+        # multiplication by a number) needs only its inputs, so this is safe.
         with torch.no_grad():
             logits[..., self.config.vocab_size :] = float("-inf")
         loss = None
@@ -227,6 +285,29 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         # Callers see exactly vocab_size columns, like any GPT-2 implementation (a view, not a copy).
         return logits[..., : self.config.vocab_size], loss
+
+    def embed(self, idx, pos):
+        """The input of the first block, (B, T, C), for token ids idx (B, T) at positions pos, (T,) or
+        (B, T); and the (cos, sin) of the rotary embeddings of pos (config.rope), else None."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.rope:
+            rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head)
+        else:
+            x = x + self.transformer.wpe(pos)  # + (T, C) or (B, T, C): learned absolute positions
+        if self.config.rmsnorm:
+            x = self.transformer.ln_e(x)
+        return x, rotary
+
+    def head(self, x):
+        """(..., C) -> (..., padded_vocab_size) logits: the output layer, then the optional soft cap."""
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            # tanh keeps every logit within (-cap, cap), smoothly (Gemma 2; modded-nanogpt uses 15):
+            # the model cannot push the loss down by growing overconfident logits
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def num_params(self):
         """Number of parameters, counting the tied embedding / output matrix once."""
@@ -238,27 +319,53 @@ class GPT(nn.Module):
         PaLM's estimate (Chowdhery et al. 2022, appendix B): 6N for the matmuls with the weights
         (2 per multiply-add, x3 for forward + backward), plus 12*L*H*Q*T for the attention scores
         and their weighted sum, which involve no weights. N counts the token embedding, which is
-        also the output layer, but not the position embedding, a lookup with no matmul. The 47
-        padding rows are excluded: MFU counts only useful work. GPT-2 124M at T=1024: ~0.855 GFLOP.
+        also the output layer, but not the position embedding, a lookup with no matmul (nor, with an
+        untied head, the token embedding: then a lookup too). The 47 padding rows are excluded: MFU
+        counts only useful work. GPT-2 124M at T=1024: ~0.855 GFLOP.
         """
         cfg = self.config
-        N = self.num_params() - self.transformer.wpe.weight.numel()
+        lookups = {"transformer.wpe.weight", "transformer.wte.weight" if cfg.untied_head else None}
+        N = sum(p.numel() for name, p in self.named_parameters() if name not in lookups)  # tied: counted once
         N -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
         return 6 * N + 12 * L * H * Q * T
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, muon_lr=0.0,
+                             muon_momentum=0.95, embed_lr=0.0, head_lr=0.0):  # fmt: skip
         """AdamW with weight decay on the matrices (matmul weights and embeddings) only.
-        Biases and LayerNorm gains are 1-D: decaying them toward zero only hurts."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        Biases and LayerNorm gains are 1-D: decaying them toward zero only hurts.
+
+        The modern recipe splits the parameters into groups with LRs of their own: embed_lr for the
+        embeddings, head_lr for an untied output layer (0: learning_rate), and, with muon_lr > 0,
+        Muon for the blocks' matrices (then a MuonWithAdamW). Each group's "lr_scale" is its peak LR
+        over learning_rate: the training loop sets lr = schedule * lr_scale (GPT-2's groups: 1.0)."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        embeddings = [p for name, p in params.items() if name in ("transformer.wte.weight", "transformer.wpe.weight")]
+        head = [p for name, p in params.items() if name == "lm_head.weight"]  # untied only: tied, it is wte
+        matrices = [p for p in params.values() if p.dim() >= 2 and not any(p is q for q in embeddings + head)]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+
+        def group(params, lr, decay=weight_decay):
+            lr_scale = lr / learning_rate if learning_rate else 0.0
+            return {"params": params, "weight_decay": decay, "lr": lr, "lr_scale": lr_scale}
+
+        if not (muon_lr or embed_lr or head_lr):  # GPT-2's recipe: every matrix in one group
+            adamw_groups = [group([p for p in params.values() if p.dim() >= 2], learning_rate)]
+        else:
+            adamw_groups = [group(embeddings, embed_lr or learning_rate), group(head, head_lr or learning_rate)]
+            adamw_groups += [] if muon_lr else [group(matrices, learning_rate)]
+        adamw_groups.append(group(no_decay, learning_rate, decay=0.0))
         # The fused CUDA kernel updates all parameters in a few launches instead of one per tensor.
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        if not muon_lr:
+            return adamw
+        # Muon (Jordan et al. 2024): momentum SGD whose update is orthogonalised by Newton-Schulz steps,
+        # so that every direction of a matrix moves by the same amount. torch.optim.Muon scales the LR of
+        # a (rows, cols) matrix by sqrt(max(1, rows / cols)). It is for 2-D hidden matrices only:
+        # embeddings, the head and the gains stay with AdamW.
+        muon = torch.optim.Muon([group(matrices, muon_lr)], lr=muon_lr, momentum=muon_momentum,
+                                weight_decay=weight_decay)  # fmt: skip
+        return MuonWithAdamW(muon, adamw)
 
     # ---- generation: one function for training samples, evaluations, sample.py and chat ----
 
@@ -337,12 +444,12 @@ class GPT(nn.Module):
         T_all, T = real.size(1), idx.size(1)
         pos = positions(real)[:, T_all - T :]  # (B, T)
         attn_mask = attention_mask(real, T)  # (B, 1, T, T_all)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (B, T, C)
+        x, rotary = self.embed(idx, pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, None if kv_cache is None else kv_cache[i])
+            x = block(x, rotary, attn_mask, None if kv_cache is None else kv_cache[i])
         x = self.transformer.ln_f(x[:, -1])  # (B, C): only the last position predicts the next token
         # Slicing off the 47 padding columns does what forward's -inf does: they can never be sampled.
-        return self.lm_head(x)[:, : self.config.vocab_size].float()
+        return self.head(x)[:, : self.config.vocab_size].float()
 
     # ---- OpenAI's weights, through the Hugging Face transformers format ----
 
@@ -388,9 +495,18 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir):
         """Write this model as a Hugging Face GPT2LMHeadModel folder, for tools that expect that
         format (the EleutherAI evaluation harness, transformers' generate, ...)."""
+        cfg = self.config
+        if not cfg.is_gpt2:
+            # No transformers architecture has this combination (Llama has RoPE and RMSNorm, but a SwiGLU
+            # MLP, a norm gain and no QK-norm or soft cap): an export would compute something else.
+            switches = [f.name for f in fields(cfg) if f.name in MODERN_SWITCHES and getattr(cfg, f.name)]
+            raise UserError(
+                f"this model uses the modern recipe ({', '.join(switches)}), which GPT2LMHeadModel cannot hold, and "
+                f"no transformers architecture matches it: sample, chat and evaluate the checkpoint itself "
+                f"(sample.py, chat.py, evals.py, hellaswag.py take --checkpoint)"
+            )
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = self.config
         sizes = {theirs: getattr(cfg, ours) for ours, theirs in HF_CONFIG_NAMES.items()}
         hf_config = GPT2Config(activation_function="gelu_new", **sizes)  # gelu_new: the tanh GELU
         hf_model = GPT2LMHeadModel(hf_config)
@@ -402,6 +518,52 @@ class GPT(nn.Module):
                 theirs[name].copy_(src.t() if transposed else src)
         hf_model.tie_weights()
         hf_model.save_pretrained(out_dir)
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer: what the training
+    loop, the fp16 GradScaler and the checkpoints use of torch.optim.Optimizer (param_groups, zero_grad,
+    step, state_dict, load_state_dict). state_dict() is one optimizer's: parameters numbered on across
+    the two, Muon's first, so a checkpoint stores and restores it like any other.
+
+    Under DDP every process holds the same all-reduced gradient and so computes the same orthogonalised
+    update: the weights stay identical with no extra communication. FSDP shards each matrix by rows,
+    and Newton-Schulz needs whole matrices: train_gpt2.py refuses Muon with --parallel fsdp."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = (muon, adamw)
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self):
+        state, groups, offset = {}, [], 0
+        for optimizer in self.optimizers:
+            own = optimizer.state_dict()
+            state.update({offset + i: value for i, value in own["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in own["param_groups"]]
+            offset += sum(len(g["params"]) for g in own["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        groups, offset = iter(state_dict["param_groups"]), 0
+        for optimizer in self.optimizers:
+            own = [next(groups) for _ in optimizer.param_groups]
+            n = sum(len(g["params"]) for g in own)
+            optimizer.load_state_dict({
+                "state": {i - offset: v for i, v in state_dict["state"].items() if offset <= i < offset + n},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in own],
+            })  # fmt: skip
+            offset += n
 
 
 # ---- generation helpers: padding, positions, masks, sampling ----

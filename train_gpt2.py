@@ -64,6 +64,16 @@ class TrainConfig:
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
     n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
     n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
+    # the recipe: GPT-2's, or the modern one (RECIPES), whose changes are switches of their own
+    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: RECIPES turns on the switches "
+                       "below and sets their LRs; each switch also works alone)")  # fmt: skip
+    rope: bool = flag(False, "rotary position embeddings instead of learned ones (model.GPTConfig lists the sources)")
+    rmsnorm: bool = flag(False, "RMSNorm without a gain instead of LayerNorm, also on the embeddings")
+    qk_norm: bool = flag(False, "RMSNorm of each attention head's queries and keys")
+    relu2: bool = flag(False, "ReLU^2 instead of GELU in the MLP")
+    untied_head: bool = flag(False, "an output layer of its own instead of the token embedding's")
+    zero_init: bool = flag(False, "the blocks' output projections (and an untied head) start at zero")
+    logit_softcap: float = flag(0.0, "squash the logits into (-cap, cap) with cap * tanh(logits / cap) (0: off)", 0)
     # batch
     total_batch_size: int = flag(2**19, "tokens per optimizer step: ~0.5M, GPT-3 paper table 2.1 (125M model)", low=1)
     batch_size: int = flag(64, "sequences per forward pass on each GPU (B): lower it if memory runs out", low=1)
@@ -73,11 +83,19 @@ class TrainConfig:
     warmup_steps: int = flag(715, "steps of linear LR warmup: GPT-3's 375M warmup tokens / 2**19", low=0)
     max_lr: float = flag(6e-4, "peak learning rate: GPT-3 paper table 2.1 (125M model)", low=0)
     min_lr_ratio: float = flag(0.1, "final LR / max_lr: cosine decay down to 10%, GPT-3 paper appendix B", 0, 1)
+    lr_schedule: str = flag("cosine", "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
+                            "stable at max_lr, then a linear decay over the last decay_frac of the steps)")  # fmt: skip
+    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying", 0, 1)
     # optimizer: AdamW as in GPT-3 paper appendix B
     weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only: GPT-3 appendix B", low=0)
     beta1: float = flag(0.9, "AdamW beta1: GPT-3 appendix B", 0, 1)
     beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
     adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
+    optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
+    muon_lr: float = flag(0.02, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
+    muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
+    embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings (0: max_lr)", low=0)
+    head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr)", low=0)
     grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B", low=0)
     max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)", 0)
     # evaluation
@@ -129,6 +147,17 @@ PRESETS = {
 }
 # fmt: on
 
+# --recipe: what the modern recipe changes (after --preset and --model; flags given still win). Sources
+# are in model.GPTConfig, configure_optimizers and get_lr. The LRs were tuned on the CPU benchmark's
+# model (4 layers of width 128, 2,048 tokens per step): docs/benchmarks.md, "Recipes".
+RECIPES = {
+    "gpt2": {},
+    "modern": dict(
+        rope=True, rmsnorm=True, qk_norm=True, relu2=True, untied_head=True, zero_init=True, logit_softcap=15.0,
+        optimizer="muon", lr_schedule="wsd", min_lr_ratio=0.0,
+    ),
+}
+
 # --model: the larger GPT-2s get the batch size (tokens) and peak LR of the GPT-3 model of about their
 # size, GPT-3 paper table 2.1 (gpt2 is GPT-3 Small: the defaults above). GPT-3 XL's 2**20 tokens per
 # step halve the steps of the 10B-token run and of the 375M-token warmup.
@@ -168,8 +197,8 @@ def bounded(parse, low, high):
 
 def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__, hidden=()):
     """A config_class from the command line: defaults, then the preset, then --model's (model_defaults),
-    then the flags given. Every field is a flag of its name, except those in `hidden` (finetune.py
-    takes the model's shape from its base weights, so it has no --n_layer, nor --model)."""
+    then --recipe's (RECIPES), then the flags given. Every field is a flag of its name, except those
+    in `hidden` (finetune.py takes the model from its base weights: no --n_layer, --model, --recipe)."""
     hidden = (*hidden, "model") if "n_layer" in hidden else hidden
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,7 +224,13 @@ def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, descripti
         if model not in MODEL_SIZES:
             parser.error(f"argument --model: choose from {', '.join(MODEL_SIZES)}, not {model}")
         sizes = model_defaults(model)
-    return config_class(**{**preset, **sizes, **flags})
+    recipe = {}
+    if "recipe" not in hidden:
+        name = flags.get("recipe", preset.get("recipe", "gpt2"))
+        if name not in RECIPES:
+            parser.error(f"argument --recipe: choose from {', '.join(RECIPES)}, not {name}")
+        recipe = RECIPES[name]
+    return config_class(**{**preset, **sizes, **recipe, **flags})
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -216,10 +251,17 @@ def due(interval, step, max_steps):
 
 
 def get_lr(step, cfg):
-    """Linear warmup to max_lr, then a cosine down to min_lr_ratio * max_lr at max_steps."""
+    """Linear warmup to max_lr, then a cosine down to min_lr_ratio * max_lr at max_steps; or (wsd) a
+    plateau at max_lr and a straight line down to it over the last decay_frac of the steps."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     min_lr = cfg.max_lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "wsd":
+        # warmup-stable-decay (Hu et al. 2024, MiniCPM; modded-nanogpt's trapezoid): the long plateau
+        # makes fast progress, the decay at the end collects it
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
+        progress = max(0, step - decay_start) / max(1, cfg.max_steps - decay_start)  # 0 until the decay, -> 1
+        return cfg.max_lr - progress * (cfg.max_lr - min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
 
@@ -353,12 +395,34 @@ def pick_tokenizer(cfg):
     return tokenizer
 
 
+def make_model_config(cfg, vocab_size):
+    """The GPTConfig of these flags: the shape and the recipe's switches (the fields of both classes)."""
+    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)
+                                               if f.name != "vocab_size" and hasattr(cfg, f.name)})  # fmt: skip
+
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW, or Muon + AdamW, with each parameter group's peak LR (model.configure_optimizers)."""
+    return model.configure_optimizers(
+        cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, device_type,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0, muon_momentum=cfg.muon_momentum,
+        embed_lr=cfg.embed_lr, head_lr=cfg.head_lr,
+    )  # fmt: skip
+
+
 def check_config(cfg, model_config, world_size):
     """Refuse what can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_config.block_size}")
-    if cfg.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"--parallel {cfg.parallel}: choose ddp or fsdp")
+    for name, choices in (("parallel", ("ddp", "fsdp")), ("optimizer", ("adamw", "muon")),
+                          ("lr_schedule", ("cosine", "wsd"))):  # fmt: skip
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"--{name} {getattr(cfg, name)}: choose {' or '.join(choices)}")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
+        raise UserError(
+            "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
+            "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
+        )
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -381,7 +445,7 @@ class Job:
 def pretraining_job(cfg, dist_info):
     """GPT-2 from scratch on the shards in --data_dir."""
     tokenizer = pick_tokenizer(cfg)
-    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model_config = make_model_config(cfg, tokenizer.vocab_size)
     check_config(cfg, model_config, dist_info.world_size)
     # The data next: without shards there is nothing to do, and nothing should be written to log_dir.
     B, T = cfg.batch_size, cfg.seq_len
@@ -429,9 +493,7 @@ def train(cfg, dist_info, job):
     empty = empty_copy(model, "meta") if fsdp else None  # the shape of the whole copies evaluations use
     if fsdp:  # in place, and before the optimizer is built: it must hold the shards
         shard_model(model, cfg.reshard_after_forward, precision, dist_info)
-    optimizer = model.configure_optimizers(
-        cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, dist_info.device_type
-    )
+    optimizer = make_optimizer(model, cfg, dist_info.device_type)
     loop = {"nonfinite_skips": 0, "last_val": None}  # what a checkpoint carries of the loop itself
     if resumed:
         loop = checkpoint.restore_training_state(resumed, model, optimizer, precision.scaler, train_loader)
@@ -468,9 +530,9 @@ def train(cfg, dist_info, job):
                 break
 
             t0 = time.perf_counter()
-            lr = job.get_lr(step)
+            lr = job.get_lr(step)  # max_lr's; every group follows in proportion to its own peak LR
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # no lr_scale: a checkpoint from before the recipes
             loss, grad_norm, finite = train_step(train_model, model, optimizer, precision, train_loader.next_batch,
                                                  grad_accum_steps, cfg.grad_clip, world_size)  # fmt: skip
             if not finite:
@@ -502,7 +564,7 @@ def print_plan(cfg):
     """--plan: device.plan_report for these flags, planned for GPUs: --dtype auto means bf16 here."""
     # GPT-2's vocabulary (the size of the embedding is what matters), or that of a trained tokenizer
     vocab_size = get_tokenizer(cfg.tokenizer).vocab_size if cfg.tokenizer not in ("auto", GPT2) else GPT2_VOCAB_SIZE
-    model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model_config = make_model_config(cfg, vocab_size)
     world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     check_config(cfg, model_config, world_size)
     gpu_memory = cfg.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -26,6 +26,7 @@ from datetime import timedelta
 
 from errors import UserError
 from files import atomic_write, describe_os_error, lock_folder
+from model import MODERN_SWITCHES
 
 LOGGER_NAME = "train_gpt2"
 # Below INFO: the files take such records, the console does not (train_gpt2.py --log_interval).
@@ -58,15 +59,19 @@ def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, worl
     dtype = str(precision.dtype).removeprefix("torch.")
     if precision.scaler.is_enabled():
         dtype += " with loss scaling"
+    switches = [f"{name}={getattr(model.config, name)}" for name in MODERN_SWITCHES if getattr(model.config, name)]
+    optimizer = f"Muon (lr {cfg.muon_lr:g}) for the blocks' matrices + AdamW" if cfg.optimizer == "muon" else "AdamW"
+    decay = f"a plateau, a linear decay over the last {cfg.decay_frac:.0%}" if cfg.lr_schedule == "wsd" else "a decay"
     log_record(
         log,
         f"{world_size} process(es) on {device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
+        f"recipe: {', '.join(switches) or 'GPT-2'}; {optimizer}\n"
         f"model: {model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{model.flops_per_token(T) / 1e9:.3f} GFLOP per token (training)\n"
         f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
         f"x grad_accum_steps {grad_accum_steps}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
-        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then a decay to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then {decay} to {cfg.max_lr * cfg.min_lr_ratio:g}",
         step=start_step,
         kind="config",
         **asdict(cfg),
