@@ -189,7 +189,9 @@ def test_checkpoint_holds_everything_a_resume_needs(data_dir, tmp_path):
     assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")) == ["model_00002.pt"]  # pruned
     checkpoint = load_checkpoint(str(tmp_path / "run" / "model_00002.pt"))  # weights_only=True
     assert checkpoint["step"] == 2
-    assert checkpoint["config"] == {"block_size": 1024, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    assert checkpoint["config"] == {"block_size": 1024, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                                    "rope": False, "rmsnorm": False, "qk_norm": False, "relu2": False,
+                                    "untied_head": False, "zero_init": False, "logit_softcap": 0.0}  # GPT-2's
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
     assert checkpoint["args"]["max_steps"] == 2 and checkpoint["args"]["batch_size"] == 2
     assert len(checkpoint["optimizer"]["state"]) > 0
