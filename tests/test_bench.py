@@ -82,12 +82,14 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
     assert records["train_bf16_compiled"]["compiled"] and records["train_bf16_compiled"]["graphs"] >= 1
     assert records["train_bf16_eager"]["dtype"] == "bfloat16" and not records["train_bf16_eager"]["compiled"]
 
-    run, resume = records["train_gpt2_run"], records["train_gpt2_resume"]
+    run, resume, modern = records["train_gpt2_run"], records["train_gpt2_resume"], records["modern_recipe"]
     assert (run["start_step"], run["max_steps"], resume["start_step"], resume["max_steps"]) == (0, 4, 4, 6)
+    assert (modern["start_step"], modern["max_steps"], modern["train_steps"]) == (0, 4, 4)
+    assert set(modern["val_loss"]) == {"0", "2", "4"} and modern["sample"].startswith("Hello, I'm a language model,")
     assert set(run["val_loss"]) == {"0", "2", "4"} and set(resume["val_loss"]) == {"4", "6"}
     assert run["sample_step"] == 2 and run["sample"].startswith("Hello, I'm a language model,")
     assert resume["checkpoints"] == ["model_00004.pt", "model_00006.pt"]
-    for record in (run, resume):
+    for record in (run, resume, modern):
         assert record["compiled"] and record["graphs_at_compile"] >= 1
         # evals and samples run the uncompiled model, and training goes on with the graph it had
         assert record["graphs_in_evals"] == 0 and record["graphs_in_later_train_steps"] == 0
@@ -98,7 +100,7 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
 
     has_kv_cache = "use_cache" in inspect.signature(GPT.generate).parameters
     assert ("skipped" not in records["generate_kv_cache"]) == has_kv_cache
-    assert records["fsdp"]["skipped"] and records["modern_recipe"]["skipped"]
+    assert records["fsdp"]["skipped"]
 
 
 def test_generation_figures_with_and_without_the_kv_cache(monkeypatch, one_thread):
@@ -117,3 +119,46 @@ def test_generation_figures_with_and_without_the_kv_cache(monkeypatch, one_threa
 def test_gpu_check_refuses_a_hellaswag_folder_without_the_data(tmp_path):
     with pytest.raises(UserError, match="no hellaswag_val.jsonl"):
         bench.hellaswag_source(str(tmp_path))
+
+
+# ---- bench.py recipes ----
+
+
+def test_recipe_summary_finds_the_fewest_modern_steps_that_reach_gpt2s_loss():
+    def record(run, steps, seed, val_loss, seconds):
+        return {"run": run, "flags": [], "steps": steps, "seed": seed, "val_loss": val_loss, "train_seconds": seconds,
+                "step_ms_median": 1000 * seconds / steps}  # fmt: skip
+
+    records = [record("gpt2", 250, 1, 5.00, 100.0), record("gpt2", 250, 2, 5.02, 110.0),
+               record("rope", 250, 1, 4.95, 101.0),
+               record("modern", 250, 1, 4.50, 120.0), record("modern", 100, 1, 4.98, 48.0),
+               record("modern", 75, 1, 5.01, 36.0),
+               record("modern", 250, 2, 4.52, 121.0), record("modern", 100, 2, 5.03, 50.0)]  # fmt: skip
+    figures = bench.recipe_summary(records, 250)
+    assert figures["gpt2_val_loss"] == pytest.approx(5.01) and figures["gpt2_seed_spread"] == pytest.approx(0.02)
+    assert figures["rope_minus_gpt2"] == pytest.approx(-0.06) and figures["modern_minus_gpt2"] == pytest.approx(-0.50)
+    # seed 1: 100 steps reach 5.00 (75 do not): 40% of the tokens in 48% of the time; seed 2: only 250 steps do
+    assert figures["modern_tokens_share_seed1"] == 0.4 and figures["modern_time_share_seed1"] == pytest.approx(0.48)
+    assert figures["modern_tokens_share_seed2"] == 1.0 and figures["modern_time_share_seed2"] == pytest.approx(1.1)
+
+
+def test_bench_recipes_trains_each_run_once_and_keeps_its_figures(tmp_path, monkeypatch, capsys):
+    from test_train import write_shards
+
+    data_dir = write_shards(tmp_path / "data")
+    tiny = "--n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 16 --total_batch_size 64 --val_steps 2"
+    argv = ["bench.py", "recipes", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--runs", "gpt2",
+            "modern", "--steps", "4", "--modern_steps", "2", "--flags", tiny, "--json"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    figures = json.loads(out[out.index("{\n") :])  # after a line per run
+    results = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert [(r["run"], r["steps"]) for r in results] == [("gpt2", 4), ("modern", 4), ("modern", 2)]
+    assert [list(r["val_curve"]) for r in results] == [["0", "4"], ["0", "4"], ["0", "2"]]  # val at 0 and the end
+    assert figures["gpt2_val_loss"] == results[0]["val_loss"]
+    assert results[0]["val_curve"]["4"] == round(results[0]["val_loss"], 4)
+    assert figures["modern_minus_gpt2"] == pytest.approx(results[1]["val_loss"] - results[0]["val_loss"])
+    assert not any(name.endswith(".pt") for r in results for name in os.listdir(r["log_dir"]))  # 80 MB each
+    bench.main()  # again: every run is in results.jsonl already, none trains again
+    assert len(open(tmp_path / "out" / "results.jsonl").read().splitlines()) == 3
