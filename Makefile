@@ -50,7 +50,7 @@ test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q --durations=10
 
 # The GPU check (docs/benchmarks.md, "GPU check"): every CUDA path and the headline figures in one
-# run of ~6 minutes, one JSON line per result, appended to GPU_CHECK_OUT. No virtual environment:
+# run of ~7 minutes, one JSON line per result, appended to GPU_CHECK_OUT. No virtual environment:
 # it runs with the Python that has a CUDA build of torch, on a machine that may have no internet.
 #   make gpu-check PYTHON=python3 GPU_CHECK_OUT=results/ HELLASWAG_DIR=data/hellaswag
 GPU_CHECK_OUT ?= gpu_check.jsonl

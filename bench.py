@@ -5,7 +5,7 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py dataloader                                            # DataLoaderLite on a 100M-token shard
     python bench.py train --model gpt2 --batch_size 64 --seq_len 1024     # training step tokens/s and MFU
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
-    python bench.py gpu --out gpu_check.jsonl                             # the GPU check: every CUDA path, ~6 min
+    python bench.py gpu --out gpu_check.jsonl                             # the GPU check: every CUDA path, ~7 min
     python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
     python bench.py memory --model gpt2-medium --batch_size 8 --seq_len 512   # activation checkpointing's saving
     python bench.py fsdp --model gpt2-medium --nproc 2                    # memory per process, DDP vs FSDP (CPU)
@@ -431,7 +431,7 @@ def bench_hellaswag(args):
 
 # ---- the GPU check: python bench.py gpu -------------------------------------------------------
 # One command that runs every CUDA path of the repository and measures the headline figures, in
-# about 6 minutes on one H100/H200 (docs/benchmarks.md, "GPU check"). Each result is one JSON line,
+# about 7 minutes on one H100/H200 (docs/benchmarks.md, "GPU check"). Each result is one JSON line,
 # printed and appended to --out as soon as it is known, so a run cut short keeps what it measured.
 # A result that fails is a line with "error" and the check goes on (an out-of-memory in one
 # configuration says nothing about the next); one that cannot run here says why in "skipped".
@@ -1237,6 +1237,10 @@ def add_recipes_args(parser):
                         help="runs at a time: for losses only, as runs that share the machine take longer")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / jobs)")
     parser.add_argument("--device", default="cpu", help="train_gpt2.py --device")
+    parser.add_argument("--time_steps", type=int, default=0,
+                        help="instead of training: time this many steps of each run in one process, taking turns "
+                             "(run 1's step, run 2's, ..., then again), so that each gets the same share of the "
+                             "machine's noise; the median step time of each and its ratio to GPT-2's")  # fmt: skip
 
 
 def bench_recipes(args):
@@ -1246,6 +1250,8 @@ def bench_recipes(args):
     import shlex
     from concurrent.futures import ThreadPoolExecutor
 
+    if args.time_steps:
+        return recipe_step_times(args)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.jsonl")
     done = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
@@ -1266,6 +1272,50 @@ def bench_recipes(args):
             print(f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps: val "
                   f"loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training", flush=True)
     return recipe_summary([recipe_record(done, key) for key in keys], args.steps)
+
+
+def recipe_step_times(args):
+    """Where the time goes: the training step of each of --runs on random tokens, in turns."""
+    import functools
+    import shlex
+    import statistics
+    import time
+
+    import torch
+
+    from device import pick_device, setup_precision
+    from model import GPT
+    from train_gpt2 import make_model_config, make_optimizer, parse_config, train_step
+
+    device = pick_device(args.device, local_rank=0)
+    steps = {}
+    for name in args.runs:
+        lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
+        cfg = parse_config([*RECIPE_MODEL, *RECIPE_RUNS[name], *lr, *shlex.split(args.flags)])
+        torch.manual_seed(0)
+        model = GPT(make_model_config(cfg, 50257)).to(device)
+        optimizer = make_optimizer(model, cfg, device.split(":")[0])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.max_lr * group["lr_scale"]
+        precision = setup_precision("float32" if device == "cpu" else "auto", device.split(":")[0])
+        x = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len), device=device)  # (B, T)
+        micro_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+        next_batch = functools.partial(tuple, (x, x))  # () -> (x, x): this run's own x
+        steps[name] = functools.partial(train_step, model, model, optimizer, precision, next_batch, micro_steps,
+                                        cfg.grad_clip, 1)  # fmt: skip
+    times = {name: [] for name in steps}
+    for round in range(args.time_steps + 1):  # round 0 warms up
+        for name, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            if round:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    figures = {f"{name}_step_ms": statistics.median(ms) for name, ms in times.items()}
+    if "gpt2" in steps:
+        figures.update({f"{name}_time_ratio": figures[f"{name}_step_ms"] / figures["gpt2_step_ms"] for name in steps})
+    return figures
 
 
 def recipe_record(records, key):
