@@ -118,6 +118,18 @@ def test_two_process_fsdp_equals_one_process_with_and_without_activation_checkpo
     assert_same_training(single_metrics, fsdp_metrics)
 
 
+def test_the_modern_architecture_with_adamw_trains_under_fsdp_as_on_one_process(data_dir, tmp_path):
+    """Rotary embeddings, RMSNorm without parameters, an untied head: FSDP shards what there is. (Muon
+    under FSDP is refused: tests/test_recipes.py.)"""
+    # zero_init off: from a zero head only the head would learn in 3 steps, and the losses would hardly move
+    steps = ["--max_steps", "3", "--eval_interval", "3", "--total_batch_size", "64", "--recipe", "modern",
+             "--optimizer", "adamw", "--max_lr", "1e-2", "--zero_init", "0"]  # fmt: skip
+    single_metrics = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
+    fsdp_metrics = torchrun(data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp")
+    assert_same_training(single_metrics, fsdp_metrics)
+    assert checkpoint.load_checkpoint(str(tmp_path / "fsdp" / "model_00003.pt"))["config"]["untied_head"]
+
+
 @pytest.fixture
 def process_group():
     """A one-process gloo group in this process, for fully_shard (which needs one)."""
