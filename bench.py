@@ -1217,7 +1217,7 @@ RECIPE_MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_s
                 "--total_batch_size", "2048", "--eval_interval", "25", "--val_steps", "24", "--eval_tasks", "",
                 "--sample_interval", "0", "--ckpt_interval", "0", "--log_interval", "50"]  # fmt: skip
 # GPT-2's recipe at this size: the best of the max_lr values tried (docs/benchmarks.md, "Recipes")
-RECIPE_GPT2_LR = 4e-3
+RECIPE_GPT2_LR = 1e-3
 
 
 def add_recipes_args(parser):

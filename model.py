@@ -13,7 +13,7 @@ so OpenAI's checkpoint maps onto ours one tensor at a time.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -500,7 +500,7 @@ class GPT(nn.Module):
         if not cfg.is_gpt2:
             # No transformers architecture has this combination (Llama has RoPE and RMSNorm, but a SwiGLU
             # MLP, a norm gain and no QK-norm or soft cap): an export would compute something else.
-            switches = [f.name for f in fields(cfg) if f.name in MODERN_SWITCHES and getattr(cfg, f.name)]
+            switches = [name for name in MODERN_SWITCHES if getattr(cfg, name)]
             raise UserError(
                 f"this model uses the modern recipe ({', '.join(switches)}), which GPT2LMHeadModel cannot hold, and "
                 f"no transformers architecture matches it: sample, chat and evaluate the checkpoint itself "

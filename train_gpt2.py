@@ -92,7 +92,7 @@ class TrainConfig:
     beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
     adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
     optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
-    muon_lr: float = flag(0.02, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
+    muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
     muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
     embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings (0: max_lr)", low=0)
     head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr)", low=0)
@@ -154,7 +154,7 @@ RECIPES = {
     "gpt2": {},
     "modern": dict(
         rope=True, rmsnorm=True, qk_norm=True, relu2=True, untied_head=True, zero_init=True, logit_softcap=15.0,
-        optimizer="muon", lr_schedule="wsd", min_lr_ratio=0.0,
+        optimizer="muon", muon_lr=0.04, max_lr=8e-3, lr_schedule="wsd", min_lr_ratio=0.0,
     ),
 }
 
