@@ -541,20 +541,21 @@ def bench_gpu(args):
         batch_size = sizes.fp32_batch_size if dtype == "float32" else sizes.batch_size
         steps, micro_steps = (sizes.steps, sizes.micro_steps) if compiled else (sizes.other_steps, 2)
         result(name, check_train_step, device, sizes, dtype, compiled, batch_size, steps, micro_steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = result("train_gpt2_run", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                     sizes.run_steps)
-        if "error" in run:
-            result("train_gpt2_resume", skipped, "the run it resumes failed")
-        else:
-            resume_steps = sizes.run_steps * 3 // 2
-            result("train_gpt2_resume", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                   resume_steps)
+    def run_and_resume(name, *more_flags):
+        """A short train_gpt2.py run, then a resume of it to 1.5x its steps."""
+        with tempfile.TemporaryDirectory() as tmp:
+            run = result(f"{name}_run", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
+                         sizes.run_steps, more_flags)  # fmt: skip
+            if "error" in run:
+                result(f"{name}_resume", skipped, "the run it resumes failed")
+            else:
+                result(f"{name}_resume", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
+                       sizes.run_steps * 3 // 2, more_flags)  # fmt: skip
+
+    run_and_resume("train_gpt2")
     result("generate_kv_cache", check_generation, device, sizes)
     result("fsdp", not_in_check_yet, "parallel")  # train_gpt2.py --parallel fsdp needs 2+ processes
-    with tempfile.TemporaryDirectory() as tmp:  # the same run with --recipe modern: compiled, evals, samples
-        result("modern_recipe", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag, sizes.run_steps,
-               ("--recipe", "modern"))  # fmt: skip
+    run_and_resume("modern_recipe", "--recipe", "modern")
     errors = [r["name"] for r in records if "error" in r]
     skips = [r["name"] for r in records if "skipped" in r]
     minutes = (time.perf_counter() - start) / 60
@@ -1192,12 +1193,12 @@ def bench_generate(args):
     return results
 
 
-# ---- command line -----------------------------------------------------------------------------
 # ---- recipes: GPT-2's and the modern one at equal tokens (train_gpt2.py --recipe) --------------
 # Each run is train_gpt2.py itself, in a process of its own, on the same shards with the same model
 # and batch: one change at a time on top of GPT-2's recipe, and all of them (--recipe modern). Each
 # result is appended to --out_dir/results.jsonl as its run ends, and a run already there (same flags,
-# seed and steps) is not run again: an interrupted benchmark continues where it stopped.
+# seed and steps) is not run again: an interrupted benchmark continues where it stopped. One out_dir
+# holds one benchmark: its records all come from the same --data_dir and --device.
 RECIPE_RUNS = {
     "gpt2": [],
     "rope": ["--rope", "1"],
@@ -1248,13 +1249,18 @@ def bench_recipes(args):
     final val loss of each, its training time (the sum of its step times: no evaluation, no start-up),
     and the modern recipe's share of GPT-2's tokens and time to reach GPT-2's final val loss."""
     import shlex
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     if args.time_steps:
         return recipe_step_times(args)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.jsonl")
     done = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    for name in ("data_dir", "device"):
+        other = {r[name] for r in done if name in r} - {getattr(args, name)}
+        if other:
+            raise UserError(f"{results_path} holds runs with --{name} {other.pop()}, not {getattr(args, name)}: pass "
+                            f"another --out_dir for another benchmark")  # fmt: skip
     extra = shlex.split(args.flags)
     keys = []
     for name in args.runs:
@@ -1262,10 +1268,12 @@ def bench_recipes(args):
         for steps in [args.steps, *(args.modern_steps if name == "modern" else [])]:
             keys += [{"run": name, "flags": [*RECIPE_RUNS[name], *lr, *extra], "seed": seed, "steps": steps}
                      for seed in args.seeds]  # fmt: skip
+    keys = list({json.dumps(key): key for key in keys}.values())  # once each, e.g. with --modern_steps 250
     todo = [key for key in keys if recipe_record(done, key) is None]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
-        for record in pool.map(lambda key: recipe_run(key, args, threads), todo):
+        for finished in as_completed([pool.submit(recipe_run, key, args, threads) for key in todo]):
+            record = finished.result()
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)
@@ -1288,6 +1296,8 @@ def recipe_step_times(args):
     from train_gpt2 import make_model_config, make_optimizer, parse_config, train_step
 
     device = pick_device(args.device, local_rank=0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = {}
     for name in args.runs:
         lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
@@ -1304,13 +1314,13 @@ def recipe_step_times(args):
         steps[name] = functools.partial(train_step, model, model, optimizer, precision, next_batch, micro_steps,
                                         cfg.grad_clip, 1)  # fmt: skip
     times = {name: [] for name in steps}
-    for round in range(args.time_steps + 1):  # round 0 warms up
+    for turn in range(args.time_steps + 1):  # turn 0 warms up
         for name, step in steps.items():
             synchronize(device)
             t0 = time.perf_counter()
             step()
             synchronize(device)
-            if round:
+            if turn:
                 times[name].append(1000 * (time.perf_counter() - t0))
     figures = {f"{name}_step_ms": statistics.median(ms) for name, ms in times.items()}
     if "gpt2" in steps:
@@ -1349,7 +1359,8 @@ def recipe_run(key, args, threads):
     step_ms = [m["dt_ms"] for m in metrics if m["kind"] == "train"]
     return {**key, "val_loss": val[-1]["loss"], "val_bpb": val[-1]["bpb"],
             "val_curve": {m["step"]: round(m["loss"], 4) for m in val}, "train_seconds": sum(step_ms) / 1000,
-            "step_ms_median": median(step_ms), "threads": threads, "jobs": args.jobs, "log_dir": log_dir}  # fmt: skip
+            "step_ms_median": median(step_ms), "threads": threads, "jobs": args.jobs, "log_dir": log_dir,
+            "data_dir": args.data_dir, "device": args.device}  # fmt: skip
 
 
 def recipe_summary(records, steps):
@@ -1380,7 +1391,7 @@ def recipe_summary(records, steps):
     return figures
 
 
-
+# ---- command line -----------------------------------------------------------------------------
 BENCHMARKS = {
     "fineweb": (add_fineweb_args, bench_fineweb),
     "dataloader": (add_dataloader_args, bench_dataloader),
@@ -1392,8 +1403,6 @@ BENCHMARKS = {
     "fsdp": (add_fsdp_args, bench_fsdp),
     "recipes": (add_recipes_args, bench_recipes),
 }
-
-
 
 
 def print_results(results, as_json):

@@ -290,8 +290,11 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
                 f"settings, or start afresh in a new --log_dir"
             )
     defaults = {f.name: f.default for f in fields(cfg)}  # for checkpoints older than a flag
+    # the optimizer's saved parameter groups (their LRs included) replace the run's own at the restore
+    optimizer_state = "the optimizer state it holds was built with that"
     for name, why in (("total_batch_size", "the data position and the LR schedule count steps of that size"),
-                      ("optimizer", "the optimizer state it holds is that optimizer's")):  # fmt: skip
+                      ("optimizer", optimizer_state), ("muon_lr", optimizer_state), ("muon_momentum", optimizer_state),
+                      ("embed_lr", optimizer_state), ("head_lr", optimizer_state)):  # fmt: skip
         saved = checkpoint["args"].get(name, defaults[name])
         if saved != getattr(cfg, name):
             raise UserError(

@@ -281,8 +281,8 @@ def peak_flops(device, dtype):
 
 def shard_model(model, reshard_after_forward, precision, dist_info):
     """FSDP2 over all processes, in place: each Block is one unit (gathered, then freed, as a whole),
-    the root the other (embeddings, ln_f and the output layer tied to wte). Call it before building
-    the optimizer: the optimizer must hold the sharded parameters (DTensors) that this makes."""
+    the root the other (embeddings, ln_f and the output layer, tied to wte or not). Call it before
+    building the optimizer: the optimizer must hold the sharded parameters (DTensors) that this makes."""
     policy = MixedPrecisionPolicy()  # float32: the weights are used as they are
     if precision.dtype != torch.float32:
         # Blocks compute with bf16/fp16 copies (gathered in that dtype: half the traffic); the shards
@@ -448,6 +448,9 @@ def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype
     for part in plans[0]:
         lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>12.2f}" for plan in plans))
     lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.2f}" for plan in plans))
+    if not config.is_gpt2:
+        lines.append("  (counted for GPT-2's layers and AdamW's two moments: the modern recipe's norms, rotary "
+                     "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)")
     if not gpu_gib:
         lines.append("the largest batch_size that fits: pass --gpu_memory GiB")
         return "\n".join(lines), None

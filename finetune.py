@@ -261,10 +261,12 @@ class FinetuneConfig(TrainConfig):
 
 
 PRESETS = {"sft": {}}
-# Fine-tuning takes the model (shape and recipe) and tokenizer from --init, its data from --data_files,
-# and its LR schedule from sft_lr.
+# Fine-tuning takes the model (shape and recipe's switches) and tokenizer from --init, its data from
+# --data_files, and its LR schedule from sft_lr. It trains with AdamW, whatever trained the base: the
+# modern recipe's Muon LR is a pretraining one, and LoRA's thin (out, rank) matrices are not what
+# Muon's orthogonalised updates are for.
 HIDDEN = ("data_dir", "tokenizer", "n_layer", "n_head", "n_embd", "recipe", *MODERN_SWITCHES, "lr_schedule",
-          "decay_frac")  # fmt: skip
+          "decay_frac", "optimizer", "muon_lr", "muon_momentum", "embed_lr", "head_lr")  # fmt: skip
 
 
 def sft_lr(step, cfg):

@@ -102,7 +102,9 @@ def rotary_angles(pos, head_size, base=10000.0):
 
 def apply_rotary(x, rotary):
     """x (B, nh, T, hs) with each channel pair (j, j + hs/2) turned by its angle. Queries and keys turned
-    by their positions make q . k depend on how far apart two tokens are, not on where they are."""
+    by their positions make q . k depend on how far apart two tokens are, not on where they are.
+    RoFormer pairs channels (2j, 2j + 1); pairing the two halves, as GPT-NeoX and Llama do, is the same
+    rotation with the channels in another fixed order, and needs no interleaving."""
     cos, sin = (t.to(x.dtype) for t in rotary)
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -276,8 +278,9 @@ class GPT(nn.Module):
         # The padding ids are not tokens: a logit of -inf gives them probability exactly 0, in the loss
         # and when sampling. The write is hidden from autograd: recorded, its backward would clone the
         # whole (B, T, padded_vocab_size) gradient to zero 47 columns that are zero anyway (softmax
-        # gives them probability 0). The backward of the matmul (and of the soft cap's final
-        # multiplication by a number) needs only its inputs, so this is safe.
+        # gives them probability 0). No backward needs this tensor: the matmul's needs only its inputs,
+        # and the soft cap's final multiplication by a number needs nothing (its tanh saved its own
+        # output, another tensor), so this is safe.
         with torch.no_grad():
             logits[..., self.config.vocab_size :] = float("-inf")
         loss = None
@@ -346,11 +349,12 @@ class GPT(nn.Module):
         matrices = [p for p in params.values() if p.dim() >= 2 and not any(p is q for q in embeddings + head)]
         no_decay = [p for p in params.values() if p.dim() < 2]
 
-        def group(params, lr, decay=weight_decay):
+        def group(members, lr, decay=weight_decay):
             lr_scale = lr / learning_rate if learning_rate else 0.0
-            return {"params": params, "weight_decay": decay, "lr": lr, "lr_scale": lr_scale}
+            return {"params": members, "weight_decay": decay, "lr": lr, "lr_scale": lr_scale}
 
-        if not (muon_lr or embed_lr or head_lr):  # GPT-2's recipe: every matrix in one group
+        # GPT-2's recipe: every matrix in one group, as always (its AdamW state and checkpoints unchanged)
+        if not (muon_lr or embed_lr or head_lr):
             adamw_groups = [group([p for p in params.values() if p.dim() >= 2], learning_rate)]
         else:
             adamw_groups = [group(embeddings, embed_lr or learning_rate), group(head, head_lr or learning_rate)]
@@ -363,7 +367,8 @@ class GPT(nn.Module):
         # Muon (Jordan et al. 2024): momentum SGD whose update is orthogonalised by Newton-Schulz steps,
         # so that every direction of a matrix moves by the same amount. torch.optim.Muon scales the LR of
         # a (rows, cols) matrix by sqrt(max(1, rows / cols)). It is for 2-D hidden matrices only:
-        # embeddings, the head and the gains stay with AdamW.
+        # embeddings, the head and the biases stay with AdamW. c_attn's query, key and value weights are
+        # one (3C, C) matrix here, orthogonalised together (modded-nanogpt does them one by one).
         muon = torch.optim.Muon([group(matrices, muon_lr)], lr=muon_lr, momentum=muon_momentum,
                                 weight_decay=weight_decay)  # fmt: skip
         return MuonWithAdamW(muon, adamw)
@@ -388,7 +393,7 @@ class GPT(nn.Module):
         ends when every row is finished, or after max_new_tokens steps.
         use_cache=False recomputes the whole window at every step, as training's forward does: the
         slow path, kept to compare against.
-        Beyond block_size (there are no position embeddings further), the window slides: without the
+        Beyond block_size (the model never saw a position further), the window slides: without the
         cache every step sees the last block_size tokens; with it, once the cache is full the newest
         block_size // 2 tokens are prefilled afresh (their positions all change) and it fills again,
         so a step sees between block_size // 2 and block_size tokens. Both agree up to block_size.

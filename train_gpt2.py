@@ -65,8 +65,8 @@ class TrainConfig:
     n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
     n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
     # the recipe: GPT-2's, or the modern one (RECIPES), whose changes are switches of their own
-    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: RECIPES turns on the switches "
-                       "below and sets their LRs; each switch also works alone)")  # fmt: skip
+    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: turns on every switch below, "
+                       "--optimizer muon and --lr_schedule wsd, with their LRs; README: Two recipes)")  # fmt: skip
     rope: bool = flag(False, "rotary position embeddings instead of learned ones (model.GPTConfig lists the sources)")
     rmsnorm: bool = flag(False, "RMSNorm without a gain instead of LayerNorm, also on the embeddings")
     qk_norm: bool = flag(False, "RMSNorm of each attention head's queries and keys")
@@ -82,20 +82,21 @@ class TrainConfig:
     max_steps: int = flag(19073, "optimizer steps: 10e9 tokens / 2**19 tokens per step", low=1)
     warmup_steps: int = flag(715, "steps of linear LR warmup: GPT-3's 375M warmup tokens / 2**19", low=0)
     max_lr: float = flag(6e-4, "peak learning rate: GPT-3 paper table 2.1 (125M model)", low=0)
-    min_lr_ratio: float = flag(0.1, "final LR / max_lr: cosine decay down to 10%, GPT-3 paper appendix B", 0, 1)
+    min_lr_ratio: float = flag(0.1, "final LR / max_lr: a decay down to 10%, GPT-3 paper appendix B", 0, 1)
     lr_schedule: str = flag("cosine", "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
                             "stable at max_lr, then a linear decay over the last decay_frac of the steps)")  # fmt: skip
-    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying", 0, 1)
+    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying (0: none), "
+                             "modded-nanogpt's cooldown_frac", 0, 1)  # fmt: skip
     # optimizer: AdamW as in GPT-3 paper appendix B
-    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only: GPT-3 appendix B", low=0)
+    weight_decay: float = flag(0.1, "weight decay (AdamW's and Muon's), on matrices only: GPT-3 appendix B", low=0)
     beta1: float = flag(0.9, "AdamW beta1: GPT-3 appendix B", 0, 1)
     beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
     adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
     optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
     muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
     muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
-    embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings (0: max_lr)", low=0)
-    head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr)", low=0)
+    embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings, and of a tied output layer (0: max_lr)", low=0)
+    head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr; --untied_head 1 only)", low=0)
     grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B", low=0)
     max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)", 0)
     # evaluation
@@ -251,8 +252,9 @@ def due(interval, step, max_steps):
 
 
 def get_lr(step, cfg):
-    """Linear warmup to max_lr, then a cosine down to min_lr_ratio * max_lr at max_steps; or (wsd) a
-    plateau at max_lr and a straight line down to it over the last decay_frac of the steps."""
+    """Linear warmup to max_lr, then a cosine down to min_lr = min_lr_ratio * max_lr at max_steps; or
+    (wsd) a plateau at max_lr and a straight line down to min_lr over the last decay_frac of the steps
+    (starting at the end of the warmup at the latest)."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     min_lr = cfg.max_lr * cfg.min_lr_ratio
@@ -418,6 +420,11 @@ def check_config(cfg, model_config, world_size):
                           ("lr_schedule", ("cosine", "wsd"))):  # fmt: skip
         if getattr(cfg, name) not in choices:
             raise UserError(f"--{name} {getattr(cfg, name)}: choose {' or '.join(choices)}")
+    if cfg.optimizer == "muon" and cfg.muon_lr == 0:
+        raise UserError("--optimizer muon with --muon_lr 0 would never move the blocks' matrices: give it a peak LR")
+    if cfg.head_lr and not model_config.untied_head:
+        raise UserError("--head_lr is for an untied output layer (--untied_head 1); a tied one is the token embedding, "
+                        "whose LR is --embed_lr")  # fmt: skip
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
         raise UserError(
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "

@@ -24,7 +24,7 @@ GPU_CHECK_LINES = [
     "environment",
     "train_bf16_compiled", "train_bf16_eager", "train_fp16_eager", "train_fp32_eager",
     "train_gpt2_run", "train_gpt2_resume",
-    "generate_kv_cache", "fsdp", "modern_recipe",
+    "generate_kv_cache", "fsdp", "modern_recipe_run", "modern_recipe_resume",
     "total",
 ]  # fmt: skip
 
@@ -82,14 +82,16 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
     assert records["train_bf16_compiled"]["compiled"] and records["train_bf16_compiled"]["graphs"] >= 1
     assert records["train_bf16_eager"]["dtype"] == "bfloat16" and not records["train_bf16_eager"]["compiled"]
 
-    run, resume, modern = records["train_gpt2_run"], records["train_gpt2_resume"], records["modern_recipe"]
+    run, resume = records["train_gpt2_run"], records["train_gpt2_resume"]
+    modern, modern_resume = records["modern_recipe_run"], records["modern_recipe_resume"]
     assert (run["start_step"], run["max_steps"], resume["start_step"], resume["max_steps"]) == (0, 4, 4, 6)
-    assert (modern["start_step"], modern["max_steps"], modern["train_steps"]) == (0, 4, 4)
+    assert (modern["start_step"], modern["max_steps"], modern_resume["start_step"], modern_resume["max_steps"]) == (
+        0, 4, 4, 6)
     assert set(modern["val_loss"]) == {"0", "2", "4"} and modern["sample"].startswith("Hello, I'm a language model,")
     assert set(run["val_loss"]) == {"0", "2", "4"} and set(resume["val_loss"]) == {"4", "6"}
     assert run["sample_step"] == 2 and run["sample"].startswith("Hello, I'm a language model,")
     assert resume["checkpoints"] == ["model_00004.pt", "model_00006.pt"]
-    for record in (run, resume, modern):
+    for record in (run, resume, modern, modern_resume):
         assert record["compiled"] and record["graphs_at_compile"] >= 1
         # evals and samples run the uncompiled model, and training goes on with the graph it had
         assert record["graphs_in_evals"] == 0 and record["graphs_in_later_train_steps"] == 0
@@ -162,3 +164,6 @@ def test_bench_recipes_trains_each_run_once_and_keeps_its_figures(tmp_path, monk
     assert not any(name.endswith(".pt") for r in results for name in os.listdir(r["log_dir"]))  # 80 MB each
     bench.main()  # again: every run is in results.jsonl already, none trains again
     assert len(open(tmp_path / "out" / "results.jsonl").read().splitlines()) == 3
+    monkeypatch.setattr(sys, "argv", [*argv, "--data_dir", str(tmp_path)])  # the last --data_dir wins
+    with pytest.raises(SystemExit, match="holds runs with --data_dir .*: pass another --out_dir"):
+        bench.main()

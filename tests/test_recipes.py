@@ -72,7 +72,9 @@ def test_unknown_choices_and_muon_under_fsdp_are_refused_before_training():
     config = GPTConfig()
     for flags, message in ((["--optimizer", "sgd"], "--optimizer sgd: choose adamw or muon"),
                            (["--lr_schedule", "linear"], "--lr_schedule linear: choose cosine or wsd"),
-                           (["--optimizer", "muon", "--parallel", "fsdp"], "Newton-Schulz")):  # fmt: skip
+                           (["--optimizer", "muon", "--parallel", "fsdp"], "Newton-Schulz"),
+                           (["--optimizer", "muon", "--muon_lr", "0"], "would never move the blocks' matrices"),
+                           (["--head_lr", "1e-3"], "--head_lr is for an untied output layer")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             train_gpt2.check_config(train_gpt2.parse_config(flags), config, world_size=2)
     with pytest.raises(SystemExit):
@@ -246,6 +248,8 @@ def test_resuming_with_another_optimizer_or_recipe_is_one_message(data_dir, tmp_
     with pytest.raises(SystemExit, match="was trained with --optimizer muon, this run has adamw"):
         run(data_dir, tmp_path / "run", "--max_steps", "4", "--eval_interval", "0", *MODERN_FLAGS,
             "--optimizer", "adamw")  # fmt: skip
+    with pytest.raises(SystemExit, match="was trained with --muon_lr 0.02, this run has 0.03"):
+        run(data_dir, tmp_path / "run", "--max_steps", "4", "--eval_interval", "0", *MODERN_FLAGS, "--muon_lr", "0.03")
     with pytest.raises(SystemExit, match=r"rope=True \(flags say False\)"):
         run(data_dir, tmp_path / "run", "--max_steps", "4", "--eval_interval", "0")
 
