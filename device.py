@@ -151,6 +151,21 @@ def teardown_distributed(finished=True):
         dist.destroy_process_group()
 
 
+def end_failed_rank(error):
+    """End this process of a multi-process job now, with the error's message: the one-line one for a
+    UserError, else the traceback. Not through Python's exit, which frees DDP's reducer and with it
+    the gloo process group, and that can deadlock: the group's destructor, holding the GIL, waits for
+    its worker thread, which waits for the GIL to free the tensors of an all-reduce it has finished
+    (seen with py-spy in a loaded run of tests/test_train_faults.py's job-ending test, the rank still
+    hung minutes later). Logs must be closed first. The other ranks then see this one's sockets close."""
+    import traceback
+
+    message = f"error: {error}" if isinstance(error, UserError) else "".join(traceback.format_exception(error))
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def all_reduce_sum(tensor, world_size):
     """Sum over ranks in place (a no-op on one process). SUM, not AVG: gloo has no AVG (Windows, CPU).
     world_size, not dist.is_initialized(), decides: a caller inside a DDP job may run on its own

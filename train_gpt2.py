@@ -34,7 +34,7 @@ import training_log
 from dataloader import DataLoaderLite
 from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops, plan_report
 from device import empty_copy, setup_distributed, setup_precision, shard_model, sum_dtype, teardown_distributed
-from device import unwrap, whole_model
+from device import end_failed_rank, unwrap, whole_model
 from errors import UserError, exit_on_error
 from evals import TASKS
 from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
@@ -594,6 +594,11 @@ def launch(cfg, make_job):
     try:
         train(cfg, dist_info, make_job(cfg, dist_info))
         finished = True
+    except Exception as error:
+        if dist_info.world_size > 1:  # see device.end_failed_rank: a failed rank's normal exit can hang
+            training_log.close_logging()
+            end_failed_rank(error)
+        raise
     finally:
         training_log.close_logging()
         teardown_distributed(finished)

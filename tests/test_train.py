@@ -91,7 +91,7 @@ def test_help_lists_every_flag_with_its_origin(capsys):
     text = capsys.readouterr().out
     for name in ["--data_dir", "--total_batch_size", "--resume", "--dtype", "--compile", "--seed", "--preset"]:
         assert name in text
-    assert "cosine decay down to 10%, GPT-3 paper appendix B" in " ".join(text.split())
+    assert "a decay down to 10%, GPT-3 paper appendix B" in " ".join(text.split())
 
 
 def test_indivisible_batch_size_is_a_clear_error():
