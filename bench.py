@@ -1344,9 +1344,10 @@ def recipe_run(key, args, threads):
     tag = "_".join(flag.lstrip("-") for flag in key["flags"]) or "gpt2"
     log_dir = os.path.join(args.out_dir, f"{tag}_steps{key['steps']}_seed{key['seed']}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py")
-    command = [sys.executable, script, *RECIPE_MODEL, *key["flags"], "--data_dir", args.data_dir,
-               "--device", args.device, "--max_steps", str(key["steps"]), "--warmup_steps", "10",
-               "--seed", str(key["seed"]), "--log_dir", log_dir, "--resume", "none"]  # fmt: skip
+    # the run's own flags after the benchmark's: --flags can change the model, batch or warmup (on a GPU)
+    command = [sys.executable, script, *RECIPE_MODEL, "--data_dir", args.data_dir, "--device", args.device,
+               "--max_steps", str(key["steps"]), "--warmup_steps", "10", *key["flags"], "--seed", str(key["seed"]),
+               "--log_dir", log_dir, "--resume", "none"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     finished = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if finished.returncode != 0:
