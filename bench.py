@@ -301,7 +301,7 @@ def bench_train(args):
 
     from device import compile_model, keep_freed_memory, peak_flops, pick_device, setup_precision
     from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, train_step
+    from train_gpt2 import TrainConfig, make_optimizer, train_step
 
     device = pick_device(args.device, local_rank=0)
     device_type = device.split(":")[0]
@@ -314,9 +314,7 @@ def bench_train(args):
         from lora import apply_lora
 
         apply_lora(model, args.lora_rank, 2 * args.lora_rank, ["attn", "mlp"])
-    optimizer = model.configure_optimizers(  # AdamW over the parameters that train: with LoRA, the adapters
-        recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2), recipe.adam_eps, device_type
-    )
+    optimizer = make_optimizer(model, recipe, device_type)  # over the parameters that train: with LoRA, the adapters
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
     train_model = compile_model(model, args.compile, device_type, (x, x), precision, logging.getLogger("bench"))
 
@@ -693,16 +691,14 @@ def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_st
 
     from device import compile_model, peak_flops, setup_precision
     from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, train_step
+    from train_gpt2 import TrainConfig, make_optimizer, train_step
 
     device_type = device.split(":")[0]
     precision = setup_precision(dtype, device_type)
     recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(sizes.model)).to(device)
-    optimizer = model.configure_optimizers(
-        recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2), recipe.adam_eps, device_type
-    )
+    optimizer = make_optimizer(model, recipe, device_type)
     x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, sizes.seq_len), device=device)  # (B, T) each
     graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
     train_model = compile_model(model, "1" if compiled else "0", device_type, (x, y), precision,
@@ -1023,7 +1019,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     from checkpoint import gather_full
     from device import DistInfo, setup_precision, shard_model
     from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, train_step
+    from train_gpt2 import TrainConfig, make_optimizer, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -1034,8 +1030,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model))
     train_model = shard_model(model, True, precision, dist_info) if fsdp else DDP(model)
-    optimizer = model.configure_optimizers(recipe.weight_decay, recipe.max_lr, (recipe.beta1, recipe.beta2),
-                                           recipe.adam_eps, "cpu")  # fmt: skip
+    optimizer = make_optimizer(model, recipe, "cpu")
     x = torch.randint(0, 50257, (args.batch_size, args.seq_len))
     t0 = time.perf_counter()
     for _ in range(args.steps):

@@ -344,9 +344,10 @@ class GPT(nn.Module):
         Muon for the blocks' matrices (then a MuonWithAdamW). Each group's "lr_scale" is its peak LR
         over learning_rate: the training loop sets lr = schedule * lr_scale (GPT-2's groups: 1.0)."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        embeddings = [p for name, p in params.items() if name in ("transformer.wte.weight", "transformer.wpe.weight")]
-        head = [p for name, p in params.items() if name == "lm_head.weight"]  # untied only: tied, it is wte
-        matrices = [p for p in params.values() if p.dim() >= 2 and not any(p is q for q in embeddings + head)]
+        embedding_names, head_name = ("transformer.wte.weight", "transformer.wpe.weight"), "lm_head.weight"
+        embeddings = [p for name, p in params.items() if name in embedding_names]
+        head = [p for name, p in params.items() if name == head_name]  # untied only: tied, it is listed as wte
+        matrices = [p for name, p in params.items() if p.dim() >= 2 and name not in (*embedding_names, head_name)]
         no_decay = [p for p in params.values() if p.dim() < 2]
 
         def group(members, lr, decay=weight_decay):
