@@ -272,6 +272,14 @@ def compile_model(model, requested, device_type, example_batch, precision, log):
     return compiled
 
 
+def graphs_compiled():
+    """Graphs torch.compile has made in this process so far (dynamo's counter). Every metrics.jsonl
+    record carries it, so a run's log shows where recompilation happened (gpu_check.py reads it)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def peak_flops(device, dtype):
     """The GPU's peak bf16/fp16 FLOPS, or None where it is unknown (CPU, MPS, float32, unlisted GPUs)."""
     if not device.startswith("cuda") or dtype == torch.float32:

@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict
 from datetime import timedelta
 
+from device import graphs_compiled
 from errors import UserError
 from files import atomic_write, describe_os_error, lock_folder
 from model import MODERN_SWITCHES
@@ -44,7 +45,7 @@ def json_line(record):
 
 def log_record(log, message, log_line=None, **metrics):
     """message to the console, log_line (if any) to log.txt, the metrics to metrics.jsonl."""
-    log.info(message, extra={"metrics": metrics, "log_line": log_line})
+    log.info(message, extra={"metrics": {**metrics, "graphs": graphs_compiled()}, "log_line": log_line})
 
 
 def format_results(name, results):
@@ -109,7 +110,8 @@ def log_train_step(log, step, max_steps, loss, lr, grad_norm, speed, show, **ext
         f"{speed['dt_ms']:.1f} ms | {speed['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
         f"eta {timedelta(seconds=speed['eta_s'])}"
     )
-    metrics = dict(step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra)
+    metrics = dict(step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra,
+                   graphs=graphs_compiled())  # fmt: skip
     fields = {"metrics": metrics, "log_line": f"{step} train {loss:.6f}"}
     log.log(logging.INFO if show else QUIET, message, extra=fields)
 
