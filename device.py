@@ -1,6 +1,7 @@
 """
-Where training runs: processes, device, precision, compilation, the hardware's peak speed, how the
-model is spread over processes (DDP or FSDP) and how much memory that takes (train_gpt2.py --plan).
+Where training runs: processes (torchrun, DDP's collectives), the device, precision (bf16, fp16 with
+loss scaling, fp32), compilation and the hardware's peak speed. FSDP is fsdp.py, the memory plan
+memory_plan.py.
 
     from device import setup_distributed, setup_precision, compile_model, peak_flops
     dist_info = setup_distributed("auto")        # reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE
@@ -11,22 +12,17 @@ model is spread over processes (DDP or FSDP) and how much memory that takes (tra
 Kept out of `train_gpt2.py` so the training loop reads the same on a laptop CPU and on 8 GPUs.
 """
 
-import copy
 import ctypes
-import functools
 import os
 import sys
-import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from errors import UserError
-from model import GPT, GPTConfig
 
 # Peak dense bf16/fp16 tensor-core FLOPS by (part of) the name torch.cuda.get_device_name returns,
 # from NVIDIA's datasheets. First match wins, so the specific names come before the generic ones.
@@ -286,212 +282,3 @@ def peak_flops(device, dtype):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-
-
-# ---- FSDP: the model sharded over the processes ----
-#
-# DDP keeps a whole copy of the weights, the gradients and AdamW's two moments on every GPU: ~16 bytes
-# per parameter (a 1.5B model: ~25 GB before any activation). FSDP (PyTorch's FSDP2, fully_shard)
-# keeps 1/N of each on each of N GPUs, and all-gathers a block's weights just before that block
-# runs. In DeepSpeed's terms (the ZeRO paper, Rajbhandari et al. 2020):
-#   --reshard_after_forward 1   ZeRO-3: weights, gradients and optimizer state sharded; a block's
-#                               gathered weights are freed after its forward, gathered again in backward
-#   --reshard_after_forward 0   ZeRO-2-like: the gathered weights stay from forward to backward (one
-#                               all-gather per step instead of two), freed after backward; gradients
-#                               and optimizer state sharded
-# (ZeRO-1, only the optimizer state sharded, is torch.distributed.optim.ZeroRedundancyOptimizer.)
-
-
-def shard_model(model, reshard_after_forward, precision, dist_info):
-    """FSDP2 over all processes, in place: each Block is one unit (gathered, then freed, as a whole),
-    the root the other (embeddings, ln_f and the output layer, tied to wte or not). Call it before
-    building the optimizer: the optimizer must hold the sharded parameters (DTensors) that this makes."""
-    policy = MixedPrecisionPolicy()  # float32: the weights are used as they are
-    if precision.dtype != torch.float32:
-        # Blocks compute with bf16/fp16 copies (gathered in that dtype: half the traffic); the shards
-        # stay float32 (the master weights AdamW updates) and gradients are reduced in float32.
-        policy = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
-    mesh = dist.device_mesh.init_device_mesh(dist_info.device_type, (dist_info.world_size,))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # The root keeps its weights gathered through the step (FSDP's default for it): backward needs
-    # the output layer first, straight after the forward.
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    # GPT.forward returns a view (the vocab_size columns of the padded logits); FSDP warns that an
-    # in-place op on it would skip a gather in backward. Nothing changes the logits in place.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    # ShardedGradScaler's found-inf flag has shape (1,): DTensor asks for a scalar, harmlessly.
-    warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
-    return model
-
-
-def empty_copy(model, device):
-    """A copy of model whose weights are new, uninitialised tensors on device ("meta": no memory at
-    all): a deepcopy in which each parameter is stood in for by an empty one of its shape, so that a
-    tied weight stays tied."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            for p in model.parameters()}  # fmt: skip
-    return copy.deepcopy(model, memo)
-
-
-def whole_model(model, empty):
-    """The model itself, or, when FSDP shards it, a plain copy with all the weights on this rank,
-    built from `empty` (empty_copy(model, "meta") before it was sharded). Evaluations and samples run
-    on it: FSDP's gathers need every rank to make the same forward calls, and they do not (HellaSwag
-    splits its examples unevenly, only rank 0 samples). Every rank must call it. The copy costs 4
-    bytes per parameter while it lives."""
-    if not isinstance(model, FSDPModule):
-        return model
-    whole = empty_copy(empty, next(model.parameters()).device)
-    weights = whole.state_dict()
-    gathered = set()  # the tied wte / lm_head weight is one shard under two names: gathered once
-    with torch.no_grad():
-        for name, shard in model.state_dict().items():
-            if id(shard) not in gathered:
-                gathered.add(id(shard))
-                weights[name].copy_(shard.full_tensor())  # an all-gather, one tensor at a time
-    return whole
-
-
-# ---- how much memory training takes: train_gpt2.py --plan ----
-
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
-def activation_bytes(config, batch_size, seq_len, compute_bytes=4, residual_bytes=4, checkpointing=False):
-    """(saved, recomputed): bytes of the tensors one training forward saves for its backward (weights
-    not included), and of those that backward's recomputation of one block adds with checkpointing.
-
-    Counted from the shapes, per token. What one Block saves, C = n_embd (r: bytes of the residual
-    stream, float32 under autocast; a: bytes of the compute dtype, 2 for bf16):
-        ln_1's and ln_2's inputs (the residual stream)           2 x rC
-        their means and 1/std (float32)                          4 x 4
-        c_attn's input, its output q, k, v (kept by attention)   (1 + 3) x aC
-        attention's output y, its log-sum-exp (float32)          aC + 4 x n_head   (y's transpose is
-                                                                 already contiguous: no copy for c_proj)
-        c_fc's input, its output (GELU's input), GELU's output   (1 + 4 + 4) x aC
-    = 2rC + 14aC + 4 n_head + 16: 16C values in float32. The rest of the model saves the token ids and
-    the targets (int64), ln_f's input and stats, lm_head's input and the float32 log-softmax of the
-    logits: 8 + 8 + rC + 8 + aC + 4V, V the padded vocabulary. With activation checkpointing a block
-    saves only its input (rC), and backward recomputes the rest one block at a time.
-    tests/test_fsdp.py checks `saved` against an exact count (saved_tensors_hooks)."""
-    C, V, r, a = config.n_embd, config.padded_vocab_size, residual_bytes, compute_bytes
-    block = 2 * r * C + 16 + 14 * a * C + 4 * config.n_head
-    rest = 8 + 8 + r * C + 8 + a * C + 4 * V
-    tokens = batch_size * seq_len
-    if checkpointing:
-        return tokens * (config.n_layer * r * C + rest), tokens * block
-    return tokens * (config.n_layer * block + rest), 0
-
-
-def parameter_counts(config):
-    """(all parameters, those of one Block, those outside the blocks), from the shapes alone."""
-    return _parameter_counts(**asdict(config))
-
-
-@functools.lru_cache  # --plan asks for every batch size
-def _parameter_counts(**config):
-    with torch.device("meta"):  # no memory, no initialisation
-        model = GPT(GPTConfig(**config))
-    per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    return model.num_params(), per_block, model.num_params() - config["n_layer"] * per_block
-
-
-def memory_plan(config, batch_size, seq_len, world_size, dtype, parallel, checkpointing, reshard_after_forward=True,
-                grad_accum_steps=1):  # fmt: skip
-    """{what: bytes} on each GPU for one training step. Adds everything as if it were alive at once,
-    so it is an upper bound; allocator fragmentation and the CUDA context are not in it."""
-    P, P_block, P_root = parameter_counts(config)
-    a, N = DTYPE_BYTES[dtype], world_size
-    if parallel == "fsdp" and N > 1:
-        # 1/N of the float32 weights, and the copies gathered in the compute dtype: the root's for the
-        # whole step, plus two blocks (one computing, the next one being gathered), or all of them
-        # from forward to backward with --reshard_after_forward 0
-        gathered = P_root + (2 * P_block if reshard_after_forward else config.n_layer * P_block)
-        weights = 4 * P / N + a * gathered
-        # 1/N of the float32 gradients, and a block's whole gradients before their reduce-scatter.
-        # Accumulation skips the reduce-scatter until the last micro-step: FSDP then keeps the
-        # whole float32 gradients meanwhile, 4 bytes per parameter.
-        gradients = 4 * P / N + (4 * P if grad_accum_steps > 1 else (a + 4) * P_block)
-        optimizer = 8 * P / N
-        residual = a  # the embeddings' weights are bf16 copies too, so the residual stream is bf16
-    else:
-        # float32 weights, and autocast's bf16/fp16 copies of them, kept from forward to backward
-        weights = 4 * P + (a * P if a < 4 else 0)
-        # float32 gradients, and DDP's buckets, a second copy of them it all-reduces
-        gradients = 4 * P * (2 if N > 1 else 1)
-        optimizer = 8 * P  # AdamW's two moments, float32
-        residual = 4
-    return {
-        "weights": weights,
-        "gradients": gradients,
-        "optimizer (AdamW)": optimizer,
-        "activations": sum(activation_bytes(config, batch_size, seq_len, a, residual, checkpointing)),
-        # the logits, kept by train_step until backward, then their two float32 gradients at its start
-        "logits": batch_size * seq_len * config.padded_vocab_size * (a + 8),
-    }
-
-
-# What --plan compares: (--parallel, --activation_checkpointing)
-PLAN_COLUMNS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
-# Kept back from the GPU's memory for the CUDA context, the caching allocator's fragmentation and the
-# temporaries not counted (a rule of thumb, not measured here: this machine has no GPU)
-GPU_RESERVE = 0.10
-
-
-def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype, gpu_gib, chosen,
-                reshard_after_forward=True):  # fmt: skip
-    """(text, problem): what train_gpt2.py --plan prints, GiB per GPU of each part of memory_plan for
-    ddp and fsdp with and without activation checkpointing and the largest --batch_size that fits in
-    gpu_gib GiB (0: unknown); and, if chosen (the flags' parallel and checkpointing) does not fit
-    even batch_size 1, what to do instead (else None)."""
-    usable = gpu_gib * 2**30 * (1 - GPU_RESERVE)
-
-    def plan_at(parallel, checkpointing, B, N=world_size):
-        accumulating = total_batch_size > B * seq_len * N
-        return memory_plan(config, B, seq_len, N, dtype, parallel, checkpointing, reshard_after_forward,
-                           grad_accum_steps=2 if accumulating else 1)  # fmt: skip
-
-    def largest(parallel, checkpointing, N=world_size):
-        """The largest batch_size that fits, the largest of those that divides total_batch_size."""
-        limit = max(1, total_batch_size // (seq_len * N))  # more would be more than one step's tokens
-        fits = [B for B in range(1, limit + 1) if sum(plan_at(parallel, checkpointing, B, N).values()) <= usable]
-        divides = [B for B in fits if total_batch_size % (B * seq_len * N) == 0]
-        return max(fits, default=0), max(divides, default=0)
-
-    names = [p + (" +ckpt" if c else "") for p, c in PLAN_COLUMNS]
-    plans = [plan_at(p, c, batch_size) for p, c in PLAN_COLUMNS]
-    P = parameter_counts(config)[0]
-    lines = [
-        f"memory per GPU: {P / 1e6:.1f}M parameters, batch_size {batch_size} x seq_len {seq_len}, "
-        f"{str(dtype).removeprefix('torch.')}, {world_size} process(es)"
-        + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else ""),
-        f"{'GiB':<20}" + "".join(f"{name:>12}" for name in names),
-    ]
-    for part in plans[0]:
-        lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>12.2f}" for plan in plans))
-    lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.2f}" for plan in plans))
-    if not config.is_gpt2:
-        lines.append("  (counted for GPT-2's layers and AdamW's two moments: the modern recipe's norms, rotary "
-                     "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)")
-    if not gpu_gib:
-        lines.append("the largest batch_size that fits: pass --gpu_memory GiB")
-        return "\n".join(lines), None
-    fits = [largest(p, c) for p, c in PLAN_COLUMNS]
-    lines.append(f"{'largest batch_size':<20}" + "".join(f"{f'{a} ({d})':>12}" for a, d in fits))
-    lines.append(f"  (in brackets: the largest that divides --total_batch_size {total_batch_size}; "
-                 f"{GPU_RESERVE:.0%} of the GPU kept back)")  # fmt: skip
-    if fits[PLAN_COLUMNS.index(chosen)][0] == 0:
-        flags = lambda parallel, checkpointing: f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}"
-        ways = [f"{flags(*column)} (fits batch_size {a})" for column, (a, _) in zip(PLAN_COLUMNS, fits) if a]
-        if not ways:  # then sharded over more processes
-            more = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest("fsdp", True, N)[0]), 0)
-            if more:
-                fit = largest("fsdp", True, more)[0]
-                ways.append(f"{flags('fsdp', True)} over {more} processes (fits batch_size {fit})")
-        ways += ["a shorter --seq_len", "a smaller model"]
-        need = sum(plan_at(*chosen, 1).values()) / 2**30
-        problem = (f"{flags(*chosen)} needs {need:.2f} GiB per GPU at batch_size 1, more than a {gpu_gib:g} GiB GPU "
-                   f"holds ({1 - GPU_RESERVE:.0%} of it): try {'; or '.join(ways)}")  # fmt: skip
-        return "\n".join(lines), problem
-    return "\n".join(lines), None

@@ -38,13 +38,15 @@ import torch
 
 import checkpoint
 import fineweb
+from config import flag, parse_layered
 from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
 from lora import apply_lora, lora_layers
 from model import MODERN_SWITCHES
+from optim import sft_lr
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
-from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, flag, launch, parse_config
+from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, launch
 
 ROLES = ("system", "user", "assistant")
 
@@ -220,8 +222,12 @@ class RowLoader:
 
 
 # ---- the run ----------------------------------------------------------------------------------
+FINETUNE_PRESETS = {"sft": {}}  # defaults, as train_gpt2.PRESETS (flags still win)
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
+    preset: str = flag("sft", "a set of defaults: sft (FINETUNE_PRESETS)", choices=tuple(FINETUNE_PRESETS))
     # what to start from, and the data
     init: str = flag(
         None, "base weights: a train_gpt2.py checkpoint, a Hugging Face GPT-2 folder, or gpt2, gpt2-medium..."
@@ -260,21 +266,18 @@ class FinetuneConfig(TrainConfig):
     log_interval: int = flag(10, "print every N-th step (log.txt and metrics.jsonl get every step)", low=1)
 
 
-PRESETS = {"sft": {}}
 # Fine-tuning takes the model (shape and recipe's switches) and tokenizer from --init, its data from
 # --data_files, and its LR schedule from sft_lr. It trains with AdamW, whatever trained the base: the
 # modern recipe's Muon LR is a pretraining one, and LoRA's thin (out, rank) matrices are not what
 # Muon's orthogonalised updates are for.
-HIDDEN = ("data_dir", "tokenizer", "n_layer", "n_head", "n_embd", "recipe", *MODERN_SWITCHES, "lr_schedule",
+HIDDEN = ("data_dir", "tokenizer", "model", "n_layer", "n_head", "n_embd", "recipe", *MODERN_SWITCHES, "lr_schedule",
           "decay_frac", "optimizer", "muon_lr", "muon_momentum", "embed_lr", "head_lr")  # fmt: skip
 
 
-def sft_lr(step, cfg):
-    """Linear warmup to max_lr, then a linear decay to min_lr_ratio * max_lr (0 by default) at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
-    return cfg.max_lr * (1 - progress * (1 - cfg.min_lr_ratio))
+def finetuning_layers(flags):
+    """The defaults under the flags: --preset's (the shape and recipe come from --init)."""
+    preset = flags.get("preset", "sft")
+    return [(f"preset {preset}", FINETUNE_PRESETS[preset])]
 
 
 def read_rows(files, dataset, cfg):
@@ -330,12 +333,13 @@ def finetuning_job(cfg, dist_info):
         raise UserError(f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
                         f"{cfg.batch_size}: lower --batch_size, or add rows")  # fmt: skip
     # the val loss reads the validation rows once (val_steps batches per process), not round and round
-    cfg.val_steps = min(cfg.val_steps, math.ceil(len(val_rows) / (cfg.batch_size * dist_info.world_size)))
+    val_steps = min(cfg.val_steps, math.ceil(len(val_rows) / (cfg.batch_size * dist_info.world_size)))
     if dist_info.is_master:
         filled = sum(len(x) for x, _ in train_rows) / (len(train_rows) * cfg.seq_len)
         kind = "chat" if is_chat else "plain text"
         print(f"{len(train_rows):,} training rows ({filled:.0%} of --seq_len filled), {len(val_rows):,} validation "
-              f"rows; {kind}")  # fmt: skip
+              f"rows; {kind}" + (f"; the val loss reads them once: {val_steps} batches, not --val_steps "
+                                 f"{cfg.val_steps}" if val_steps < cfg.val_steps else ""))  # fmt: skip
     loader_args = dict(process_rank=dist_info.rank, num_processes=dist_info.world_size, device=dist_info.device,
                        pad_id=tokenizer.eot)  # fmt: skip
     train_loader = RowLoader(train_rows, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
@@ -354,7 +358,8 @@ def finetuning_job(cfg, dist_info):
         "lora": lora if cfg.lora_rank else None,
         "template": chat_template(tokenizer) if is_chat else None,
     }
-    return Job(tokenizer, base.config, train_loader, val_loader, make_model, lambda step: sft_lr(step, cfg), extra)
+    return Job(tokenizer, base.config, train_loader, val_loader, val_steps, make_model,
+               get_lr=lambda step: sft_lr(step, cfg), checkpoint_extra=extra)
 
 
 def chat_template(tokenizer):
@@ -365,7 +370,7 @@ def chat_template(tokenizer):
 
 @exit_on_error
 def main(argv=None):
-    launch(parse_config(argv, FinetuneConfig, PRESETS, __doc__, HIDDEN), finetuning_job)
+    launch(parse_layered(argv, FinetuneConfig, finetuning_layers, __doc__, HIDDEN), finetuning_job)
 
 
 if __name__ == "__main__":

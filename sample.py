@@ -19,7 +19,7 @@ import torch
 from checkpoint import add_model_args, load_model
 from device import add_device_args, pick_device, setup_precision
 from errors import UserError, exit_on_error
-from model import check_sampling_args
+from generate import check_sampling_args, generate_stream
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"  # build-nanogpt's prompt, also train_gpt2.py's
 
@@ -140,7 +140,7 @@ def main(argv=None):
                     eot=tokenizer.eot)  # fmt: skip
     with precision.autocast():
         if args.no_stream:
-            steps = model.generate_stream([prompt] * args.num_samples, args.max_new_tokens, **settings)
+            steps = generate_stream(model, [prompt] * args.num_samples, args.max_new_tokens, **settings)
             rows = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
             for i, row in enumerate(rows):
                 completion = "".join(text_chunks(row, tokenizer, args.stop))
@@ -148,7 +148,7 @@ def main(argv=None):
             return
         for i in range(args.num_samples):
             # created before anything is printed: it checks the prompt (empty, longer than block_size)
-            steps = model.generate_stream([prompt], args.max_new_tokens, **settings)
+            steps = generate_stream(model, [prompt], args.max_new_tokens, **settings)
             print(f"--- sample {i + 1}/{args.num_samples}\n{text}", end="", flush=True)
             for chunk in text_chunks((next_id.item() for next_id in steps), tokenizer, args.stop):
                 print(chunk, end="", flush=True)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from errors import UserError
+from tokenizer import GPT2, get_tokenizer
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
 TOKEN_DTYPE = np.dtype("<u2")  # token ids below 65,536 (GPT-2's are < 50,257): half the disk of int32
@@ -35,6 +36,21 @@ def shard_tokenizer(data_dir):
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return recorded if isinstance(recorded, dict) else {"name": recorded, "hash": None}
+
+
+def tokenizer_for(data_dir, name="auto"):
+    """The tokenizer to train on the shards in data_dir with: `name`, which must be the one they were
+    written with (auto: that one; gpt2 for shards that record none)."""
+    recorded = shard_tokenizer(data_dir)
+    name = name if name != "auto" else (recorded["name"] if recorded else GPT2)
+    tokenizer = get_tokenizer(name)
+    if recorded and recorded["hash"] and recorded["hash"] != tokenizer.hash:
+        raise UserError(
+            f"the shards in {data_dir} were written with tokenizer {recorded['name']} (hash {recorded['hash']}), "
+            f"--tokenizer {name} is another one (hash {tokenizer.hash}): train with the shards' tokenizer "
+            f"(--tokenizer auto), or write the shards again with `python fineweb.py --tokenizer {name}`"
+        )
+    return tokenizer
 
 
 def shard_name(prefix, index):

@@ -362,39 +362,6 @@ def get_tokenizer(name=GPT2):
 
 # ---- Hugging Face format --------------------------------------------------------------------------
 # GPT-2's two BPE files as OpenAI published them: tiktoken reads (and caches) exactly these, and
-# Hugging Face's GPT2Tokenizer reads the same two files as vocab.json and merges.txt.
-GPT2_FILES = {
-    "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-    "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-}
-
-
-def save_hf_tokenizer(tokenizer, out_dir):
-    """Write tokenizer's files into a Hugging Face model folder, so that
-    `transformers.pipeline("text-generation", model=out_dir)` works offline. Only GPT-2's BPE: a
-    trained tokenizer has no Hugging Face form here (UserError), and the model folder stays without one.
-    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer."""
-    if tokenizer.name not in (GPT2, GPT2_CHAT):
-        raise UserError(
-            f"the model folder {out_dir} was written without tokenizer files: exporting a trained tokenizer "
-            f"({tokenizer.name}) to Hugging Face format is not supported; encode with tokenizer.py instead"
-        )
-    from tiktoken.load import read_file_cached  # the files tiktoken downloaded, or found in TIKTOKEN_CACHE_DIR
-
-    for filename, url in GPT2_FILES.items():
-        with open(os.path.join(out_dir, filename), "wb") as f:
-            f.write(read_file_cached(url))
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}  # fmt: skip
-    config["added_tokens_decoder"] = {
-        str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                 "single_word": False}
-        for text, i in tokenizer.special_tokens.items()
-    }  # fmt: skip
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-
-
 # ---- reading text: fineweb.py's readers ----------------------------------------------------------
 # fineweb.py is imported where it is used: every script imports this file, and training needs
 # neither fineweb.py nor pyarrow (fineweb.py imports this file too).

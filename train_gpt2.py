@@ -15,7 +15,6 @@ per-step losses bit-identical to a run that was never interrupted. SIGTERM or Ct
 finishes the current step, writes a checkpoint and exits cleanly.
 """
 
-import argparse
 import math
 import os
 import signal
@@ -28,108 +27,23 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
+import device
+import fsdp
+import memory_plan
+import optim
+import resume
 import scoring
+import shards
 import training_log
+from config import flag, parse_layered
 from dataloader import DataLoaderLite
-from device import DEVICE_HELP, DTYPE_HELP, all_reduce_sum, any_process, compile_model, peak_flops, plan_report
-from device import empty_copy, setup_distributed, setup_precision, shard_model, sum_dtype, teardown_distributed
-from device import end_failed_rank, unwrap, whole_model
+from device import DEVICE_HELP, DTYPE_HELP
 from errors import UserError, exit_on_error
 from evals import TASKS
-from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
-from sample import SAMPLE_PROMPT
-from shards import DEFAULT_DATA_DIR, shard_tokenizer
-from tokenizer import GPT2, get_tokenizer
+from generate import generate
+from model import GPT, MODEL_SIZES, GPTConfig
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def flag(default, help, low=None, high=None):
-    """A TrainConfig field: its help becomes the --help of the flag of the same name, and a value
-    outside [low, high] is refused when the flags are parsed."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high})
-
-
-@dataclass
-class TrainConfig:
-    # data and outputs
-    data_dir: str = flag(DEFAULT_DATA_DIR, "token shards written by fineweb.py")
-    tokenizer: str = flag("auto", "auto (the one the shards were written with, per their meta.json; else gpt2), gpt2, "
-                          "or a folder written by `python tokenizer.py train`")  # fmt: skip
-    log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
-    # model: GPT-2 small
-    model: str = flag("gpt2", f"a model size ({', '.join(MODEL_SIZES)}): sets n_layer, n_head, n_embd "
-                      "(model.MODEL_SIZES) and, for larger GPT-2s, GPT-3's batch size and LR (GPT3_TABLE)")  # fmt: skip
-    n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
-    n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
-    n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
-    # the recipe: GPT-2's, or the modern one (RECIPES), whose changes are switches of their own
-    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: turns on every switch below, "
-                       "--optimizer muon and --lr_schedule wsd, with their LRs; README: Two recipes)")  # fmt: skip
-    rope: bool = flag(False, "rotary position embeddings instead of learned ones (model.GPTConfig lists the sources)")
-    rmsnorm: bool = flag(False, "RMSNorm without a gain instead of LayerNorm, also on the embeddings")
-    qk_norm: bool = flag(False, "RMSNorm of each attention head's queries and keys")
-    relu2: bool = flag(False, "ReLU^2 instead of GELU in the MLP")
-    untied_head: bool = flag(False, "an output layer of its own instead of the token embedding's")
-    zero_init: bool = flag(False, "the blocks' output projections (and an untied head) start at zero")
-    logit_softcap: float = flag(0.0, "squash the logits into (-cap, cap) with cap * tanh(logits / cap) (0: off)", 0)
-    # batch
-    total_batch_size: int = flag(2**19, "tokens per optimizer step: ~0.5M, GPT-3 paper table 2.1 (125M model)", low=1)
-    batch_size: int = flag(64, "sequences per forward pass on each GPU (B): lower it if memory runs out", low=1)
-    seq_len: int = flag(1024, "tokens per sequence (T): GPT-2's context length", low=1)
-    # learning rate schedule
-    max_steps: int = flag(19073, "optimizer steps: 10e9 tokens / 2**19 tokens per step", low=1)
-    warmup_steps: int = flag(715, "steps of linear LR warmup: GPT-3's 375M warmup tokens / 2**19", low=0)
-    max_lr: float = flag(6e-4, "peak learning rate: GPT-3 paper table 2.1 (125M model)", low=0)
-    min_lr_ratio: float = flag(0.1, "final LR / max_lr: a decay down to 10%, GPT-3 paper appendix B", 0, 1)
-    lr_schedule: str = flag("cosine", "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
-                            "stable at max_lr, then a linear decay over the last decay_frac of the steps)")  # fmt: skip
-    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying (0: none), "
-                             "modded-nanogpt's cooldown_frac", 0, 1)  # fmt: skip
-    # optimizer: AdamW as in GPT-3 paper appendix B
-    weight_decay: float = flag(0.1, "weight decay (AdamW's and Muon's), on matrices only: GPT-3 appendix B", low=0)
-    beta1: float = flag(0.9, "AdamW beta1: GPT-3 appendix B", 0, 1)
-    beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
-    adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
-    optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
-    muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
-    muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
-    embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings, and of a tied output layer (0: max_lr)", low=0)
-    head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr; --untied_head 1 only)", low=0)
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B", low=0)
-    max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)", 0)
-    # evaluation
-    eval_interval: int = flag(250, "steps between val loss + eval tasks, and at the end (build-nanogpt; 0: never)", 0)
-    val_steps: int = flag(20, "batches per process for the validation loss: 20 x 64 x 1024 = 1.3M tokens", low=1)
-    eval_tasks: str = flag("hellaswag", f"comma-separated eval tasks ({', '.join(TASKS)}), '' for none")
-    eval_limit: int = flag(0, "score only the first N examples of each task (0: all; HellaSwag has 10,042)", low=0)
-    sample_interval: int = flag(250, "steps between text samples, and at the end (0: never)", low=0)
-    num_samples: int = flag(4, "completions of the prompt per sample", low=1)
-    sample_tokens: int = flag(32, "tokens per completion", low=1)
-    log_interval: int = flag(1, "print every N-th training step (log.txt and metrics.jsonl get every step)", low=1)
-    # checkpoints
-    ckpt_interval: int = flag(5000, "steps between checkpoints (0: only the one always written at the end)", low=0)
-    keep_last: int = flag(0, "keep only the newest N checkpoints (0: keep all)", low=0)
-    resume: str = flag("auto", "auto (newest checkpoint in log_dir, else a fresh start), none, or a .pt path")
-    # system
-    device: str = flag("auto", DEVICE_HELP)
-    dtype: str = flag("auto", DTYPE_HELP)
-    compile: str = flag("auto", "torch.compile the training step: auto (on CUDA, eager if it fails), 1, 0")
-    shuffle: bool = flag(True, "seeded shuffle of the training data, the same on every process")
-    seed: int = flag(1337, "seeds the model init, the data shuffle and the samples", low=0)
-    # processes and memory (README, "Larger models: FSDP")
-    parallel: str = flag("ddp", "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
-                         "state sharded over the processes: FSDP2, see device.shard_model)")  # fmt: skip
-    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather "
-                                       "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)")  # fmt: skip
-    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward "
-                                          "(model.py): far fewer activations, ~1/3 more compute")  # fmt: skip
-    plan: bool = flag(False, "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
-                      "checkpointing) and the largest batch_size that fits, then exit (needs no shards)")  # fmt: skip
-    gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
-    nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)
-
 
 # A preset replaces some defaults; flags given on the command line still win.
 # fmt: off
@@ -169,69 +83,108 @@ GPT3_TABLE = {
 }
 
 
+@dataclass
+class TrainConfig:
+    # data and outputs
+    preset: str = flag("gpt2", "a set of defaults: gpt2 (the 124M / 10B-token recipe) or cpu (PRESETS)",
+                       choices=tuple(PRESETS))  # fmt: skip
+    data_dir: str = flag(shards.DEFAULT_DATA_DIR, "token shards written by fineweb.py")
+    tokenizer: str = flag("auto", "auto (the one the shards were written with, per their meta.json; else gpt2), gpt2, "
+                          "or a folder written by `python tokenizer.py train`")  # fmt: skip
+    log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
+    # model: GPT-2 small
+    model: str = flag("gpt2", "a model size: sets n_layer, n_head, n_embd (model.MODEL_SIZES) and, for larger "
+                      "GPT-2s, GPT-3's batch size and LR (GPT3_TABLE)", choices=tuple(MODEL_SIZES))  # fmt: skip
+    n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
+    n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
+    n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
+    # the recipe: GPT-2's, or the modern one (RECIPES), whose changes are switches of their own
+    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: turns on every switch below, "
+                       "--optimizer muon and --lr_schedule wsd, with their LRs; README: Two recipes)",
+                       choices=tuple(RECIPES))  # fmt: skip
+    rope: bool = flag(False, "rotary position embeddings instead of learned ones (model.GPTConfig lists the sources)")
+    rmsnorm: bool = flag(False, "RMSNorm without a gain instead of LayerNorm, also on the embeddings")
+    qk_norm: bool = flag(False, "RMSNorm of each attention head's queries and keys")
+    relu2: bool = flag(False, "ReLU^2 instead of GELU in the MLP")
+    untied_head: bool = flag(False, "an output layer of its own instead of the token embedding's")
+    zero_init: bool = flag(False, "the blocks' output projections (and an untied head) start at zero")
+    logit_softcap: float = flag(0.0, "squash the logits into (-cap, cap) with cap * tanh(logits / cap) (0: off)", 0)
+    # batch
+    total_batch_size: int = flag(2**19, "tokens per optimizer step: ~0.5M, GPT-3 paper table 2.1 (125M model)", low=1)
+    batch_size: int = flag(64, "sequences per forward pass on each GPU (B): lower it if memory runs out", low=1)
+    seq_len: int = flag(1024, "tokens per sequence (T): GPT-2's context length", low=1)
+    # learning rate schedule
+    max_steps: int = flag(19073, "optimizer steps: 10e9 tokens / 2**19 tokens per step", low=1)
+    warmup_steps: int = flag(715, "steps of linear LR warmup: GPT-3's 375M warmup tokens / 2**19", low=0)
+    max_lr: float = flag(6e-4, "peak learning rate: GPT-3 paper table 2.1 (125M model)", low=0)
+    min_lr_ratio: float = flag(0.1, "final LR / max_lr: a decay down to 10%, GPT-3 paper appendix B", 0, 1)
+    lr_schedule: str = flag("cosine", "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
+                            "stable at max_lr, then a linear decay over the last decay_frac of the steps)",
+                            choices=("cosine", "wsd"))  # fmt: skip
+    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying (0: none), "
+                             "modded-nanogpt's cooldown_frac", 0, 1)  # fmt: skip
+    # optimizer: AdamW as in GPT-3 paper appendix B
+    weight_decay: float = flag(0.1, "weight decay (AdamW's and Muon's), on matrices only: GPT-3 appendix B", low=0)
+    beta1: float = flag(0.9, "AdamW beta1: GPT-3 appendix B", 0, 1)
+    beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
+    adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
+    optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest",
+                          choices=("adamw", "muon"))  # fmt: skip
+    muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
+    muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
+    embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings, and of a tied output layer (0: max_lr)", low=0)
+    head_lr: float = flag(0.0, "peak AdamW LR of an untied output layer (0: max_lr; --untied_head 1 only)", low=0)
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this: GPT-3 appendix B", low=0)
+    max_nonfinite_skips: int = flag(0, "skip up to this many updates whose loss or grad norm is inf/nan (0: stop)", 0)
+    # evaluation
+    eval_interval: int = flag(250, "steps between val loss + eval tasks, and at the end (build-nanogpt; 0: never)", 0)
+    val_steps: int = flag(20, "batches per process for the validation loss: 20 x 64 x 1024 = 1.3M tokens", low=1)
+    eval_tasks: str = flag("hellaswag", f"comma-separated eval tasks ({', '.join(TASKS)}), '' for none")
+    eval_limit: int = flag(0, "score only the first N examples of each task (0: all; HellaSwag has 10,042)", low=0)
+    sample_interval: int = flag(250, "steps between text samples, and at the end (0: never)", low=0)
+    num_samples: int = flag(4, "completions of the prompt per sample", low=1)
+    sample_prompt: str = flag("Hello, I'm a language model,", "the prompt of the samples (build-nanogpt's)")
+    sample_tokens: int = flag(32, "tokens per completion", low=1)
+    log_interval: int = flag(1, "print every N-th training step (log.txt and metrics.jsonl get every step)", low=1)
+    # checkpoints
+    ckpt_interval: int = flag(5000, "steps between checkpoints (0: only the one always written at the end)", low=0)
+    keep_last: int = flag(0, "keep only the newest N checkpoints (0: keep all)", low=0)
+    resume: str = flag("auto", "auto (newest checkpoint in log_dir, else a fresh start), none, or a .pt path")
+    # system
+    device: str = flag("auto", DEVICE_HELP)
+    dtype: str = flag("auto", DTYPE_HELP)
+    compile: str = flag("auto", "torch.compile the training step: auto (on CUDA, eager if it fails), 1, 0")
+    shuffle: bool = flag(True, "seeded shuffle of the training data, the same on every process")
+    seed: int = flag(1337, "seeds the model init, the data shuffle and the samples", low=0)
+    # processes and memory (README, "Larger models: FSDP")
+    parallel: str = flag("ddp", "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
+                         "state sharded over the processes: FSDP2, see fsdp.shard_model)", choices=("ddp", "fsdp"))  # fmt: skip
+    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather "
+                                       "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)")  # fmt: skip
+    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward "
+                                          "(model.py): far fewer activations, ~1/3 more compute")  # fmt: skip
+    plan: bool = flag(False, "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
+                      "checkpointing) and the largest batch_size that fits, then exit (needs no shards)")  # fmt: skip
+    gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
+    nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)
+    # where each value that differs from its default came from (config.parse_config; the run summary)
+    sources: dict = field(default_factory=dict, repr=False, compare=False)
+
+
 def model_defaults(name):
     """The defaults --model sets: the shape of model.MODEL_SIZES[name], and GPT3_TABLE's batch and LR."""
     n_layer, n_head, n_embd = MODEL_SIZES[name]
     return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **GPT3_TABLE.get(name, {}))
 
 
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/0 or true/false, got {text!r}")
-
-
-def bounded(parse, low, high):
-    """An argparse type: parse(text), refused outside [low, high] with a message saying so."""
-
-    def parse_bounded(text):
-        value = parse(text)
-        if (low is not None and value < low) or (high is not None and value > high):
-            limits = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"must be {limits}, not {text}")
-        return value
-
-    return parse_bounded
-
-
-def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__, hidden=()):
-    """A config_class from the command line: defaults, then the preset, then --model's (model_defaults),
-    then --recipe's (RECIPES), then the flags given. Every field is a flag of its name, except those
-    in `hidden` (finetune.py takes the model from its base weights: no --n_layer, --model, --recipe)."""
-    hidden = (*hidden, "model") if "n_layer" in hidden else hidden
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )  # fmt: skip
-    parser.add_argument("--preset", choices=presets, default=next(iter(presets)), help="a set of defaults")
-    for f in fields(config_class):
-        if f.name in hidden:
-            continue
-        parse = parse_bool if f.type is bool else str if f.type is list else f.type
-        parser.add_argument(
-            f"--{f.name}",
-            type=bounded(parse, f.metadata["low"], f.metadata["high"]),
-            nargs="+" if f.type is list else "?" if f.type is bool else None,
-            const=True if f.type is bool else None,  # `--plan` alone means `--plan 1`
-            help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),  # argparse formats with %
-        )
-    flags = vars(parser.parse_args(argv))
-    preset = presets[flags.pop("preset")]
-    sizes = {}
-    if "model" not in hidden:
-        model = flags.get("model", preset.get("model", "gpt2"))
-        if model not in MODEL_SIZES:
-            parser.error(f"argument --model: choose from {', '.join(MODEL_SIZES)}, not {model}")
-        sizes = model_defaults(model)
-    recipe = {}
-    if "recipe" not in hidden:
-        name = flags.get("recipe", preset.get("recipe", "gpt2"))
-        if name not in RECIPES:
-            parser.error(f"argument --recipe: choose from {', '.join(RECIPES)}, not {name}")
-        recipe = RECIPES[name]
-    return config_class(**{**preset, **sizes, **recipe, **flags})
+def pretraining_layers(flags):
+    """The defaults under the flags, in order (each wins over the ones before): --preset's, --model's,
+    --recipe's. The run summary names the layer of every value that differs from TrainConfig's."""
+    preset = flags.get("preset", "gpt2")
+    model = flags.get("model", PRESETS[preset].get("model", "gpt2"))
+    recipe = flags.get("recipe", PRESETS[preset].get("recipe", "gpt2"))
+    return [(f"preset {preset}", PRESETS[preset]), (f"model {model}", model_defaults(model)),
+            (f"recipe {recipe}", RECIPES[recipe])]  # fmt: skip
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -251,36 +204,31 @@ def due(interval, step, max_steps):
     return interval > 0 and (step % interval == 0 or step == max_steps)
 
 
-def get_lr(step, cfg):
-    """Linear warmup to max_lr, then a cosine down to min_lr = min_lr_ratio * max_lr at max_steps; or
-    (wsd) a plateau at max_lr and a straight line down to min_lr over the last decay_frac of the steps
-    (starting at the end of the warmup at the latest)."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    min_lr = cfg.max_lr * cfg.min_lr_ratio
-    if cfg.lr_schedule == "wsd":
-        # warmup-stable-decay (Hu et al. 2024, MiniCPM; modded-nanogpt's trapezoid): the long plateau
-        # makes fast progress, the decay at the end collects it
-        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
-        progress = max(0, step - decay_start) / max(1, cfg.max_steps - decay_start)  # 0 until the decay, -> 1
-        return cfg.max_lr - progress * (cfg.max_lr - min_lr)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
-
-
 def grad_sync(model, sync):
     """DDP averages gradients over processes in every backward, FSDP reduce-scatters them; with
     accumulation only the last micro-step needs that. no_sync must wrap the forward too: that is where
     DDP reads the flag. FSDP reads its own in backward."""
-    if isinstance(unwrap(model), FSDPModule):
-        unwrap(model).set_requires_gradient_sync(sync)
+    if isinstance(device.unwrap(model), FSDPModule):
+        device.unwrap(model).set_requires_gradient_sync(sync)
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
-def train_step(train_model, model, optimizer, precision, next_batch, grad_accum_steps, grad_clip, world_size):
+@dataclass
+class Run:
+    """What every part of the loop needs, passed along instead of long parameter lists."""
+
+    cfg: object  # TrainConfig, or a subclass (finetune.FinetuneConfig)
+    dist: device.DistInfo  # this process: rank, world_size, device
+    precision: device.Precision  # autocast dtype and the fp16 loss scaler
+    log: object  # training_log.setup_logging's logger
+    tokenizer: object
+
+
+def train_step(run, train_model, model, optimizer, next_batch, grad_accum_steps):
     """One optimizer step: grad_accum_steps micro-steps of forward and backward, the clip, the update.
     Returns the loss (mean over micro-steps and processes), the gradient norm before clipping, and
     whether both were finite (False: the update was skipped, the weights are unchanged)."""
+    precision, world_size = run.precision, run.dist.world_size
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     for micro_step in range(grad_accum_steps):
@@ -292,9 +240,9 @@ def train_step(train_model, model, optimizer, precision, next_batch, grad_accum_
             loss = loss / grad_accum_steps
             loss_sum += loss.detach()
             precision.scaler.scale(loss).backward()
-    loss = all_reduce_sum(loss_sum, world_size).item() / world_size  # the mean over processes
+    loss = device.all_reduce_sum(loss_sum, world_size).item() / world_size  # the mean over processes
     precision.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip).item()
     # With fp16 an inf norm is an overflow: the scaler skips that update itself and lowers its scale.
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or precision.scaler.is_enabled())
     if finite:
@@ -303,16 +251,17 @@ def train_step(train_model, model, optimizer, precision, next_batch, grad_accum_
     return loss, grad_norm, finite
 
 
-def count_nonfinite(nonfinite_skips, cfg, step, loss, grad_norm, last_saved, log):
+def count_nonfinite(run, nonfinite_skips, step, loss, grad_norm):
     """A skipped update: allowed up to --max_nonfinite_skips times, then training stops."""
     nonfinite_skips += 1
-    if nonfinite_skips > cfg.max_nonfinite_skips:
+    if nonfinite_skips > run.cfg.max_nonfinite_skips:
+        last_saved = resume.newest_checkpoint(run.cfg.log_dir)
         raise UserError(
             f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged. The last good checkpoint is "
             f"{last_saved or 'none (none written yet)'}: resume from it with --resume <checkpoint> and a lower "
             f"--max_lr, or let training skip such updates with --max_nonfinite_skips N"
         )
-    log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped ({nonfinite_skips} so far)")
+    run.log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped ({nonfinite_skips} so far)")
     return nonfinite_skips
 
 
@@ -336,65 +285,52 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def evaluate(step, model, val_loader, eval_tasks, tokenizer, token_bytes, cfg, precision, dist_info, log):
-    """Validation loss (mean over val_steps batches on every process) and bits per byte, then each eval task.
-
-    Loss per token cannot compare two tokenizers: one with longer tokens has fewer, harder ones.
-    Bits per byte can: the summed loss of the target tokens, in bits (/ ln 2), over the UTF-8 bytes
-    those tokens stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
+def evaluate(run, job, step, model, eval_tasks, token_bytes):
+    """Validation loss (mean over job.val_steps batches on every process) and bits per byte, then each
+    eval task. Bits per byte compare tokenizers, loss per token cannot: the summed loss of the target
+    tokens in bits (/ ln 2) over the UTF-8 bytes they stand for (token_bytes: (vocab_size,), 0 for
+    special tokens)."""
     model.eval()
-    val_loader.reset()  # the same batches every time, so the numbers are comparable
-    dtype = sum_dtype(dist_info.device)
-    sums = torch.zeros(3, dtype=dtype, device=dist_info.device)  # summed loss (nats), targets, their bytes
-    for _ in range(cfg.val_steps):
-        x, y = val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
-        with precision.autocast():
+    job.val_loader.reset()  # the same batches every time, so the numbers are comparable
+    dtype = device.sum_dtype(run.dist.device)
+    sums = torch.zeros(3, dtype=dtype, device=run.dist.device)  # summed loss (nats), targets, their bytes
+    for _ in range(job.val_steps):
+        x, y = job.val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
+        with run.precision.autocast():
             _, loss = model(x, y)  # the mean over the targets
         is_target = y >= 0
         n = is_target.sum()  # a tensor on the device: no wait for the GPU inside the loop
         sums += torch.stack([loss.to(dtype) * n, n.to(dtype), token_bytes[y[is_target]].sum().to(dtype)])
-    loss_sum, n_targets, bytes_sum = all_reduce_sum(sums, dist_info.world_size).tolist()
+    loss_sum, n_targets, bytes_sum = device.all_reduce_sum(sums, run.dist.world_size).tolist()
     val_loss = loss_sum / n_targets
     bpb = loss_sum / (math.log(2) * bytes_sum)
     message = f"step {step:5d} | val loss {val_loss:.4f} | val bits per byte {bpb:.4f}"
     log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
-    training_log.log_record(log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
+    training_log.log_record(run.log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
     for task, examples in eval_tasks:
-        results = scoring.evaluate(task, model, examples, tokenizer, dist_info, precision, progress=dist_info.is_master)
+        results = scoring.evaluate(task, model, examples, run.tokenizer, run.dist, run.precision,
+                                   progress=run.dist.is_master)  # fmt: skip
         message = f"step {step:5d} | {training_log.format_results(task.name, results)}"
-        log_line = scoring.log_line(task, step, results)
-        training_log.log_record(log, message, log_line, step=step, kind=task.name, **results)
+        training_log.log_record(run.log, message, scoring.log_line(task, step, results), step=step, kind=task.name,
+                                **results)  # fmt: skip
     model.train()
     return {"step": step, "loss": val_loss, "bpb": bpb}
 
 
 @torch.no_grad()
-def sample(step, model, tokenizer, cfg, precision, device, log):
-    """Complete SAMPLE_PROMPT; the seed is fixed so that only the model changes from one sample to the next."""
-    prompt = tokenizer.encode(SAMPLE_PROMPT)
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T0)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+def sample(run, step, model):
+    """Complete --sample_prompt; the seed is fixed so that only the model changes from one sample to the next."""
+    cfg, tokenizer = run.cfg, run.tokenizer
+    prompt = tokenizer.encode(cfg.sample_prompt)
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=run.dist.device)  # (num_samples, T0)
+    generator = torch.Generator(device=run.dist.device).manual_seed(cfg.seed)
     model.eval()
-    with precision.autocast():
-        out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+    with run.precision.autocast():
+        out = generate(model, idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=generator)
     model.train()
     for i, row in enumerate(out.tolist()):
         text = tokenizer.decode(row).replace("\n", " ")
-        training_log.log_record(log, f"step {step:5d} | sample {i}: {text}", step=step, kind="sample", text=text)
-
-
-def pick_tokenizer(cfg):
-    """--tokenizer, which must be the one the shards were written with (auto: that one)."""
-    recorded = shard_tokenizer(cfg.data_dir)  # {"name", "hash"} from the shards' meta.json, or None
-    name = cfg.tokenizer if cfg.tokenizer != "auto" else (recorded["name"] if recorded else GPT2)
-    tokenizer = get_tokenizer(name)
-    if recorded and recorded["hash"] and recorded["hash"] != tokenizer.hash:
-        raise UserError(
-            f"the shards in {cfg.data_dir} were written with tokenizer {recorded['name']} (hash {recorded['hash']}), "
-            f"--tokenizer {name} is another one (hash {tokenizer.hash}): train with the shards' tokenizer "
-            f"(--tokenizer auto), or write the shards again with `python fineweb.py --tokenizer {name}`"
-        )
-    return tokenizer
+        training_log.log_record(run.log, f"step {step:5d} | sample {i}: {text}", step=step, kind="sample", text=text)
 
 
 def make_model_config(cfg, vocab_size):
@@ -403,23 +339,10 @@ def make_model_config(cfg, vocab_size):
                                                if f.name != "vocab_size" and hasattr(cfg, f.name)})  # fmt: skip
 
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW, or Muon + AdamW, with each parameter group's peak LR (model.configure_optimizers)."""
-    return model.configure_optimizers(
-        cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, device_type,
-        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0, muon_momentum=cfg.muon_momentum,
-        embed_lr=cfg.embed_lr, head_lr=cfg.head_lr,
-    )  # fmt: skip
-
-
 def check_config(cfg, model_config, world_size):
     """Refuse what can be refused before any data is read or any process talks to another."""
     if cfg.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_config.block_size}")
-    for name, choices in (("parallel", ("ddp", "fsdp")), ("optimizer", ("adamw", "muon")),
-                          ("lr_schedule", ("cosine", "wsd"))):  # fmt: skip
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"--{name} {getattr(cfg, name)}: choose {' or '.join(choices)}")
     if cfg.optimizer == "muon" and cfg.muon_lr == 0:
         raise UserError("--optimizer muon with --muon_lr 0 would never move the blocks' matrices: give it a peak LR")
     if cfg.head_lr and not model_config.untied_head:
@@ -444,6 +367,7 @@ class Job:
     model_config: GPTConfig
     train_loader: object  # next_batch() -> (x, y), reset(), epoch, state_dict(), load_state_dict()
     val_loader: object
+    val_steps: int  # batches per process of each validation loss
     make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
     get_lr: Callable  # step -> learning rate
     checkpoint_extra: dict = field(default_factory=dict)  # more keys for every checkpoint (finetune: the base)
@@ -451,7 +375,7 @@ class Job:
 
 def pretraining_job(cfg, dist_info):
     """GPT-2 from scratch on the shards in --data_dir."""
-    tokenizer = pick_tokenizer(cfg)
+    tokenizer = shards.tokenizer_for(cfg.data_dir, cfg.tokenizer)
     model_config = make_model_config(cfg, tokenizer.vocab_size)
     check_config(cfg, model_config, dist_info.world_size)
     # The data next: without shards there is nothing to do, and nothing should be written to log_dir.
@@ -460,136 +384,110 @@ def pretraining_job(cfg, dist_info):
                        device=dist_info.device, vocab_size=model_config.vocab_size)  # fmt: skip
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
-    return Job(tokenizer, model_config, train_loader, val_loader,
-               make_model=lambda: GPT(model_config).to(dist_info.device), get_lr=lambda step: get_lr(step, cfg),
+    return Job(tokenizer, model_config, train_loader, val_loader, cfg.val_steps,
+               make_model=lambda: GPT(model_config).to(dist_info.device),
+               get_lr=lambda step: optim.get_lr(step, cfg),
                checkpoint_extra={"init": None})  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
-    device, world_size, is_master = dist_info.device, dist_info.world_size, dist_info.is_master
-    grad_accum_steps = get_grad_accum_steps(cfg, world_size)
-    tokenizer, train_loader, val_loader = job.tokenizer, job.train_loader, job.val_loader
+    grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
     B, T = cfg.batch_size, cfg.seq_len
     # the evaluation data too before anything is written: a missing file (offline) stops the run here
     eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
                   if name]  # fmt: skip
 
-    resumed = checkpoint.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
+    resumed = resume.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
     start_step = resumed["step"] if resumed else 0
     if start_step > cfg.max_steps:
         raise UserError(
             f"{resumed['path']} is at step {start_step}, past --max_steps {cfg.max_steps}: nothing to train. "
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
-    log = training_log.setup_logging(cfg.log_dir, start_step, is_master)  # takes the folder's lock first
+    log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master)  # takes the folder's lock first
     for reason in resumed["passed_over"] if resumed else []:
         log.warning(f"{reason}: resuming from an older checkpoint")
-    if is_master and resumed:
-        for path in checkpoint.start_branch(cfg.log_dir, start_step):
-            log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see checkpoint.start_branch)")
-    fsdp = cfg.parallel == "fsdp" and world_size > 1
-    if cfg.parallel == "fsdp" and world_size == 1:
+    if dist_info.is_master and resumed:
+        for path in resume.start_branch(cfg.log_dir, start_step):
+            log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see resume.start_branch)")
+    sharded = cfg.parallel == "fsdp" and dist_info.world_size > 1
+    if cfg.parallel == "fsdp" and not sharded:
         log.warning("--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
                     "with --parallel ddp (to shard it, launch N processes: torchrun --nproc_per_node=N)")  # fmt: skip
-    precision = setup_precision(cfg.dtype, dist_info.device_type, sharded=fsdp)
+    precision = device.setup_precision(cfg.dtype, dist_info.device_type, sharded=sharded)
+    run = Run(cfg, dist_info, precision, log, job.tokenizer)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = job.make_model()
     model.activation_checkpointing = cfg.activation_checkpointing
-    empty = empty_copy(model, "meta") if fsdp else None  # the shape of the whole copies evaluations use
-    if fsdp:  # in place, and before the optimizer is built: it must hold the shards
-        shard_model(model, cfg.reshard_after_forward, precision, dist_info)
-    optimizer = make_optimizer(model, cfg, dist_info.device_type)
+    empty = fsdp.empty_copy(model, "meta") if sharded else None  # the shape of the whole copies evaluations use
+    if sharded:  # in place, and before the optimizer is built: it must hold the shards
+        fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info)
+    optimizer = optim.make_optimizer(model, cfg, dist_info.device_type)
     loop = {"nonfinite_skips": 0, "last_val": None}  # what a checkpoint carries of the loop itself
     if resumed:
-        loop = checkpoint.restore_training_state(resumed, model, optimizer, precision.scaler, train_loader)
+        loop = resume.restore_training_state(resumed, model, optimizer, precision.scaler, job.train_loader)
         log.info(f"resuming from {resumed['path']} at step {start_step}")
     # `model` stays uncompiled and unwrapped: evaluation, sampling and checkpoints use it directly.
     # `train_model` shares its parameters and is what the training step calls.
     # two tensors, not one twice: a graph compiled for `idx is targets` would be compiled again at step 0
-    example_batch = tuple(torch.zeros((B, T), dtype=torch.long, device=device) for _ in range(2))
-    train_model = compile_model(model, cfg.compile, dist_info.device_type, example_batch, precision, log)
+    example_batch = tuple(torch.zeros((B, T), dtype=torch.long, device=dist_info.device) for _ in range(2))
+    train_model = device.compile_model(model, cfg.compile, dist_info.device_type, example_batch, precision, log)
     compiled = train_model is not model
-    if world_size > 1 and not fsdp:
-        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)  # (vocab_size,): bytes per token
+    if dist_info.world_size > 1 and not sharded:
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device_type == "cuda" else None)
+    token_bytes = torch.tensor(job.tokenizer.token_bytes(), device=dist_info.device)  # (vocab_size,): bytes per token
     timer = training_log.StepTimer(cfg.total_batch_size, model.flops_per_token(T),
-                                   peak_flops(device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip
-    training_log.log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step)
-    last_saved = resumed["path"] if resumed else None
+                                   device.peak_flops(dist_info.device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip
+    training_log.log_run_summary(run, model, compiled, grad_accum_steps, start_step)
     if resumed:
-        checkpoint.restore_rng(resumed, dist_info)  # last, after everything that draws at startup
+        resume.restore_rng(resumed, dist_info)  # last, after everything that draws at startup
     del resumed  # the optimizer state inside is a second copy of it
 
     with StopOnSignal() as signals:
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
-            whole = whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
+            whole = fsdp.whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
             if evaluating:
-                loop["last_val"] = evaluate(step, whole, val_loader, eval_tasks, tokenizer, token_bytes, cfg,
-                                            precision, dist_info, log)  # fmt: skip
-            if is_master and sampling:
-                sample(step, whole, tokenizer, cfg, precision, device, log)
+                loop["last_val"] = evaluate(run, job, step, whole, eval_tasks, token_bytes)
+            if dist_info.is_master and sampling:
+                sample(run, step, whole)
             del whole
             if step == cfg.max_steps:
                 break
 
             t0 = time.perf_counter()
-            lr = job.get_lr(step)  # max_lr's; every group follows in proportion to its own peak LR
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # no lr_scale: a checkpoint from before the recipes
-            loss, grad_norm, finite = train_step(train_model, model, optimizer, precision, train_loader.next_batch,
-                                                 grad_accum_steps, cfg.grad_clip, world_size)  # fmt: skip
+            lr = job.get_lr(step)
+            optim.set_lr(optimizer, lr)
+            loss, grad_norm, finite = train_step(run, train_model, model, optimizer, job.train_loader.next_batch,
+                                                 grad_accum_steps)  # fmt: skip
             if not finite:
-                loop["nonfinite_skips"] = count_nonfinite(loop["nonfinite_skips"], cfg, step, loss, grad_norm,
-                                                          last_saved, log)  # fmt: skip
+                loop["nonfinite_skips"] = count_nonfinite(run, loop["nonfinite_skips"], step, loss, grad_norm)
             if dist_info.device_type == "cuda":
                 torch.cuda.synchronize()  # the step is queued, not done, until the GPU catches up
             speed = timer.measure(step, time.perf_counter() - t0)
             show = step % cfg.log_interval == 0 or step + 1 == cfg.max_steps
             training_log.log_train_step(log, step, cfg.max_steps, loss, lr, grad_norm, speed, show,
-                                        nonfinite_skips=loop["nonfinite_skips"], epoch=train_loader.epoch)  # fmt: skip
+                                        nonfinite_skips=loop["nonfinite_skips"], epoch=job.train_loader.epoch)  # fmt: skip
 
             # every process must stop after the same step, even if only one of them got the signal
-            stopping = any_process(signals.requested, device, world_size)
+            stopping = device.any_process(signals.requested, dist_info.device, dist_info.world_size)
             done = step + 1  # optimizer steps done: the checkpoint's step, where a resume starts
             # Saved before the evaluations of step `done`: a crash in them loses no training.
             if due(cfg.ckpt_interval, done, cfg.max_steps) or done == cfg.max_steps or stopping:
-                previous, last_saved = last_saved, checkpoint.checkpoint_path(cfg.log_dir, done)
-                checkpoint.save_training_state(last_saved, done, model, tokenizer, optimizer, precision.scaler,
-                                               train_loader, cfg, {**loop, **job.checkpoint_extra}, dist_info,
-                                               previous)  # fmt: skip
-                log.info(f"step {done:5d} | saved {last_saved}")
+                saved = resume.save_training_state(run, done, model, optimizer, job.train_loader,
+                                                   {**loop, **job.checkpoint_extra})  # fmt: skip
+                log.info(f"step {done:5d} | saved {saved}")
             if stopping:
-                log.info(f"stopped by a signal after step {done}, saved in {last_saved}: continue with --resume auto")
+                log.info(f"stopped by a signal after step {done}, saved in {saved}: continue with --resume auto")
                 break
-
-
-def print_plan(cfg):
-    """--plan: device.plan_report for these flags, planned for GPUs: --dtype auto means bf16 here."""
-    # GPT-2's vocabulary (the size of the embedding is what matters), or that of a trained tokenizer
-    vocab_size = get_tokenizer(cfg.tokenizer).vocab_size if cfg.tokenizer not in ("auto", GPT2) else GPT2_VOCAB_SIZE
-    model_config = make_model_config(cfg, vocab_size)
-    world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    check_config(cfg, model_config, world_size)
-    gpu_memory = cfg.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / 2**30
-                                    if torch.cuda.is_available() else 0)  # fmt: skip
-    dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if cfg.dtype not in dtype:
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, bfloat16, float16, float32")
-    report, problem = plan_report(model_config, cfg.batch_size, cfg.seq_len, cfg.total_batch_size, world_size,
-                                  dtype[cfg.dtype], gpu_memory, (cfg.parallel, cfg.activation_checkpointing),
-                                  cfg.reshard_after_forward)  # fmt: skip
-    print(report)
-    if problem:
-        raise UserError(problem)
 
 
 def launch(cfg, make_job):
     """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
-    dist_info = setup_distributed(cfg.device)
+    dist_info = device.setup_distributed(cfg.device)
     finished = False
     try:
         train(cfg, dist_info, make_job(cfg, dist_info))
@@ -597,18 +495,26 @@ def launch(cfg, make_job):
     except Exception as error:
         if dist_info.world_size > 1:  # see device.end_failed_rank: a failed rank's normal exit can hang
             training_log.close_logging()
-            end_failed_rank(error)
+            device.end_failed_rank(error)
         raise
     finally:
         training_log.close_logging()
-        teardown_distributed(finished)
+        device.teardown_distributed(finished)
+
+
+def parse_config(argv=None):
+    """TrainConfig from the command line, over the layers of defaults (pretraining_layers)."""
+    return parse_layered(argv, TrainConfig, pretraining_layers, __doc__)
 
 
 @exit_on_error
 def main(argv=None):
     cfg = parse_config(argv)
     if cfg.plan:  # the memory plan only: no processes, no shards
-        return print_plan(cfg)
+        world_size = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+        model_config = make_model_config(cfg, memory_plan.planned_vocab_size(cfg.tokenizer))
+        check_config(cfg, model_config, world_size)
+        return memory_plan.print_plan(cfg, model_config, world_size)
     launch(cfg, pretraining_job)
 
 

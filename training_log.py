@@ -53,8 +53,10 @@ def format_results(name, results):
     return " ".join([name] + [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()])
 
 
-def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, world_size, device, start_step):
-    """The setup and the values derived from it, once at the start."""
+def log_run_summary(run, model, compiled, grad_accum_steps, start_step):
+    """The setup and the values derived from it, once at the start; and where every value that differs
+    from its default came from (cfg.sources: a preset, the model table, the recipe, or a flag)."""
+    cfg, precision, world_size = run.cfg, run.precision, run.dist.world_size
     B, T = cfg.batch_size, cfg.seq_len
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # fewer with LoRA
     dtype = str(precision.dtype).removeprefix("torch.")
@@ -63,16 +65,18 @@ def log_run_summary(log, cfg, model, precision, compiled, grad_accum_steps, worl
     switches = [f"{name}={getattr(model.config, name)}" for name in MODERN_SWITCHES if getattr(model.config, name)]
     optimizer = f"Muon (lr {cfg.muon_lr:g}) for the blocks' matrices + AdamW" if cfg.optimizer == "muon" else "AdamW"
     decay = f"a plateau, a linear decay over the last {cfg.decay_frac:.0%}" if cfg.lr_schedule == "wsd" else "a decay"
+    changed = ", ".join(f"{name} {getattr(cfg, name)} ({source})" for name, source in cfg.sources.items())
     log_record(
-        log,
-        f"{world_size} process(es) on {device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
+        run.log,
+        f"{world_size} process(es) on {run.dist.device}, {dtype}, {'compiled' if compiled else 'eager'}\n"
         f"recipe: {', '.join(switches) or 'GPT-2'}; {optimizer}\n"
         f"model: {model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{model.flops_per_token(T) / 1e9:.3f} GFLOP per token (training)\n"
         f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
         f"x grad_accum_steps {grad_accum_steps}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
-        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then {decay} to {cfg.max_lr * cfg.min_lr_ratio:g}",
+        f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then {decay} to {cfg.max_lr * cfg.min_lr_ratio:g}\n"
+        f"not the defaults: {changed or 'none'}",
         step=start_step,
         kind="config",
         **asdict(cfg),

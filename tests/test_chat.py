@@ -20,6 +20,7 @@ import chat
 import checkpoint as ck
 from errors import UserError
 from finetune import render_prompt
+from generate import generate_stream
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -194,7 +195,7 @@ def test_prompt_prints_the_reply_and_exits(tiny_checkpoint, tokenizer, capsys):
     model = ck.model_from_checkpoint(tiny_checkpoint).eval()
     messages = [{"role": "system", "content": "Be brief."}, user("Capital of France?")]
     generator = torch.Generator().manual_seed(7)
-    steps = model.generate_stream([render_prompt(messages, tokenizer)], 12, temperature=0.8, top_k=100,
+    steps = generate_stream(model, [render_prompt(messages, tokenizer)], 12, temperature=0.8, top_k=100,
                                   generator=generator)  # fmt: skip
     ids = []
     for next_id in steps:

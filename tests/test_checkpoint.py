@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import checkpoint as ck
+import export
+import resume
 from errors import UserError
+from generate import generate
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)
@@ -85,7 +88,7 @@ def test_checkpoint_of_a_compiled_model_round_trips_without_prefixes(tmp_path):
 
 
 def test_rng_state_survives_a_weights_only_round_trip_and_restores_every_generator(tmp_path):
-    state = ck.rng_state("cpu")
+    state = resume.rng_state("cpu")
     path = str(tmp_path / "rng.pt")
     ck.save_checkpoint(path, {"rng": [state]})
 
@@ -94,39 +97,39 @@ def test_rng_state_survives_a_weights_only_round_trip_and_restores_every_generat
 
     expected = draws()
     draws()
-    ck.set_rng_state(ck.load_checkpoint(path)["rng"][0], "cpu")
+    resume.set_rng_state(ck.load_checkpoint(path)["rng"][0], "cpu")
     assert draws() == expected
 
 
 def test_checkpoints_are_found_by_step_temp_files_ignored_and_resume_none_or_path_checked(tmp_path):
     log_dir = str(tmp_path)
-    assert ck.pick_checkpoint("auto", log_dir) == (None, [], None)  # a fresh start
+    assert resume.pick_checkpoint("auto", log_dir) == (None, [], None)  # a fresh start
     for name in ["model_00900.pt", "model_01000.pt", "model_05000.pt.tmp", "model_final.pt"]:
         (tmp_path / name).write_bytes(b"")
     expected = {900: str(tmp_path / "model_00900.pt"), 1000: str(tmp_path / "model_01000.pt")}
-    assert ck.list_checkpoints(log_dir) == expected
-    assert ck.explicit_resume(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
+    assert resume.list_checkpoints(log_dir) == expected
+    assert resume.explicit_resume(str(tmp_path / "model_00900.pt"), log_dir) == str(tmp_path / "model_00900.pt")
     with pytest.raises(UserError, match="--resume none, but .* already holds checkpoints"):
-        ck.explicit_resume("none", log_dir)
+        resume.explicit_resume("none", log_dir)
     with pytest.raises(UserError, match="--resume nope.pt: no such checkpoint file"):
-        ck.explicit_resume("nope.pt", log_dir)
+        resume.explicit_resume("nope.pt", log_dir)
 
 
 def test_prune_keeps_the_newest_checkpoints(tmp_path):
     for step in [5, 10, 15, 20]:
         (tmp_path / f"model_{step:05d}.pt").write_bytes(b"")
-    ck.prune_checkpoints(str(tmp_path), keep_last=0)
+    resume.prune_checkpoints(str(tmp_path), keep_last=0)
     assert len(os.listdir(tmp_path)) == 4
-    ck.prune_checkpoints(str(tmp_path), keep_last=2)
+    resume.prune_checkpoints(str(tmp_path), keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["model_00015.pt", "model_00020.pt"]
 
 
 def test_a_checkpoint_of_another_model_shape_names_the_differing_flags():
     saved = ck.model_checkpoint(GPT(TINY))
-    ck.check_model_config(saved, TINY, "x.pt")  # same shape: fine
+    resume.check_model_config(saved, TINY, "x.pt")  # same shape: fine
     wider = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     with pytest.raises(UserError, match=r"x.pt holds a model with n_embd=8 \(flags say 16\)"):
-        ck.check_model_config(saved, wider, "x.pt")
+        resume.check_model_config(saved, wider, "x.pt")
 
 
 def test_export_writes_a_hugging_face_model_with_the_same_logits(tmp_path):
@@ -135,7 +138,7 @@ def test_export_writes_a_hugging_face_model_with_the_same_logits(tmp_path):
     model = GPT(TINY).eval()
     path = str(tmp_path / "model_00010.pt")
     ck.save_checkpoint(path, ck.model_checkpoint(model))
-    ck.main([path, "--hf_dir", str(tmp_path / "hf")])
+    export.main([path, "--hf_dir", str(tmp_path / "hf")])
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, TINY.vocab_size, (2, 16))
     with torch.no_grad():
@@ -148,9 +151,9 @@ def test_export_writes_gpt2_tokenizer_files_so_a_pipeline_generates_offline(tmp_
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=8)).eval()
     path = str(tmp_path / "model_00010.pt")
     ck.save_checkpoint(path, ck.model_checkpoint(model))
-    ck.main([path, "--hf_dir", str(tmp_path / "hf")])
-    generate = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
-    out = generate("Hello, I'm a language model,", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    export.main([path, "--hf_dir", str(tmp_path / "hf")])
+    pipeline = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    out = pipeline("Hello, I'm a language model,", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     prompt = gpt2_tokenizer.encode("Hello, I'm a language model,")
-    expected = model.generate(torch.tensor([prompt]), 5, temperature=0)[0].tolist()  # our greedy decoding
+    expected = generate(model, torch.tensor([prompt]), 5, temperature=0)[0].tolist()  # our greedy decoding
     assert out == gpt2_tokenizer.decode(expected)

@@ -15,6 +15,7 @@ import finetune
 from conftest import REPO
 from errors import UserError
 from lora import LoRALinear, apply_lora, merge_lora
+from generate import generate_stream
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 from training_log import read_metrics
@@ -165,7 +166,7 @@ FLAGS = ["--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "-
 def answer(model, tokenizer, name):
     prompt = finetune.render_prompt([{"role": "user", "content": question(name)}], tokenizer)
     end = tokenizer.special("<|end|>")
-    tokens = [t.item() for t in model.generate_stream([prompt], 20, temperature=0, eot=end)]
+    tokens = [t.item() for t in generate_stream(model, [prompt], 20, temperature=0, eot=end)]
     return tokenizer.decode([t for t in tokens if t != end]), end in tokens
 
 

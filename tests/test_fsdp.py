@@ -1,5 +1,5 @@
 """Tests for training larger models: train_gpt2.py --parallel fsdp (FSDP2), --activation_checkpointing,
---model, and the memory planner (--plan, device.memory_plan).
+--model, and the memory planner (--plan, memory_plan.py).
 
 The multi-process tests start 2 processes with torchrun (gloo on CPU), as test_train.py's DDP test
 does, and compare them with one process accumulating the same micro-batches.
@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 import checkpoint
 import device
+import export
+import memory_plan
 import finetune
 import hellaswag
 import train_gpt2
 from bench import saved_tensor_bytes
 from conftest import REPO, data_path
+from fsdp import shard_model
 from model import GPT, GPTConfig
 from test_finetune import FLAGS as FINETUNE_FLAGS
 from test_finetune import base_checkpoint, chat_data, chat_tokenizer  # noqa: F401 (fixtures)
@@ -69,7 +72,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evals():
     """HellaSwag (4 examples) and a sample at steps 0 and 4: under FSDP they run on a gathered copy
-    of the model (device.whole_model), with the same results as on one process."""
+    of the model (fsdp.whole_model), with the same results as on one process."""
     with pytest.MonkeyPatch.context() as patch:  # for the in-process runs; torchrun's inherit it
         patch.setenv("HELLASWAG_DIR", str(data_path("HELLASWAG_DIR", "hellaswag")))
         yield ["--eval_tasks", "hellaswag", "--eval_limit", "4", "--sample_interval", "4", "--num_samples", "1",
@@ -148,7 +151,7 @@ def test_grad_sync_holds_back_fsdps_reduce_scatter_until_the_last_micro_step(pro
     torch.manual_seed(0)
     plain = GPT(config)
     torch.manual_seed(0)
-    sharded = device.shard_model(GPT(config), True, device.setup_precision("float32", "cpu"), device.DistInfo.single())
+    sharded = shard_model(GPT(config), True, device.setup_precision("float32", "cpu"), device.DistInfo.single())
     for micro_step, (x, y) in enumerate(tiny_batches(2)):
         with train_gpt2.grad_sync(sharded, sync=micro_step == 1):
             (sharded(x, y)[1] / 2).backward()
@@ -223,7 +226,7 @@ def test_an_fsdp_checkpoint_is_one_file_that_exports_and_evaluates(fsdp, single,
     assert saved["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
     for name, tensor in reference["model"].items():
         torch.testing.assert_close(saved["model"][name], tensor, rtol=0, atol=1e-4)
-    checkpoint.main([path, "--hf_dir", str(tmp_path / "hf")])
+    export.main([path, "--hf_dir", str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "config.json").is_file()
     hellaswag.main(["--checkpoint", path, "--limit", "4", "--device", "cpu"])
     assert "count 4" in capsys.readouterr().out
@@ -236,14 +239,16 @@ def test_fp16_loss_scaling_under_fsdp_skips_an_overflow_on_every_rank(tmp_path):
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
-from device import DistInfo, setup_precision, shard_model
+from device import DistInfo, setup_precision
+from fsdp import shard_model
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 precision = setup_precision("float16", "cpu", sharded=True)
 torch.manual_seed(0)
 model = shard_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)), True, precision, DistInfo(rank, rank, 2, "cpu"))
-optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
 before = [p.full_tensor().clone() for p in model.parameters()]
 x = torch.randint(0, 50257, (2, 8))
 with precision.autocast():
@@ -296,14 +301,14 @@ def test_an_unknown_model_or_parallel_is_refused(capsys, data_dir, tmp_path):
 @pytest.mark.parametrize("config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4,
                                                                              n_embd=128)])  # fmt: skip
 def test_planned_activations_match_the_saved_tensors_counted_exactly(config, checkpointing):
-    """device.activation_bytes' formula against every tensor autograd saves (within 0.1% here;
+    """memory_plan.activation_bytes' formula against every tensor autograd saves (within 0.1% here;
     the brief asked for 15%), for a model where the logits dominate and one where the blocks do."""
     torch.manual_seed(0)
     model = GPT(config)
     model.activation_checkpointing = checkpointing
     x, y = (torch.randint(0, config.vocab_size, (4, 64)) for _ in range(2))
     measured, _ = saved_tensor_bytes(model, x, y)
-    planned, recomputed = device.activation_bytes(config, 4, 64, checkpointing=checkpointing)
+    planned, recomputed = memory_plan.activation_bytes(config, 4, 64, checkpointing=checkpointing)
     assert planned == pytest.approx(measured, rel=0.01)
     assert (recomputed > 0) == checkpointing
 
@@ -318,7 +323,7 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
     assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
     assert float(rows["activations"][1]) < float(rows["activations"][0]) / 4  # checkpointing
     assert "largest batch_size" in text and not (tmp_path / "no_shards").exists()
-    plan = device.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
+    plan = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
     P = 1557.7e6  # one process in float32: 16 bytes per parameter (REFERENCE.md) before activations
     assert plan["weights"] + plan["gradients"] + plan["optimizer (AdamW)"] == pytest.approx(16 * P, rel=1e-3)
 

@@ -24,6 +24,7 @@ from conftest import data_path
 from device import DistInfo, setup_precision, unwrap
 from errors import UserError
 from hellaswag import HELLASWAG
+from hf import from_pretrained
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -143,7 +144,7 @@ def test_pretrained_hugging_face_model_scores_equal_its_own_logits(examples, tmp
     config = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     rows = [row for example in examples[:6] for row in rows_of(example)[0]]
     sum_loss, n_tokens, greedy = scoring.score_batch(model, *scoring.pad_rows(rows, model.config.block_size))
     expected = row_scores_one_at_a_time(lambda idx: hf_model(idx).logits, rows)

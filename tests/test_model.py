@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from generate import generate
+from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,7 +33,7 @@ def tiny_model(seed=0, **overrides):
 
 def test_from_pretrained_logits_match_transformers(tmp_path):
     hf_model = random_hf_model(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, _ = model(idx)
@@ -41,7 +44,7 @@ def test_from_pretrained_logits_match_transformers(tmp_path):
 
 def test_loss_matches_transformers_shifted_labels(tmp_path):
     hf_model = random_hf_model(tmp_path, vocab_size=1000)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     tokens = torch.randint(0, 1000, (2, 33), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _, ours = model(tokens[:, :-1], tokens[:, 1:])
@@ -51,7 +54,7 @@ def test_loss_matches_transformers_shifted_labels(tmp_path):
 
 def test_save_pretrained_round_trips_through_transformers(tmp_path):
     model = tiny_model().eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -108,8 +111,8 @@ def test_residual_projections_are_scaled_by_depth():
 def test_optimizer_decays_matrices_and_not_biases_or_layernorm():
     config = GPTConfig.from_name("tiny", block_size=32)
     model = GPT(config)
-    optimizer = model.configure_optimizers(
-        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"
+    optimizer = configure_optimizers(
+        model, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"
     )
     decay, no_decay = optimizer.param_groups
     C, L, V = config.n_embd, config.n_layer, config.padded_vocab_size
@@ -140,7 +143,7 @@ def test_generation_is_reproducible_with_a_seeded_generator():
     prompt = torch.tensor([[464, 2068, 7586]])  # "The quick brown"
 
     def sample(seed):
-        return model.generate(prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(seed))
+        return generate(model, prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(seed))
 
     first, again, other = sample(42), sample(42), sample(7)
     assert first.shape == (1, 23)
@@ -152,8 +155,8 @@ def test_generation_is_reproducible_with_a_seeded_generator():
 def test_top_1_sampling_is_greedy_decoding():
     model = tiny_model()
     prompt = torch.tensor([[464, 2068]])
-    greedy = model.generate(prompt, 10, temperature=0)
-    top1 = model.generate(prompt, 10, top_k=1, generator=torch.Generator().manual_seed(0))
+    greedy = generate(model, prompt, 10, temperature=0)
+    top1 = generate(model, prompt, 10, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy, top1)
 
 
@@ -165,7 +168,7 @@ def test_padding_token_ids_are_never_sampled():
         model.transformer.wte.weight[50257:] = 100.0
     logits, _ = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape[-1] == 50257
-    out = model.generate(torch.zeros(8, 1, dtype=torch.long), 16, generator=torch.Generator().manual_seed(0))
+    out = generate(model, torch.zeros(8, 1, dtype=torch.long), 16, generator=torch.Generator().manual_seed(0))
     assert out.max().item() < 50257
 
 
@@ -177,7 +180,7 @@ def test_sequence_longer_than_block_size_is_rejected():
 
 def test_generation_crops_context_to_block_size():
     model = tiny_model()
-    out = model.generate(torch.zeros(1, 30, dtype=torch.long), 10, temperature=0)
+    out = generate(model, torch.zeros(1, 30, dtype=torch.long), 10, temperature=0)
     assert out.shape == (1, 40)
 
 

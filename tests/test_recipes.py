@@ -15,10 +15,14 @@ import pytest
 import torch
 
 import checkpoint as ck
+import export
+import optim
 import train_gpt2
 from conftest import REPO
 from errors import UserError
-from model import GPT, MODERN_SWITCHES, GPTConfig, MuonWithAdamW, apply_rotary, rotary_angles
+from generate import generate, generate_stream
+from model import GPT, MODERN_SWITCHES, GPTConfig, apply_rotary, rotary_angles
+from optim import MuonWithAdamW, configure_optimizers
 from test_finetune import FLAGS as FINETUNE_FLAGS
 from test_finetune import chat_data, chat_tokenizer  # noqa: F401 (fixtures)
 from test_train import TINY, losses, run, write_shards
@@ -62,7 +66,7 @@ def test_recipe_modern_turns_every_switch_on_and_a_flag_still_turns_one_off():
 def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
     cfg = train_gpt2.parse_config(["--lr_schedule", "wsd", "--max_steps", "100", "--warmup_steps", "10",
                                    "--max_lr", "1.0", "--min_lr_ratio", "0.0", "--decay_frac", "0.4"])  # fmt: skip
-    lrs = [train_gpt2.get_lr(step, cfg) for step in range(101)]
+    lrs = [optim.get_lr(step, cfg) for step in range(101)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warmup
     assert lrs[10:61] == [1.0] * 51  # stable until step 60 = 100 - 40
     assert lrs[60:] == pytest.approx([1 - (s - 60) / 40 for s in range(60, 101)])  # straight down to 0 at 100
@@ -183,7 +187,7 @@ def test_flops_per_token_counts_an_untied_head_but_not_the_embedding_lookup():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_group_at_its_lr():
     model = GPT(MODERN)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02, embed_lr=0.05,
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02, embed_lr=0.05,
                                            head_lr=2e-3)  # fmt: skip
     assert isinstance(optimizer, MuonWithAdamW)
     muon, adamw = optimizer.optimizers
@@ -209,7 +213,7 @@ def test_muon_with_adamw_state_dict_round_trips_to_the_same_next_steps():
     def make():
         torch.manual_seed(0)
         model = GPT(MODERN)
-        return model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02)
+        return model, configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02)
 
     model_a, opt_a = make()
     train(model_a, opt_a, 2, seed=1)
@@ -284,9 +288,9 @@ def test_kv_cache_with_rotary_positions_equals_recomputing_and_each_prompt_alone
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 11, 1, 6)]  # left-padded to 11
     # 21 new tokens: up to block_size 32, where the cache and recomputing agree (GPT.generate_stream)
-    cached = torch.stack(list(model.generate_stream(prompts, 21, temperature=0)), dim=1)
-    recomputed = torch.stack(list(model.generate_stream(prompts, 21, temperature=0, use_cache=False)), dim=1)
-    alone = torch.cat([torch.stack(list(model.generate_stream([p], 21, temperature=0)), dim=1) for p in prompts])
+    cached = torch.stack(list(generate_stream(model, prompts, 21, temperature=0)), dim=1)
+    recomputed = torch.stack(list(generate_stream(model, prompts, 21, temperature=0, use_cache=False)), dim=1)
+    alone = torch.cat([torch.stack(list(generate_stream(model, [p], 21, temperature=0)), dim=1) for p in prompts])
     assert torch.equal(cached, recomputed) and torch.equal(cached, alone)
     assert len({tuple(row) for row in cached.tolist()}) == 4  # four different continuations: the test can fail
 
@@ -301,7 +305,7 @@ def test_modern_checkpoint_samples_fine_tunes_and_refuses_the_hf_export(tmp_path
     ck.save_checkpoint(base, ck.model_checkpoint(model, get_tokenizer("gpt2")))
     sample.main(["--checkpoint", base, "--prompt", "Hello", "--num_samples", "1", "--max_new_tokens", "5",
                  "--temperature", "0", "--no_stream"])  # fmt: skip
-    greedy = model.generate(torch.tensor([get_tokenizer("gpt2").encode("Hello")]), 5, temperature=0)[0].tolist()
+    greedy = generate(model, torch.tensor([get_tokenizer("gpt2").encode("Hello")]), 5, temperature=0)[0].tolist()
     assert get_tokenizer("gpt2").decode(greedy) in capsys.readouterr().out
     log_dir = tmp_path / "sft"
     finetune.main(["--init", base, "--data_files", str(chat_data), "--log_dir", str(log_dir), *FINETUNE_FLAGS,
@@ -311,5 +315,5 @@ def test_modern_checkpoint_samples_fine_tunes_and_refuses_the_hf_export(tmp_path
     merged = ck.model_from_checkpoint(str(log_dir / "model_00004.pt"), "cpu")
     assert merged.config == replace(MODERN, block_size=64, vocab_size=merged.config.vocab_size)
     with pytest.raises(SystemExit, match="GPT2LMHeadModel cannot hold"):
-        ck.main([base, "--hf_dir", str(tmp_path / "hf")])
+        export.main([base, "--hf_dir", str(tmp_path / "hf")])
     assert not os.path.exists(tmp_path / "hf")

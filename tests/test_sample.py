@@ -7,7 +7,10 @@ import torch.nn.functional as F
 import checkpoint as ck
 import sample
 from errors import UserError
-from model import GPT, GPTConfig, filter_logits, next_token
+import generate as generation
+from generate import filter_logits, generate, generate_stream, next_token
+from hf import from_pretrained
+from model import GPT, GPTConfig
 
 BLOCK_SIZE = 32
 
@@ -31,7 +34,7 @@ def random_prompts(lengths, seed=0):
 
 def stream(model, prompts, max_new_tokens, **kwargs):
     """generate_stream's steps as one (B, steps) tensor."""
-    return torch.stack(list(model.generate_stream(prompts, max_new_tokens, **kwargs)), dim=1)
+    return torch.stack(list(generate_stream(model, prompts, max_new_tokens, **kwargs)), dim=1)
 
 
 # ---- the KV cache gives the tokens that recomputing gives ----
@@ -41,8 +44,8 @@ def stream(model, prompts, max_new_tokens, **kwargs):
 def test_cached_greedy_equals_recomputed_greedy(prompt_len):
     model = tiny_model()
     prompt = torch.tensor(random_prompts([prompt_len]))
-    cached = model.generate(prompt, 12, temperature=0)
-    recomputed = model.generate(prompt, 12, temperature=0, use_cache=False)
+    cached = generate(model, prompt, 12, temperature=0)
+    recomputed = generate(model, prompt, 12, temperature=0, use_cache=False)
     assert cached.shape == (1, prompt_len + 12)
     assert torch.equal(cached, recomputed)
 
@@ -72,15 +75,15 @@ def test_cache_feeds_each_token_through_the_model_once():
 def test_reaching_block_size_slides_the_window_and_prefills_its_newest_half():
     model = tiny_model()
     prompt = torch.tensor(random_prompts([BLOCK_SIZE - 4]))
-    cached = model.generate(prompt, 20, temperature=0)
-    recomputed = model.generate(prompt, 20, temperature=0, use_cache=False)
+    cached = generate(model, prompt, 20, temperature=0)
+    recomputed = generate(model, prompt, 20, temperature=0, use_cache=False)
     assert cached.shape == recomputed.shape == (1, BLOCK_SIZE - 4 + 20)
     # Up to a full block both see every token; the token after needs block_size + 1 positions.
     assert torch.equal(cached[:, : BLOCK_SIZE + 1], recomputed[:, : BLOCK_SIZE + 1])
     assert not torch.equal(cached, recomputed)  # then the windows differ, as documented
     # the cached path goes on as if its prompt were the newest block_size // 2 tokens
     kept = cached[:, BLOCK_SIZE + 1 - BLOCK_SIZE // 2 : BLOCK_SIZE + 1]
-    again = model.generate(kept, cached.size(1) - BLOCK_SIZE - 1, temperature=0)
+    again = generate(model, kept, cached.size(1) - BLOCK_SIZE - 1, temperature=0)
     assert torch.equal(cached[:, BLOCK_SIZE + 1 :], again[:, kept.size(1) :])
 
 
@@ -105,7 +108,7 @@ def hf_pair(tmp_path):
                                      initializer_range=0.3, bos_token_id=999, eos_token_id=999)  # see tiny_model
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(tmp_path)
-    return hf_model, GPT.from_pretrained(str(tmp_path)).eval()
+    return hf_model, from_pretrained(str(tmp_path)).eval()
 
 
 def hf_greedy(hf_model, idx, attention_mask, max_new_tokens):
@@ -118,7 +121,7 @@ def test_greedy_equals_transformers_generate(hf_pair):
     hf_model, model = hf_pair
     idx = torch.randint(0, 999, (3, 9), generator=torch.Generator().manual_seed(1))
     theirs = hf_greedy(hf_model, idx, torch.ones_like(idx), 40)
-    ours = model.generate(idx, 40, temperature=0, eot=999)
+    ours = generate(model, idx, 40, temperature=0, eot=999)
     assert ours.shape == (3, 9 + 40)
     assert torch.equal(ours, theirs)
 
@@ -180,10 +183,10 @@ def test_sampling_never_emits_a_filtered_token(kwargs, allowed):
 def test_generation_stops_at_eot():
     model = tiny_model()
     prompt = torch.tensor(random_prompts([3]))
-    free = model.generate(prompt, 10, temperature=0)
+    free = generate(model, prompt, 10, temperature=0)
     eot = free[0, 3 + 4].item()  # make the fifth new token the end-of-text token
     assert eot not in free[0, 3 : 3 + 4].tolist()
-    assert torch.equal(model.generate(prompt, 10, temperature=0, eot=eot), free[:, : 3 + 5])
+    assert torch.equal(generate(model, prompt, 10, temperature=0, eot=eot), free[:, : 3 + 5])
 
 
 def test_finished_rows_repeat_eot_until_every_row_has_finished(monkeypatch):
@@ -191,8 +194,8 @@ def test_finished_rows_repeat_eot_until_every_row_has_finished(monkeypatch):
     EOT = 7
     wanted = torch.tensor([[1, 2, EOT, 3, 4, 5], [4, 5, 6, 8, EOT, 9]])  # (B, steps): the token each step picks
     step = iter(range(6))
-    one_hot = lambda idx, real, kv_cache=None: F.one_hot(wanted[:, next(step)], 50257).float()  # noqa: E731
-    monkeypatch.setattr(model, "next_logits", one_hot)
+    one_hot = lambda model, idx, real, kv_cache=None: F.one_hot(wanted[:, next(step)], 50257).float()  # noqa: E731
+    monkeypatch.setattr(generation, "next_logits", one_hot)
     assert stream(model, [[1], [2, 3]], 6, temperature=0, eot=EOT).tolist() == [[1, 2, EOT, EOT, EOT],
                                                                                  [4, 5, 6, 8, EOT]]  # fmt: skip
 
@@ -215,7 +218,7 @@ TOO_LONG = [[1] * 33]  # BLOCK_SIZE + 1 tokens
 def test_bad_generation_arguments_raise_before_the_first_token(kwargs, message):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=5) | kwargs
     with pytest.raises(UserError, match=message):
-        tiny_model().generate_stream(**args)  # no iteration: the error comes from the call itself
+        generate_stream(tiny_model(), **args)  # no iteration: the error comes from the call itself
 
 
 # ---- sample.py ----
@@ -264,7 +267,7 @@ def test_cli_streams_the_same_text_as_generate(tiny_checkpoint, tokenizer, capsy
     generator = torch.Generator().manual_seed(3)  # streamed: one sample after the other, one generator
     expected = ""
     for i in range(2):
-        out = model.generate(torch.tensor([prompt]), 15, top_k=50, top_p=0.95, generator=generator)
+        out = generate(model, torch.tensor([prompt]), 15, top_k=50, top_p=0.95, generator=generator)
         expected += f"--- sample {i + 1}/2\n{tokenizer.decode(out[0].tolist())}\n"
     assert capsys.readouterr().out == expected
 
@@ -276,7 +279,7 @@ def test_cli_no_stream_generates_one_batch(tiny_checkpoint, tokenizer, tmp_path,
     sample.main(["--checkpoint", path, "--prompt_file", str(prompt_file), "--num_samples", "3",
                  "--max_new_tokens", "10", "--seed", "5", "--no_stream"])  # fmt: skip
     prompt = tokenizer.encode("Once upon a time\n")
-    out = model.generate(torch.tensor([prompt] * 3), 10, generator=torch.Generator().manual_seed(5))
+    out = generate(model, torch.tensor([prompt] * 3), 10, generator=torch.Generator().manual_seed(5))
     expected = "".join(f"--- sample {i + 1}/3\n{tokenizer.decode(row)}\n" for i, row in enumerate(out.tolist()))
     assert capsys.readouterr().out == expected
 
@@ -284,7 +287,7 @@ def test_cli_no_stream_generates_one_batch(tiny_checkpoint, tokenizer, tmp_path,
 def test_cli_greedy_stops_at_a_stop_string(tiny_checkpoint, tokenizer, capsys):
     path, model = tiny_checkpoint
     prompt = tokenizer.encode("The")
-    greedy = tokenizer.decode(model.generate(torch.tensor([prompt]), 12, temperature=0)[0, 1:].tolist())
+    greedy = tokenizer.decode(generate(model, torch.tensor([prompt]), 12, temperature=0)[0, 1:].tolist())
     stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]  # three characters from the middle of the text
     sample.main(["--checkpoint", path, "--prompt", "The", "--num_samples", "1", "--max_new_tokens", "12",
                  "--temperature", "0", "--stop", stop])  # fmt: skip

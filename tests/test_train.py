@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import device
+import optim
 import train_gpt2
 import training_log
 from errors import UserError
@@ -102,14 +103,14 @@ def test_indivisible_batch_size_is_a_clear_error():
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_ten_percent():
     cfg = train_gpt2.parse_config([])
-    assert train_gpt2.get_lr(0, cfg) == pytest.approx(6e-4 / 715)
-    assert train_gpt2.get_lr(357, cfg) == pytest.approx(6e-4 * 358 / 715)
-    assert train_gpt2.get_lr(714, cfg) == pytest.approx(6e-4)
-    assert train_gpt2.get_lr(715, cfg) == pytest.approx(6e-4)  # the cosine starts at its peak
+    assert optim.get_lr(0, cfg) == pytest.approx(6e-4 / 715)
+    assert optim.get_lr(357, cfg) == pytest.approx(6e-4 * 358 / 715)
+    assert optim.get_lr(714, cfg) == pytest.approx(6e-4)
+    assert optim.get_lr(715, cfg) == pytest.approx(6e-4)  # the cosine starts at its peak
     halfway = 715 + (19073 - 715) // 2
-    assert train_gpt2.get_lr(halfway, cfg) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-4)
-    assert train_gpt2.get_lr(19072, cfg) == pytest.approx(6e-5, rel=1e-6)
-    decay = [train_gpt2.get_lr(s, cfg) for s in range(715, 19073, 100)]
+    assert optim.get_lr(halfway, cfg) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-4)
+    assert optim.get_lr(19072, cfg) == pytest.approx(6e-5, rel=1e-6)
+    decay = [optim.get_lr(s, cfg) for s in range(715, 19073, 100)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
@@ -360,10 +361,10 @@ def test_compiled_module_runs_only_training_steps_while_evals_and_samples_run(
 def test_checkpoint_is_written_before_the_evaluations_that_crash(data_dir, tmp_path, monkeypatch):
     evaluate = train_gpt2.evaluate
 
-    def crash_at_step_2(step, *args):
+    def crash_at_step_2(run, job, step, *args):
         if step == 2:
             raise RuntimeError("evaluation crashed")
-        return evaluate(step, *args)
+        return evaluate(run, job, step, *args)
 
     monkeypatch.setattr(train_gpt2, "evaluate", crash_at_step_2)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
@@ -451,7 +452,7 @@ def test_demo_pipeline_trains_evaluates_samples_and_plots(
     hella = [m for m in metrics if m["kind"] == "hellaswag"]
     assert hella[-1]["count"] == 4
     samples = [m["text"] for m in metrics if m["kind"] == "sample"]
-    assert len(samples) == 2 and all(s.startswith(train_gpt2.SAMPLE_PROMPT) for s in samples)
+    assert len(samples) == 2 and all(s.startswith(train_gpt2.TrainConfig.sample_prompt) for s in samples)
     assert os.path.exists(log_dir / "model_00020.pt")
     plot.main([str(log_dir)])
     assert (log_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

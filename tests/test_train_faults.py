@@ -18,6 +18,8 @@ import torch
 
 import checkpoint
 import files
+import export
+import resume
 import train_gpt2
 from conftest import REPO
 from test_train import TINY, losses, run, write_shards
@@ -78,7 +80,7 @@ def test_resuming_an_older_checkpoint_moves_the_abandoned_branch_aside_and_keep_
         assert torch.equal(load(moved / f"model_{step:05d}.pt")["model"]["lm_head.weight"],
                            old[step]["model"]["lm_head.weight"])  # fmt: skip
     assert sorted(losses(branch)) == [0, 1, 2, 3]  # steps 0, 1 kept from before the branch point, 2, 3 new
-    assert checkpoint.pick_checkpoint("auto", str(log_dir))[0] == str(log_dir / "model_00004.pt")
+    assert resume.pick_checkpoint("auto", str(log_dir))[0] == str(log_dir / "model_00004.pt")
 
 
 def load(path):
@@ -230,14 +232,14 @@ def test_export_refuses_a_file_as_hf_dir_and_reports_a_read_only_disk(data_dir, 
     path = str(tmp_path / "log" / "model_00001.pt")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="--hf_dir .*a_file is a file"):
-        checkpoint.main([path, "--hf_dir", str(tmp_path / "a_file")])
+        export.main([path, "--hf_dir", str(tmp_path / "a_file")])
 
-    def read_only(self, out_dir):
+    def read_only(model, out_dir):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(checkpoint.GPT, "save_pretrained", read_only)
+    monkeypatch.setattr(export, "save_pretrained", read_only)
     with pytest.raises(SystemExit, match=r"could not write .*hf: the file system is read-only"):
-        checkpoint.main([path, "--hf_dir", str(tmp_path / "hf")])
+        export.main([path, "--hf_dir", str(tmp_path / "hf")])
 
 
 # ---- damaged and foreign checkpoints ----

@@ -1,0 +1,39 @@
+"""
+Export a training checkpoint as a Hugging Face GPT2LMHeadModel folder, with GPT-2's tokenizer files,
+for the EleutherAI evaluation harness, transformers' pipelines, or `python hellaswag.py --model FOLDER`:
+
+    python export.py log/model_19073.pt --hf_dir gpt2-fineweb
+"""
+
+import argparse
+import os
+
+from checkpoint import checkpoint_tokenizer, model_from_checkpoint
+from errors import UserError, exit_on_error
+from files import describe_os_error
+from hf import save_hf_tokenizer, save_pretrained
+
+
+@exit_on_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a training checkpoint in Hugging Face GPT-2 format.")
+    parser.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
+    parser.add_argument("--hf_dir", required=True, help="folder to write the GPT2LMHeadModel into")
+    parser.add_argument("--tokenizer", default="auto", help="auto (the one the checkpoint records), gpt2, or a folder")
+    args = parser.parse_args(argv)
+    model = model_from_checkpoint(args.checkpoint)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
+    if os.path.exists(args.hf_dir) and not os.path.isdir(args.hf_dir):
+        raise UserError(f"--hf_dir {args.hf_dir} is a file: pass a folder (new, or one to overwrite)")
+    try:
+        save_pretrained(model, args.hf_dir)
+    except OSError as e:  # a read-only or full disk
+        raise UserError(f"could not write {args.hf_dir}: {describe_os_error(e)}") from e
+    if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):  # transformers logs some failures and returns
+        raise UserError(f"writing {args.hf_dir} failed: it holds no config.json afterwards")
+    save_hf_tokenizer(tokenizer, args.hf_dir)
+    print(f"wrote {args.hf_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.hf_dir!r})")
+
+
+if __name__ == "__main__":
+    main()
