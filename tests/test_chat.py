@@ -18,8 +18,8 @@ import torch
 
 import chat
 import checkpoint as ck
+from chat_template import render_prompt
 from errors import UserError
-from finetune import render_prompt
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
