@@ -18,8 +18,8 @@ import torch
 
 import chat
 import checkpoint as ck
+from chat_template import render_prompt
 from errors import UserError
-from finetune import render_prompt
 from generate import generate_stream
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -91,6 +91,18 @@ class ScriptedModel:
                 self.interrupt_after = None  # once
                 raise KeyboardInterrupt
             yield torch.tensor([token])
+
+
+@pytest.fixture(autouse=True)
+def fake_models_stream_their_own_ids(monkeypatch):
+    """chat.py streams with generate.generate_stream(model, ...): a FakeModel streams its own ids."""
+
+    def stream(model, prompts, max_new_tokens, **sampling):
+        if isinstance(model, FakeModel):
+            return model.generate_stream(prompts, max_new_tokens, **sampling)
+        return generate_stream(model, prompts, max_new_tokens, **sampling)
+
+    monkeypatch.setattr(chat, "generate_stream", stream)
 
 
 # ---- a reply: where it ends, what it prints ----
@@ -288,6 +300,21 @@ def test_the_page_is_one_self_contained_file(server, http):
     page = http.get(server).text
     assert "<script>" in page and "<style>" in page
     assert not re.search(r"<script[^>]* src=|<link|@import|https?://", page)  # nothing fetched from elsewhere
+    assert "random/model_00000.pt" in page and f'value="{SERVER_MAX_NEW_TOKENS}"' in page and "{{" not in page
+
+
+def test_the_page_is_filled_in_html_escaped():
+    page = chat.fill_page(chat.read_page(chat.PAGE_FILE), model="<b>a & b</b>", temperature=0.6, max_new_tokens=24)
+    assert "<h1>chat.py &middot; &lt;b&gt;a &amp; b&lt;/b&gt;</h1>" in page
+    assert 'value="0.6"' in page and 'value="24"' in page and "{{" not in page
+
+
+def test_missing_page_is_a_one_line_error(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "PAGE_FILE", tmp_path / "chat.html")
+    with pytest.raises(SystemExit) as exit:
+        chat.main(["--checkpoint", tiny_checkpoint, "--web", "--port", "0"])
+    message = str(exit.value.code)
+    assert message.startswith(f"error: cannot read the chat page {tmp_path / 'chat.html'}: ") and "\n" not in message
 
 
 def test_streamed_reply_equals_the_whole_reply(server, http):

@@ -1,6 +1,6 @@
-"""Tests for finetune.py and lora.py: the chat rendering and its loss mask against an independent
-rendering, the rows and their errors, LoRA's algebra, and fine-tuning end to end: a tiny model
-learns facts it cannot know from pretraining and answers them through the chat template."""
+"""Tests for finetune.py, chat_template.py and lora.py: the chat rendering and its loss mask against
+an independent rendering, the rows and their errors, LoRA's algebra, and fine-tuning end to end: a
+tiny model learns facts it cannot know from pretraining and answers them through the chat template."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import chat_template
 import checkpoint
 import finetune
 from conftest import REPO
@@ -50,11 +51,11 @@ def test_rendering_and_loss_mask_equal_an_independent_rendering(chat_tokenizer, 
         + [(USER, False)] + given("And of Italy?") + [(END, False)]
         + [(ASSISTANT, False)] + said("Rome.") + [(END, True)]
     )  # fmt: skip
-    ids, train = finetune.render_conversation(CONVERSATION, chat_tokenizer)
+    ids, train = chat_template.render_conversation(CONVERSATION, chat_tokenizer)
     assert ids == [token for token, _ in pairs]
     assert finetune.targets_of(ids, train) == [token if target else -1 for token, target in pairs[1:]]
     assert chat_tokenizer.decode(ids).startswith("<|endoftext|><|system|>Be brief.<|end|><|user|>Capital")
-    prompt = finetune.render_prompt(CONVERSATION[:2], chat_tokenizer)
+    prompt = chat_template.render_prompt(CONVERSATION[:2], chat_tokenizer)
     first_two_turns = 5 + len(enc.encode("Be brief.")) + len(enc.encode("Capital of France?"))  # to the user's <|end|>
     assert prompt == [token for token, _ in pairs[:first_two_turns]] + [ASSISTANT]
 
@@ -71,7 +72,7 @@ def test_rendering_and_loss_mask_equal_an_independent_rendering(chat_tokenizer, 
     ],
 )
 def test_a_conversation_that_cannot_be_trained_on_says_why(messages, problem):
-    assert problem in finetune.check_conversation(messages)
+    assert problem in chat_template.check_conversation(messages)
 
 
 def test_instruction_rows_are_one_user_and_one_assistant_turn():
@@ -164,7 +165,7 @@ FLAGS = ["--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "-
 
 
 def answer(model, tokenizer, name):
-    prompt = finetune.render_prompt([{"role": "user", "content": question(name)}], tokenizer)
+    prompt = chat_template.render_prompt([{"role": "user", "content": question(name)}], tokenizer)
     end = tokenizer.special("<|end|>")
     tokens = [t.item() for t in generate_stream(model, [prompt], 20, temperature=0, eot=end)]
     return tokenizer.decode([t for t in tokens if t != end]), end in tokens
