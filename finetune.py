@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import checkpoint
-import fineweb
+import documents
 from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
@@ -280,7 +280,7 @@ def sft_lr(step, cfg):
 def read_rows(files, dataset, cfg):
     """Every row of --data_files (or of --dataset), as fineweb.py's readers give them: dicts, or the
     text of a .txt file."""
-    return list(fineweb.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
+    return list(documents.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
 
 
 def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):
