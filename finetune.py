@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import checkpoint
-import fineweb
+import documents
 from chat_template import chat_template, check_conversation, render_conversation
 from config import flag, parse_layered
 from dataloader import permutation
@@ -176,7 +176,7 @@ class FinetuneConfig(TrainConfig):
         None, "base weights: a train_gpt2.py checkpoint, a Hugging Face GPT-2 folder, or gpt2, gpt2-medium..."
     )
     data_files: list = flag(
-        None, "local .jsonl / .json / .parquet / .txt files, folders or globs (as fineweb.py reads)"
+        None, "local .jsonl / .json / .parquet / .txt files, folders or globs (as documents.py reads)"
     )
     dataset: str = flag(None, "or a Hugging Face dataset id (with --name, --split)")
     name: str = flag(None, "the dataset's config")
@@ -224,9 +224,9 @@ def finetuning_layers(flags):
 
 
 def read_rows(files, dataset, cfg):
-    """Every row of --data_files (or of --dataset), as fineweb.py's readers give them: dicts, or the
+    """Every row of --data_files (or of --dataset), as documents.py's readers give them: dicts, or the
     text of a .txt file."""
-    return list(fineweb.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
+    return list(documents.read_rows(files, dataset, cfg.name, cfg.split, text_field=None))
 
 
 def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):

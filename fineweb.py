@@ -17,36 +17,31 @@ same command after a crash resumes there and writes the same bytes as an uninter
 Local files (--data_files: files, folders or globs; no network needed): .parquet (column
 --text_field), .jsonl / .json (field --text_field of one JSON object per line, or of one array of
 objects), .txt (a whole file is one document, like tinyshakespeare); .jsonl.gz, .json.gz and .txt.gz
-too. Empty and null documents are skipped and counted.
+too. Empty and null documents are skipped and counted. documents.py reads the input; this file
+batches, encodes and writes it.
 """
 
 import argparse
 import fnmatch
-import glob
-import gzip
 import json
 import os
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from documents import DEFAULT_DATASET, DEFAULT_NAME, HubSource, hub_dataset, hub_row_count, hub_rows, json_state
+from documents import local_row_count, local_rows, no_state, parse_count, resolve_data_files
 from errors import UserError, exit_on_error
 from files import atomic_write
 from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
 from tokenizer import GPT2, get_tokenizer
 
-DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
-DEFAULT_NAME = "sample-10BT"
-LOCAL_FORMATS = (".parquet", ".jsonl", ".json", ".txt")
 # One encoding task: ~256K characters (~60K tokens, tens of ms on one core) hides the cost of a task,
 # yet even the 2,800-document sample makes ~80 of them, enough to keep 16 cores busy.
 BATCH_CHARS = 2**18
@@ -99,40 +94,7 @@ class Batch:
     stream_skip: int = 0
 
 
-# ---- reading documents ------------------------------------------------------------------------
-def local_format(path):
-    """'.parquet', '.jsonl', '.json' or '.txt' (looking through a .gz suffix), or None."""
-    base, ext = os.path.splitext(path.lower())
-    if ext == ".gz":
-        base, ext = os.path.splitext(base)
-        return ext if ext in (".jsonl", ".json", ".txt") else None  # parquet compresses itself
-    return ext if ext in LOCAL_FORMATS else None
-
-
-def files_in(path):
-    """A supported file, or the supported files below a folder, sorted by path."""
-    if os.path.isfile(path):
-        return [path] if local_format(path) else []
-    found = glob.glob(os.path.join(path, "**", "*"), recursive=True)  # skips hidden files like .gitattributes
-    return sorted(p for p in found if os.path.isfile(p) and local_format(p))
-
-
-def resolve_data_files(patterns):
-    """The input files in order: each pattern is a file, a folder or a glob (its matches sorted)."""
-    files = []
-    for pattern in patterns:
-        if os.path.exists(pattern):
-            found = files_in(pattern)
-        elif any(c in pattern for c in "*?["):
-            found = [f for match in sorted(glob.glob(pattern, recursive=True)) for f in files_in(match)]
-        else:
-            raise UserError(f"--data_files {pattern}: no such file or folder")
-        if not found:
-            raise UserError(f"--data_files {pattern}: no files matched (supported: {', '.join(LOCAL_FORMATS)})")
-        files += found
-    return files
-
-
+# ---- the output folder, apart from the input --------------------------------------------------
 def is_within(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
@@ -170,225 +132,7 @@ def check_data_dir_apart(cfg, files):
             )
 
 
-def open_parquet(path):
-    try:
-        # buffered reads: memory holds a few MB of the file, not a whole (possibly huge) row group
-        return pq.ParquetFile(path, buffer_size=2**22, pre_buffer=False)
-    except Exception as e:  # pyarrow says ArrowInvalid or OSError for bytes that are not parquet
-        raise UserError(f"{path}: not a readable parquet file ({e})")
-
-
-def check_text(text, where, text_field):
-    """text, if it is a str or None (a null document); else a UserError saying where it is. With
-    text_field None the readers hand out whole records (finetune.py reads chat rows so), unchecked."""
-    if text is None or isinstance(text, str) or text_field is None:
-        return text
-    raise UserError(
-        f"{where}: field {text_field!r} holds {type(text).__name__} {text!r:.40}, not text: "
-        f"pass --text_field with the field that holds the documents' text"
-    )
-
-
-def parquet_rows(path, text_field, skip):
-    """Texts of a parquet file after its first `skip` rows (whole rows, as dicts, with text_field
-    None); returns the file's row count."""
-    parquet = open_parquet(path)
-    columns = parquet.schema_arrow.names
-    if text_field is not None and text_field not in columns:
-        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(columns)}): pass --text_field")
-    # skip whole row groups by their metadata, so resuming deep into a file reads little of it
-    group, row = 0, 0  # row: the file's row of the next record batch's first text
-    while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
-        skip -= parquet.metadata.row_group(group).num_rows
-        row += parquet.metadata.row_group(group).num_rows
-        group += 1
-    if group < parquet.num_row_groups:
-        row_groups = range(group, parquet.num_row_groups)
-        read = None if text_field is None else [text_field]
-        for record_batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=read):
-            texts = record_batch.to_pylist() if text_field is None else record_batch.column(0).to_pylist()
-            for i in range(skip, len(texts)):
-                yield check_text(texts[i], f"{path} row {row + i}", text_field)
-            skip, row = max(0, skip - len(texts)), row + len(texts)
-    return parquet.metadata.num_rows
-
-
-def is_gzip(path):
-    return path.lower().endswith(".gz")
-
-
-def open_text(path):
-    """UTF-8 text as stored: a byte-order mark dropped, but "\r\n" kept (the tokens should see the file's bytes)."""
-    opener = gzip.open if is_gzip(path) else open
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
-
-
-def check_gzip(path):
-    """Decompress a .gz file to nowhere. gzip finds a cut-off file or a wrong CRC only at its very end,
-    after a reader has handed out most of it: checking first means no shard holds part of a damaged
-    file. The extra pass costs little: zlib inflates some 10x faster than one core tokenizes."""
-    with gzip.open(path, "rb") as f:
-        while f.read(2**24):
-            pass
-
-
-def json_rows(path, text_field, skip):
-    """Texts of a .jsonl/.json file after its first `skip` rows; returns the file's row count.
-    A row is a non-blank line holding a JSON object, or an element of a top-level JSON array."""
-    with open_text(path) as f:
-        is_array = f.read(256).lstrip().startswith("[")
-        f.seek(0)
-        if is_array:  # a top-level array is parsed whole: convert big ones to .jsonl to keep memory flat
-            try:
-                items = enumerate(json.load(f), 1)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e})")
-        else:
-            items = ((number, line) for number, line in enumerate(f, 1) if line.strip())
-        rows = 0
-        for number, item in items:
-            rows += 1
-            if rows <= skip:
-                continue  # resuming: counting lines is enough, no need to parse them
-            try:
-                record = item if is_array else json.loads(item)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e})")
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, not {type(record).__name__}")
-            if text_field is None:
-                yield record
-                continue
-            if text_field not in record:
-                raise UserError(
-                    f"{path}:{number}: no field {text_field!r} (fields: {', '.join(record)}): pass --text_field"
-                )
-            yield check_text(record[text_field], f"{path}:{number}", text_field)
-    return rows
-
-
-def txt_rows(path, text_field, skip):
-    """A .txt file is one document; returns the row count, 1."""
-    if not skip:
-        with open_text(path) as f:
-            yield f.read()
-    return 1
-
-
-def local_rows(files, text_field, skip):
-    """Texts (or None) of all files in order, after the first `skip` rows."""
-    readers = {".parquet": parquet_rows, ".jsonl": json_rows, ".json": json_rows, ".txt": txt_rows}
-    for path in files:
-        try:
-            if is_gzip(path):
-                check_gzip(path)
-            rows_in_file = yield from readers[local_format(path)](path, text_field, skip)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text ({e})")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # cut off; corrupt; not gzip at all
-            raise UserError(
-                f"{path}: damaged gzip file ({e}): download or compress it again (`gzip -t {path}` checks it)"
-            )
-        skip = max(0, skip - rows_in_file)
-
-
-def local_row_count(files):
-    """Rows in the files if their metadata says so cheaply (parquet, txt), else None."""
-    if any(local_format(path) in (".jsonl", ".json") for path in files):
-        return None
-    return sum(open_parquet(p).metadata.num_rows if local_format(p) == ".parquet" else 1 for p in files)
-
-
-def hub_unreachable(cfg, error):
-    return (
-        f"could not reach the Hugging Face hub for {cfg.dataset} ({type(error).__name__}: {error}). Offline, "
-        f"pass local files with --data_files; behind a slow or blocked hub, use a mirror: HF_ENDPOINT=<mirror url>"
-    )
-
-
-def hub_dataset(cfg):
-    """The dataset from the hub: downloaded once and memory-mapped, or a stream with --streaming."""
-    import datasets  # imported here: a second of startup that local files do not need
-
-    try:
-        ds = datasets.load_dataset(
-            cfg.dataset, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir
-        )
-    except FileNotFoundError as e:  # DatasetNotFoundError, DataFilesNotFoundError
-        raise UserError(f"--dataset {cfg.dataset}: not found ({e}). For local files use --data_files")
-    except ValueError as e:  # unknown config or split: datasets names those that exist
-        raise UserError(f"--dataset {cfg.dataset}: {e}")
-    except OSError as e:  # ConnectionError, HTTP errors, timeouts
-        raise UserError(hub_unreachable(cfg, e))
-    if cfg.text_field is None or ds.column_names is None:  # whole records; or a stream that names no columns
-        return ds
-    if cfg.text_field not in ds.column_names:
-        raise UserError(
-            f"{cfg.dataset} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}): pass --text_field"
-        )
-    return ds.select_columns([cfg.text_field])
-
-
-def hub_rows(cfg, ds, start):
-    """Texts of a hub dataset from row start.row on (whole rows, as dicts, with text_field None)."""
-    field = (lambda row: row) if cfg.text_field is None else (lambda row: row[cfg.text_field])
-    if not cfg.streaming and cfg.text_field is None:
-        rows = iter(ds.skip(start.row))
-    elif not cfg.streaming:  # a column at a time: much faster than formatting each row as a dict
-        rows = (text for batch in ds.skip(start.row).iter(batch_size=1024) for text in batch[cfg.text_field])
-    elif start.stream_state is not None and loads_state(ds, start.stream_state):
-        rows = islice((field(row) for row in ds), start.stream_skip, None)
-    else:
-        rows = islice((field(row) for row in ds), start.row, None)
-    try:
-        for row, text in enumerate(rows, start.row):
-            yield check_text(text, f"{cfg.dataset} row {row}", cfg.text_field)
-    except UserError:
-        raise
-    except KeyError:
-        raise UserError(f"{cfg.dataset} has no column {cfg.text_field!r}: pass --text_field")
-    except Exception as e:  # the network failing hours into a stream: the shards so far are kept
-        raise UserError(f"{hub_unreachable(cfg, e)}. Re-run the same command to resume after the last complete shard")
-
-
-def read_rows(data_files=None, dataset=None, name=None, split=None, text_field="text", streaming=False):
-    """The rows of local files, or else of a hub dataset, from the start: what other scripts read
-    text with (tokenizer.py train, finetune.py). text_field None: whole records (dicts)."""
-    if data_files:
-        return local_rows(resolve_data_files(data_files), text_field, 0)
-    cfg = Config(dataset=dataset, name=name, split=split, text_field=text_field, streaming=streaming)
-    return hub_rows(cfg, hub_dataset(cfg), Position())
-
-
-def loads_state(ds, state):
-    """Point a stream at a saved state: it jumps over whole files instead of streaming them again."""
-    try:
-        ds.load_state_dict(state)
-        return True
-    except Exception as e:  # a state saved by another version of datasets
-        print(f"cannot restore the stream's state ({e!r}): skipping rows from the start instead")
-        return False
-
-
-def json_state(ds):
-    """A stream's state_dict() as meta.json will hold it, or None (then a resume skips rows)."""
-    try:
-        return json.loads(json.dumps(ds.state_dict()))
-    except (TypeError, ValueError):
-        return None
-
-
-def hub_row_count(cfg, ds):
-    if not cfg.streaming:
-        return len(ds)
-    splits = ds.info.splits
-    return splits[cfg.split].num_examples if splits and cfg.split in splits else None
-
-
-def no_state():
-    return None  # local files and downloaded datasets resume from a row number alone
-
-
+# ---- batches of documents ---------------------------------------------------------------------
 def document_batches(rows, start, stream_state):
     """Group texts into batches of about BATCH_CHARS characters, each knowing where it starts."""
     position = (start.row, start.stream_state, start.stream_skip)
@@ -680,8 +424,10 @@ def tokenize(cfg):
     if files:
         rows, num_rows, stream_state = local_rows(files, cfg.text_field, start.row), local_row_count(files), no_state
     else:
-        ds = hub_dataset(cfg)
-        rows, num_rows = hub_rows(cfg, ds, start), hub_row_count(cfg, ds)
+        hub = HubSource(cfg.dataset, cfg.name, cfg.split, cfg.text_field, cfg.streaming, cfg.cache_dir)
+        ds = hub_dataset(hub)
+        rows = hub_rows(hub, ds, start.row, start.stream_state, start.stream_skip)
+        num_rows = hub_row_count(hub, ds)
         stream_state = partial(json_state, ds) if cfg.streaming else no_state
 
     writer = ShardWriter(cfg, settings, shards, start, buffers)
@@ -708,17 +454,6 @@ def tokenize(cfg):
     if len(shards) == 1:
         summary += ". Warning: all of it is the val shard; lower --shard_size to get train shards"
     return summary
-
-
-def parse_count(text):
-    """'100000000', '1e8' or '100_000_000' -> 100000000."""
-    try:
-        value = float(text.replace("_", ""))
-        if value >= 1 and value == int(value):
-            return int(value)
-    except (ValueError, OverflowError):  # not a number, or inf
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number (1e6-style is fine)")
 
 
 def parse_args(argv=None):

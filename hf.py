@@ -91,7 +91,8 @@ def save_pretrained(model, out_dir):
     hf_model.save_pretrained(out_dir)
 
 
-# Hugging Face's GPT2Tokenizer reads the same two files as vocab.json and merges.txt.
+# GPT-2's two BPE files as OpenAI published them: Hugging Face's GPT2Tokenizer reads them as vocab.json and
+# merges.txt.
 GPT2_FILES = {
     "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
     "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",

@@ -46,6 +46,7 @@ import regex  # \p{L} and friends; installed with tiktoken, which uses it too
 import tiktoken
 from tqdm import tqdm
 
+from documents import DEFAULT_DATASET, DEFAULT_NAME, parse_count, read_rows, resolve_data_files
 from errors import UserError, exit_on_error
 
 GPT2 = "gpt2"
@@ -360,31 +361,23 @@ def get_tokenizer(name=GPT2):
     return Tokenizer(encoding, name)
 
 
-# ---- Hugging Face format --------------------------------------------------------------------------
-# GPT-2's two BPE files as OpenAI published them: tiktoken reads (and caches) exactly these, and
-# ---- reading text: fineweb.py's readers ----------------------------------------------------------
-# fineweb.py is imported where it is used: every script imports this file, and training needs
-# neither fineweb.py nor pyarrow (fineweb.py imports this file too).
+# ---- reading text: documents.py's readers --------------------------------------------------------
 def read_texts(args):
-    """The documents of --data_files or --dataset, as fineweb.py reads them (str, or None for a null row)."""
-    import fineweb
-
-    return fineweb.read_rows(args.data_files, args.dataset, args.name, args.split, args.text_field, args.streaming)
+    """The documents of --data_files or --dataset, as documents.py reads them (str, or None for a null row)."""
+    return read_rows(args.data_files, args.dataset, args.name, args.split, args.text_field, args.streaming)
 
 
 def source_of(args):
     """Where the text came from, for tokenizer.json."""
-    import fineweb
-
     if args.data_files:
-        files = fineweb.resolve_data_files(args.data_files)
+        files = resolve_data_files(args.data_files)
         return {"data_files": [[os.path.abspath(path), os.path.getsize(path)] for path in files]}
     return {"dataset": args.dataset, "name": args.name, "split": args.split}
 
 
 @dataclass
 class Corpus:
-    """The non-empty texts of rows (fineweb.py's readers), at most max_chars characters in all (the
+    """The non-empty texts of rows (documents.py's readers), at most max_chars characters in all (the
     last text cut short), with a progress bar; counts the documents and characters it hands out."""
 
     rows: Iterable
@@ -394,7 +387,7 @@ class Corpus:
 
     def __iter__(self):
         with tqdm(total=self.max_chars, unit="char", unit_scale=True, desc="reading text") as bar:
-            for text in self.rows:  # str or None: fineweb.py's readers check the type
+            for text in self.rows:  # str or None: documents.py's readers check the type
                 if text and self.max_chars is not None:
                     text = text[: self.max_chars - self.chars]
                 if text:
@@ -476,20 +469,18 @@ def compare(args):
 
 
 def parse_args(argv=None):
-    import fineweb
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="learn a BPE from text and save it in --out_dir")
     p.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (as fineweb.py)")
-    p.add_argument("--dataset", help=f"Hugging Face dataset id (default: {fineweb.DEFAULT_DATASET})")
-    p.add_argument("--name", help=f"the dataset's config (default: {fineweb.DEFAULT_NAME} for FineWeb-Edu)")
+    p.add_argument("--dataset", help=f"Hugging Face dataset id (default: {DEFAULT_DATASET})")
+    p.add_argument("--name", help=f"the dataset's config (default: {DEFAULT_NAME} for FineWeb-Edu)")
     p.add_argument("--split", help="the dataset's split (default: train)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     p.add_argument("--text_field", default="text", help="column or JSON field holding the text (default: text)")
     p.add_argument("--vocab_size", type=int, default=50257, help="ids in all, special tokens included (GPT-2's 50257)")
     p.add_argument("--out_dir", required=True, help="the tokenizer folder to write")
-    p.add_argument("--max_chars", type=fineweb.parse_count, help="read at most this many characters (1e9-style)")
+    p.add_argument("--max_chars", type=parse_count, help="read at most this many characters (1e9-style)")
     p = commands.add_parser("encode", help="show the tokens of a text")
     p.add_argument("--tokenizer", default=GPT2, help="gpt2, or a tokenizer folder")
     p.add_argument("text")
@@ -503,8 +494,8 @@ def parse_args(argv=None):
         if args.data_files and (args.dataset or args.name or args.split):
             parser.error("--data_files reads local files: drop --dataset, --name and --split")
         if not args.data_files:
-            args.dataset = args.dataset or fineweb.DEFAULT_DATASET
-            args.name = args.name or (fineweb.DEFAULT_NAME if args.dataset == fineweb.DEFAULT_DATASET else None)
+            args.dataset = args.dataset or DEFAULT_DATASET
+            args.name = args.name or (DEFAULT_NAME if args.dataset == DEFAULT_DATASET else None)
             args.split = args.split or "train"
     return args
 
