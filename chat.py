@@ -81,8 +81,9 @@ class Chat:
         sampled = []  # every token, the one that ended the reply too: the cache may hold all but the last
 
         def tokens():
-            for next_id in generate_stream(self.model, [prompt], max_new_tokens, kv_cache=self.cache_for(prompt),
-                                                      **sampling):  # fmt: skip
+            for next_id in generate_stream(
+                self.model, [prompt], max_new_tokens, kv_cache=self.cache_for(prompt), **sampling
+            ):
                 sampled.append(next_id.item())
                 if sampled[-1] in self.stops:
                     return
@@ -173,8 +174,10 @@ def chat_loop(chat, system, max_new_tokens, sampling):
             print(f"({e})")
             continue
         if dropped:
-            print(f"(the conversation outgrew the model's context of {chat.block_size} tokens: "
-                  f"dropped its oldest {dropped} turns)")  # fmt: skip
+            print(
+                f"(the conversation outgrew the model's context of {chat.block_size} tokens: "
+                f"dropped its oldest {dropped} turns)"
+            )
         messages = asked + [{"role": "assistant", "content": say(chat, asked, max_new_tokens, sampling)}]
 
 
@@ -207,13 +210,17 @@ def bench(chat, system, turns, max_new_tokens, args, device):
             first_token[reuse, turn] = time.perf_counter() - start
             reply += list(chunks)
             prompt_len, ms = len(render_prompt(messages, chat.tokenizer)), 1000 * first_token[reuse, turn]
-            print(f"cache reused: {'yes' if reuse else 'no '}  turn {turn + 1}: prompt of {prompt_len} tokens, "
-                  f"{chat.reused} from the cache, first token after {ms:.1f} ms")  # fmt: skip
+            print(
+                f"cache reused: {'yes' if reuse else 'no '}  turn {turn + 1}: prompt of {prompt_len} tokens, "
+                f"{chat.reused} from the cache, first token after {ms:.1f} ms"
+            )
             messages = messages + [{"role": "assistant", "content": "".join(reply)}]
     last = turns - 1
-    print(f"turn {turns}: time to first token {1000 * first_token[False, last]:.1f} ms computing the whole prompt, "
-          f"{1000 * first_token[True, last]:.1f} ms reusing the cache "
-          f"({first_token[False, last] / first_token[True, last]:.1f}x)")  # fmt: skip
+    print(
+        f"turn {turns}: time to first token {1000 * first_token[False, last]:.1f} ms computing the whole prompt, "
+        f"{1000 * first_token[True, last]:.1f} ms reusing the cache "
+        f"({first_token[False, last] / first_token[True, last]:.1f}x)"
+    )
 
 
 # ---- the web server: one page, one endpoint ----
@@ -257,8 +264,10 @@ def read_request(body, args):
         raise UserError(problem)
     for message in messages:
         if message["role"] != "assistant" and len(message["content"]) > args.max_message_chars:
-            raise UserError(f"a message of {len(message['content']):,} characters: this server takes at most "
-                            f"{args.max_message_chars:,} (--max_message_chars)")  # fmt: skip
+            raise UserError(
+                f"a message of {len(message['content']):,} characters: this server takes at most "
+                f"{args.max_message_chars:,} (--max_message_chars)"
+            )
     settings = {}
     kinds = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
     for name, kind in kinds.items():
@@ -267,8 +276,10 @@ def read_request(body, args):
             raise UserError(f"{name}={json.dumps(value)}: must be {'an integer' if kind is int else 'a number'}")
         settings[name] = value
     if settings["max_new_tokens"] > args.max_new_tokens:
-        raise UserError(f"max_new_tokens={settings['max_new_tokens']}: this server writes at most "
-                        f"{args.max_new_tokens} tokens per reply (--max_new_tokens)")  # fmt: skip
+        raise UserError(
+            f"max_new_tokens={settings['max_new_tokens']}: this server writes at most "
+            f"{args.max_new_tokens} tokens per reply (--max_new_tokens)"
+        )
     check_sampling_args(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"])
     return messages, settings
 
@@ -288,8 +299,14 @@ async def reply_events(chat, lock, messages, settings, dropped, precision, devic
         try:
             with lock, precision.autocast():
                 generator = torch.Generator(device=device).manual_seed(settings["seed"])
-                chunks = chat.reply(messages, settings["max_new_tokens"], temperature=settings["temperature"],
-                                    top_k=settings["top_k"], top_p=settings["top_p"], generator=generator)  # fmt: skip
+                chunks = chat.reply(
+                    messages,
+                    settings["max_new_tokens"],
+                    temperature=settings["temperature"],
+                    top_k=settings["top_k"],
+                    top_p=settings["top_p"],
+                    generator=generator,
+                )
                 reply = []
                 for chunk in chunks:
                     if gone.is_set():
@@ -382,24 +399,45 @@ def parse_args(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prompt", default=None, help="reply to this one message, print the reply and exit")
     mode.add_argument("--web", action="store_true", help="serve the chat page and its API instead of the terminal")
-    mode.add_argument("--bench", type=int, metavar="TURNS", default=None,
-                      help="time to first token over a scripted conversation of TURNS turns, cache reused and not")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="tokens per reply, at most (default: 256, or half the context of a model with less)")
+    mode.add_argument(
+        "--bench",
+        type=int,
+        metavar="TURNS",
+        default=None,
+        help="time to first token over a scripted conversation of TURNS turns, cache reused and not",
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="tokens per reply, at most (default: 256, or half the context of a model with less)",
+    )
     # nanochat's chat defaults: a little below 1 and the 50 most likely tokens keep a small model on topic
-    parser.add_argument("--temperature", type=float, default=0.6,
-                        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.6,
+        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder",
+    )
     parser.add_argument("--top_k", type=int, default=50, help="sample only among the k most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None,
-                        help="sample only among the most likely tokens that together hold this probability")
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        help="sample only among the most likely tokens that together hold this probability",
+    )
     parser.add_argument("--seed", type=int, default=1337, help="the same seed, flags and messages: the same replies")
     add_device_args(parser)
     web = parser.add_argument_group("--web")
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network, take care)")
     web.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free one)")
-    web.add_argument("--max_message_chars", type=int, default=4000,
-                     help="longest user or system message the server takes, in characters")
-    return parser.parse_args(argv)  # fmt: skip
+    web.add_argument(
+        "--max_message_chars",
+        type=int,
+        default=4000,
+        help="longest user or system message the server takes, in characters",
+    )
+    return parser.parse_args(argv)
 
 
 @exit_on_error
@@ -412,14 +450,18 @@ def main(argv=None):
     precision = setup_precision(args.dtype, device.split(":")[0])
     model, tokenizer = load_sampling_model(args, device)
     if "<|assistant|>" not in tokenizer.special_tokens:
-        raise UserError(f"the {tokenizer.name} tokenizer has no chat tokens: chat.py talks to a model fine-tuned by "
-                        "finetune.py (GPT-2's BPE with chat tokens is --tokenizer gpt2-chat)")  # fmt: skip
+        raise UserError(
+            f"the {tokenizer.name} tokenizer has no chat tokens: chat.py talks to a model fine-tuned by "
+            "finetune.py (GPT-2's BPE with chat tokens is --tokenizer gpt2-chat)"
+        )
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.config.block_size // 2)
     if args.max_new_tokens > model.config.block_size // 2:
-        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves the conversation less than half of the "
-                        f"model's context of {model.config.block_size} tokens: ask for at most "
-                        f"{model.config.block_size // 2}")  # fmt: skip
+        raise UserError(
+            f"--max_new_tokens {args.max_new_tokens} leaves the conversation less than half of the "
+            f"model's context of {model.config.block_size} tokens: ask for at most "
+            f"{model.config.block_size // 2}"
+        )
     chat = Chat(model, tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.web:
@@ -432,8 +474,10 @@ def main(argv=None):
         if args.prompt is not None:
             messages, _ = chat.fit(system + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
             return say(chat, messages, args.max_new_tokens, sampling_settings(args, device))
-        print(f"chat.py: {args.checkpoint or args.model} ({model.num_params() / 1e6:.1f}M parameters, a context of "
-              f"{chat.block_size} tokens). /reset starts over, /quit leaves, Ctrl-C stops a reply.")  # fmt: skip
+        print(
+            f"chat.py: {args.checkpoint or args.model} ({model.num_params() / 1e6:.1f}M parameters, a context of "
+            f"{chat.block_size} tokens). /reset starts over, /quit leaves, Ctrl-C stops a reply."
+        )
         chat_loop(chat, system, args.max_new_tokens, sampling_settings(args, device))
 
 

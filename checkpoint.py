@@ -180,10 +180,12 @@ def add_model_args(parser):
     """--checkpoint | --model, and --tokenizer: what every script that uses a trained model takes."""
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="a checkpoint written by train_gpt2.py, e.g. log/model_19073.pt")
-    weights.add_argument("--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
-                         "Hugging Face folder")  # fmt: skip
-    parser.add_argument("--tokenizer", default="auto",
-                        help="auto (the checkpoint's; gpt2 for --model), gpt2, or a tokenizer folder")
+    weights.add_argument(
+        "--model", help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face folder"
+    )
+    parser.add_argument(
+        "--tokenizer", default="auto", help="auto (the checkpoint's; gpt2 for --model), gpt2, or a tokenizer folder"
+    )
 
 
 def load_model(args, device):

@@ -77,4 +77,3 @@ def parse_layered(argv, config_class, layers, description=None, hidden=()):
     defaults = {f.name: f.default for f in fields(config_class)}
     cfg.sources = {name: sources[name] for name in values if values[name] != defaults[name]}
     return cfg
-

@@ -77,8 +77,19 @@ class DataLoaderLite:
     first time the shard is read: an id the model has no embedding row for is a clear error, not a
     crash deep in the embedding (or a CUDA device-side assert)."""
 
-    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_dir=DEFAULT_DATA_DIR,
-                 shuffle=False, seed=0, device="cpu", vocab_size=None):
+    def __init__(
+        self,
+        B,
+        T,
+        process_rank=0,
+        num_processes=1,
+        split="train",
+        data_dir=DEFAULT_DATA_DIR,
+        shuffle=False,
+        seed=0,
+        device="cpu",
+        vocab_size=None,
+    ):
         if B < 1 or T < 1:
             raise UserError(f"batch size B={B} and sequence length T={T} must both be at least 1")
         if not 0 <= process_rank < num_processes:
@@ -225,15 +236,20 @@ def main():
     parser.add_argument("--T", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--num_processes", type=int, default=1, help="number of ranks (GPUs)")
     args = parser.parse_args()
-    loader = DataLoaderLite(args.B, args.T, num_processes=args.num_processes, split=args.split,
-                            data_dir=args.data_dir)
+    loader = DataLoaderLite(args.B, args.T, num_processes=args.num_processes, split=args.split, data_dir=args.data_dir)
     tokens_per_epoch = loader.windows_per_epoch * args.B * args.T
-    print(f"{len(loader.shards)} {args.split} shards in {args.data_dir}: "
-          f"{os.path.basename(loader.shards[0])} ... {os.path.basename(loader.shards[-1])}")
-    print(f"{sum(loader.shard_tokens):,} tokens; {loader.windows_per_epoch:,} windows of B*T = "
-          f"{args.B * args.T:,} tokens per epoch ({tokens_per_epoch:,} tokens, shard tails left out)")
-    print(f"{loader.windows_per_epoch / args.num_processes:,.1f} micro-steps per epoch on each of "
-          f"{args.num_processes} ranks")
+    print(
+        f"{len(loader.shards)} {args.split} shards in {args.data_dir}: "
+        f"{os.path.basename(loader.shards[0])} ... {os.path.basename(loader.shards[-1])}"
+    )
+    print(
+        f"{sum(loader.shard_tokens):,} tokens; {loader.windows_per_epoch:,} windows of B*T = "
+        f"{args.B * args.T:,} tokens per epoch ({tokens_per_epoch:,} tokens, shard tails left out)"
+    )
+    print(
+        f"{loader.windows_per_epoch / args.num_processes:,.1f} micro-steps per epoch on each of "
+        f"{args.num_processes} ranks"
+    )
     x, y = loader.next_batch()
     print(f"first batch: x {tuple(x.shape)} {x.dtype}, first tokens {x[0, :8].tolist()}")
 

@@ -71,7 +71,7 @@ class DistInfo:
 
 
 def pick_device(requested, local_rank):
-    """"auto" picks cuda > mps > cpu; an explicit device that is not there is an error, not a fallback."""
+    """ "auto" picks cuda > mps > cpu; an explicit device that is not there is an error, not a fallback."""
     if requested == "auto":
         if torch.cuda.is_available():
             requested = "cuda"
@@ -205,7 +205,7 @@ class Precision:
 
 
 def setup_precision(requested, device_type, sharded=False):
-    """"auto": bf16 on GPUs that have it (Ampere and newer), fp16 with loss scaling on those that
+    """ "auto": bf16 on GPUs that have it (Ampere and newer), fp16 with loss scaling on those that
     do not (V100, T4, RTX 20xx), float32 on CPU and MPS. sharded: the model is sharded with FSDP."""
     if requested == "auto":
         if device_type == "cuda":

@@ -150,8 +150,14 @@ class RowLoader:
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self):
-        return {"position": self.position, "B": self.B, "shuffle": self.shuffle, "seed": self.seed,
-                "rows": len(self.rows), "fingerprint": self.fingerprint}  # fmt: skip
+        return {
+            "position": self.position,
+            "B": self.B,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "rows": len(self.rows),
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state):
         mine = self.state_dict()
@@ -213,8 +219,23 @@ class FinetuneConfig(TrainConfig):
 # --data_files, and its LR schedule from sft_lr. It trains with AdamW, whatever trained the base: the
 # modern recipe's Muon LR is a pretraining one, and LoRA's thin (out, rank) matrices are not what
 # Muon's orthogonalised updates are for.
-HIDDEN = ("data_dir", "tokenizer", "model", "n_layer", "n_head", "n_embd", "recipe", *MODERN_SWITCHES, "lr_schedule",
-          "decay_frac", "optimizer", "muon_lr", "muon_momentum", "embed_lr", "head_lr")  # fmt: skip
+HIDDEN = (
+    "data_dir",
+    "tokenizer",
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "recipe",
+    *MODERN_SWITCHES,
+    "lr_schedule",
+    "decay_frac",
+    "optimizer",
+    "muon_lr",
+    "muon_momentum",
+    "embed_lr",
+    "head_lr",
+)
 
 
 def finetuning_layers(flags):
@@ -269,22 +290,33 @@ def finetuning_job(cfg, dist_info):
         order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
         n_val = max(1, round(cfg.val_fraction * len(train_rows))) if cfg.val_fraction > 0 else 0
         if n_val == 0 or n_val >= len(train_rows):
-            raise UserError(f"{len(train_rows)} row(s): cannot hold out a validation set; pass --val_files, or "
-                            f"--val_fraction above 0 with more rows")  # fmt: skip
+            raise UserError(
+                f"{len(train_rows)} row(s): cannot hold out a validation set; pass --val_files, or "
+                f"--val_fraction above 0 with more rows"
+            )
         val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
     if len(train_rows) < cfg.batch_size * dist_info.world_size:  # a step would read some rows twice
-        raise UserError(f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
-                        f"{cfg.batch_size}: lower --batch_size, or add rows")  # fmt: skip
+        raise UserError(
+            f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
+            f"{cfg.batch_size}: lower --batch_size, or add rows"
+        )
     # the val loss reads the validation rows once (val_steps batches per process), not round and round
     val_steps = min(cfg.val_steps, math.ceil(len(val_rows) / (cfg.batch_size * dist_info.world_size)))
     if dist_info.is_master:
         filled = sum(len(x) for x, _ in train_rows) / (len(train_rows) * cfg.seq_len)
         kind = "chat" if is_chat else "plain text"
-        print(f"{len(train_rows):,} training rows ({filled:.0%} of --seq_len filled), {len(val_rows):,} validation "
-              f"rows; {kind}" + (f"; the val loss reads them once: {val_steps} batches, not --val_steps "
-                                 f"{cfg.val_steps}" if val_steps < cfg.val_steps else ""))  # fmt: skip
-    loader_args = dict(process_rank=dist_info.rank, num_processes=dist_info.world_size, device=dist_info.device,
-                       pad_id=tokenizer.eot)  # fmt: skip
+        print(
+            f"{len(train_rows):,} training rows ({filled:.0%} of --seq_len filled), {len(val_rows):,} validation "
+            f"rows; {kind}"
+            + (
+                f"; the val loss reads them once: {val_steps} batches, not --val_steps {cfg.val_steps}"
+                if val_steps < cfg.val_steps
+                else ""
+            )
+        )
+    loader_args = dict(
+        process_rank=dist_info.rank, num_processes=dist_info.world_size, device=dist_info.device, pad_id=tokenizer.eot
+    )
     train_loader = RowLoader(train_rows, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = RowLoader(val_rows, cfg.batch_size, **loader_args)
 
@@ -301,8 +333,16 @@ def finetuning_job(cfg, dist_info):
         "lora": lora if cfg.lora_rank else None,
         "template": chat_template(tokenizer) if is_chat else None,
     }
-    return Job(tokenizer, base.config, train_loader, val_loader, val_steps, make_model,
-               get_lr=lambda step: sft_lr(step, cfg), checkpoint_extra=extra)
+    return Job(
+        tokenizer,
+        base.config,
+        train_loader,
+        val_loader,
+        val_steps,
+        make_model,
+        get_lr=lambda step: sft_lr(step, cfg),
+        checkpoint_extra=extra,
+    )
 
 
 @exit_on_error

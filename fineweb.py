@@ -35,8 +35,20 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from documents import DEFAULT_DATASET, DEFAULT_NAME, HubSource, hub_dataset, hub_row_count, hub_rows, json_state
-from documents import local_row_count, local_rows, no_state, parse_count, resolve_data_files
+from documents import (
+    DEFAULT_DATASET,
+    DEFAULT_NAME,
+    HubSource,
+    hub_dataset,
+    hub_row_count,
+    hub_rows,
+    json_state,
+    local_row_count,
+    local_rows,
+    no_state,
+    parse_count,
+    resolve_data_files,
+)
 from errors import UserError, exit_on_error
 from files import atomic_write
 from shards import DEFAULT_DATA_DIR, TOKEN_DTYPE, files_matching, shard_name, shard_patterns
@@ -466,8 +478,11 @@ def parse_args(argv=None):
     parser.add_argument("--data_files", nargs="+", metavar="PATH", help="local files, folders or globs (no network)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     parser.add_argument("--cache_dir", help="where datasets keeps downloads (default: ~/.cache/huggingface/datasets)")
-    parser.add_argument("--data_dir", default=Config.data_dir,
-                        help="shard folder to write, train_gpt2.py's --data_dir (default: edu_fineweb10B beside this)")
+    parser.add_argument(
+        "--data_dir",
+        default=Config.data_dir,
+        help="shard folder to write, train_gpt2.py's --data_dir (default: edu_fineweb10B beside this)",
+    )
     parser.add_argument("--prefix", default=Config.prefix, help="shard file name prefix (default: edufineweb)")
     parser.add_argument("--shard_size", type=parse_count, default=Config.shard_size, help="tokens per shard (1e8)")
     parser.add_argument("--max_tokens", type=parse_count, help="stop after this many tokens (small demos)")

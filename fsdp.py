@@ -55,8 +55,10 @@ def empty_copy(model, device):
     """A copy of model whose weights are new, uninitialised tensors on device ("meta": no memory at
     all): a deepcopy in which each parameter is stood in for by an empty one of its shape, so that a
     tied weight stays tied."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            for p in model.parameters()}  # fmt: skip
+    memo = {
+        id(p): torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
     return copy.deepcopy(model, memo)
 
 

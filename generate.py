@@ -44,7 +44,6 @@ class KVCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
-
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, **kwargs):
     """Append up to max_new_tokens tokens to idx (B, T) and return the (B, T + n) result.
     temperature=0 picks the most likely token; top_k keeps only the k most likely; a seeded
@@ -54,8 +53,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
     return torch.cat([idx, *(next_id[:, None] for next_id in steps)], dim=1)
 
 
-def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                    eot=None, use_cache=True, kv_cache=None):  # fmt: skip
+def generate_stream(
+    model,
+    prompts,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    generator=None,
+    eot=None,
+    use_cache=True,
+    kv_cache=None,
+):
     """An iterator over the next token of every prompt, a (B,) tensor per step, yielded as soon as it
     is sampled. prompts: a (B, T) tensor, or B lists of ids of any lengths (left_pad). eot: a row that
     produces it repeats it; the stream ends when every row has, or after max_new_tokens steps.
@@ -67,12 +76,12 @@ def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
     idx, real = left_pad(prompts, model.config.block_size, model.transformer.wte.weight.device)
     if kv_cache is not None and not (idx.size(0) == 1 and kv_cache[0].length < idx.size(1)):
         raise ValueError("a kv_cache passed in must hold fewer positions than the one prompt has")
-    return generate_steps(model, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache,
-                                kv_cache)  # fmt: skip
+    return generate_steps(
+        model, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache, kv_cache
+    )
 
 
-def generate_steps(model, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache,
-                    kv_cache):  # fmt: skip
+def generate_steps(model, idx, real, max_new_tokens, temperature, top_k, top_p, generator, eot, use_cache, kv_cache):
     """generate_stream's loop. idx (B, T) token ids, real (B, T) True at real tokens (not padding)."""
     block_size = model.config.block_size
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # rows that produced eot

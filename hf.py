@@ -18,9 +18,13 @@ from model import GPT, MODERN_SWITCHES, GPTConfig
 from tokenizer import GPT2, GPT2_CHAT
 
 # GPTConfig field -> the name of the same setting in Hugging Face's GPT2Config
-HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
-                   "n_head": "n_head", "n_embd": "n_embd"}
-
+HF_CONFIG_NAMES = {
+    "block_size": "n_positions",
+    "vocab_size": "vocab_size",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+}
 
 
 def from_pretrained(name_or_dir):
@@ -114,12 +118,23 @@ def save_hf_tokenizer(tokenizer, out_dir):
     for filename, url in GPT2_FILES.items():
         with open(os.path.join(out_dir, filename), "wb") as f:
             f.write(read_file_cached(url))
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}  # fmt: skip
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": 1024,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     config["added_tokens_decoder"] = {
-        str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                 "single_word": False}
+        str(i): {
+            "content": text,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
         for text, i in tokenizer.special_tokens.items()
-    }  # fmt: skip
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)

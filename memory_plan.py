@@ -57,8 +57,17 @@ def _parameter_counts(**config):
     return model.num_params(), per_block, model.num_params() - config["n_layer"] * per_block
 
 
-def memory_plan(config, batch_size, seq_len, world_size, dtype, parallel, checkpointing, reshard_after_forward=True,
-                grad_accum_steps=1):  # fmt: skip
+def memory_plan(
+    config,
+    batch_size,
+    seq_len,
+    world_size,
+    dtype,
+    parallel,
+    checkpointing,
+    reshard_after_forward=True,
+    grad_accum_steps=1,
+):
     """{what: bytes} on each GPU for one training step. Adds everything as if it were alive at once,
     so it is an upper bound; allocator fragmentation and the CUDA context are not in it."""
     P, P_block, P_root = parameter_counts(config)
@@ -99,8 +108,13 @@ PLAN_COLUMNS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
 GPU_RESERVE = 0.10
 
 
-def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype, gpu_gib, chosen,
-                reshard_after_forward=True):  # fmt: skip
+def plan_flags(parallel, checkpointing):
+    return f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}"
+
+
+def plan_report(
+    config, batch_size, seq_len, total_batch_size, world_size, dtype, gpu_gib, chosen, reshard_after_forward=True
+):
     """(text, problem): what train_gpt2.py --plan prints, GiB per GPU of each part of memory_plan for
     ddp and fsdp with and without activation checkpointing and the largest --batch_size that fits in
     gpu_gib GiB (0: unknown); and, if chosen (the flags' parallel and checkpointing) does not fit
@@ -109,8 +123,17 @@ def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype
 
     def plan_at(parallel, checkpointing, B, N=world_size):
         accumulating = total_batch_size > B * seq_len * N
-        return memory_plan(config, B, seq_len, N, dtype, parallel, checkpointing, reshard_after_forward,
-                           grad_accum_steps=2 if accumulating else 1)  # fmt: skip
+        return memory_plan(
+            config,
+            B,
+            seq_len,
+            N,
+            dtype,
+            parallel,
+            checkpointing,
+            reshard_after_forward,
+            grad_accum_steps=2 if accumulating else 1,
+        )
 
     def largest(parallel, checkpointing, N=world_size):
         """The largest batch_size that fits, the largest of those that divides total_batch_size."""
@@ -132,27 +155,32 @@ def plan_report(config, batch_size, seq_len, total_batch_size, world_size, dtype
         lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>12.2f}" for plan in plans))
     lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.2f}" for plan in plans))
     if not config.is_gpt2:
-        lines.append("  (counted for GPT-2's layers and AdamW's two moments: the modern recipe's norms, rotary "
-                     "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)")
+        lines.append(
+            "  (counted for GPT-2's layers and AdamW's two moments: the modern recipe's norms, rotary "
+            "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)"
+        )
     if not gpu_gib:
         lines.append("the largest batch_size that fits: pass --gpu_memory GiB")
         return "\n".join(lines), None
     fits = [largest(p, c) for p, c in PLAN_COLUMNS]
     lines.append(f"{'largest batch_size':<20}" + "".join(f"{f'{a} ({d})':>12}" for a, d in fits))
-    lines.append(f"  (in brackets: the largest that divides --total_batch_size {total_batch_size}; "
-                 f"{GPU_RESERVE:.0%} of the GPU kept back)")  # fmt: skip
+    lines.append(
+        f"  (in brackets: the largest that divides --total_batch_size {total_batch_size}; "
+        f"{GPU_RESERVE:.0%} of the GPU kept back)"
+    )
     if fits[PLAN_COLUMNS.index(chosen)][0] == 0:
-        flags = lambda parallel, checkpointing: f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}"
-        ways = [f"{flags(*column)} (fits batch_size {a})" for column, (a, _) in zip(PLAN_COLUMNS, fits) if a]
+        ways = [f"{plan_flags(*column)} (fits batch_size {a})" for column, (a, _) in zip(PLAN_COLUMNS, fits) if a]
         if not ways:  # then sharded over more processes
             more = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest("fsdp", True, N)[0]), 0)
             if more:
                 fit = largest("fsdp", True, more)[0]
-                ways.append(f"{flags('fsdp', True)} over {more} processes (fits batch_size {fit})")
+                ways.append(f"{plan_flags('fsdp', True)} over {more} processes (fits batch_size {fit})")
         ways += ["a shorter --seq_len", "a smaller model"]
         need = sum(plan_at(*chosen, 1).values()) / 2**30
-        problem = (f"{flags(*chosen)} needs {need:.2f} GiB per GPU at batch_size 1, more than a {gpu_gib:g} GiB GPU "
-                   f"holds ({1 - GPU_RESERVE:.0%} of it): try {'; or '.join(ways)}")  # fmt: skip
+        problem = (
+            f"{plan_flags(*chosen)} needs {need:.2f} GiB per GPU at batch_size 1, more than a {gpu_gib:g} GiB GPU "
+            f"holds ({1 - GPU_RESERVE:.0%} of it): try {'; or '.join(ways)}"
+        )
         return "\n".join(lines), problem
     return "\n".join(lines), None
 
@@ -165,14 +193,23 @@ def planned_vocab_size(tokenizer_name):
 
 def print_plan(cfg, model_config, world_size):
     """train_gpt2.py --plan: plan_report for these flags, planned for GPUs (--dtype auto means bf16 here)."""
-    gpu_memory = cfg.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / 2**30
-                                    if torch.cuda.is_available() else 0)  # fmt: skip
+    gpu_memory = cfg.gpu_memory or (
+        torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+    )
     dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if cfg.dtype not in dtype:
         raise UserError(f"--dtype {cfg.dtype}: choose auto, bfloat16, float16, float32")
-    report, problem = plan_report(model_config, cfg.batch_size, cfg.seq_len, cfg.total_batch_size, world_size,
-                                  dtype[cfg.dtype], gpu_memory, (cfg.parallel, cfg.activation_checkpointing),
-                                  cfg.reshard_after_forward)  # fmt: skip
+    report, problem = plan_report(
+        model_config,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.total_batch_size,
+        world_size,
+        dtype[cfg.dtype],
+        gpu_memory,
+        (cfg.parallel, cfg.activation_checkpointing),
+        cfg.reshard_after_forward,
+    )
     print(report)
     if problem:
         raise UserError(problem)

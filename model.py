@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-
 # GPT-2's BPE has 50,000 merges + 256 byte tokens + 1 <|endoftext|> = 50,257 tokens.
 GPT2_VOCAB_SIZE = 50257
 
@@ -35,6 +34,7 @@ MODEL_SIZES = {
     "tiny": (2, 2, 64),  # for unit tests: runs in milliseconds
     "mini": (4, 4, 64),  # for CPU demos (train_gpt2.py --preset cpu): trains in minutes
 }
+
 
 @dataclass
 class GPTConfig:

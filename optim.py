@@ -11,8 +11,18 @@ import math
 import torch
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, eps, device_type, muon_lr=0.0,
-                         muon_momentum=0.95, embed_lr=0.0, head_lr=0.0):  # fmt: skip
+def configure_optimizers(
+    model,
+    weight_decay,
+    learning_rate,
+    betas,
+    eps,
+    device_type,
+    muon_lr=0.0,
+    muon_momentum=0.95,
+    embed_lr=0.0,
+    head_lr=0.0,
+):
     """AdamW with weight decay on the matrices (matmul weights and embeddings) only.
     Biases and LayerNorm gains are 1-D: decaying them toward zero only hurts.
 
@@ -47,18 +57,24 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, eps, device_
     # a (rows, cols) matrix by sqrt(max(1, rows / cols)). It is for 2-D hidden matrices only:
     # embeddings, the head and the biases stay with AdamW. c_attn's query, key and value weights are
     # one (3C, C) matrix here, orthogonalised together (modded-nanogpt does them one by one).
-    muon = torch.optim.Muon([group(matrices, muon_lr)], lr=muon_lr, momentum=muon_momentum,
-                            weight_decay=weight_decay)  # fmt: skip
+    muon = torch.optim.Muon([group(matrices, muon_lr)], lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay)
     return MuonWithAdamW(muon, adamw)
 
 
 def make_optimizer(model, cfg, device_type):
     """AdamW, or Muon + AdamW (cfg.optimizer), with each parameter group's peak LR from cfg."""
     return configure_optimizers(
-        model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, device_type,
-        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0, muon_momentum=cfg.muon_momentum,
-        embed_lr=cfg.embed_lr, head_lr=cfg.head_lr,
-    )  # fmt: skip
+        model,
+        cfg.weight_decay,
+        cfg.max_lr,
+        (cfg.beta1, cfg.beta2),
+        cfg.adam_eps,
+        device_type,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0,
+        muon_momentum=cfg.muon_momentum,
+        embed_lr=cfg.embed_lr,
+        head_lr=cfg.head_lr,
+    )
 
 
 def set_lr(optimizer, lr):
@@ -132,8 +148,10 @@ class MuonWithAdamW:
         for optimizer in self.optimizers:
             own = [next(groups) for _ in optimizer.param_groups]
             n = sum(len(g["params"]) for g in own)
-            optimizer.load_state_dict({
-                "state": {i - offset: v for i, v in state_dict["state"].items() if offset <= i < offset + n},
-                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in own],
-            })  # fmt: skip
+            optimizer.load_state_dict(
+                {
+                    "state": {i - offset: v for i, v in state_dict["state"].items() if offset <= i < offset + n},
+                    "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in own],
+                }
+            )
             offset += n

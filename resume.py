@@ -17,8 +17,15 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from checkpoint import check_keys, clean_state_dict, load_checkpoint, load_weights, model_checkpoint, save_checkpoint
-from checkpoint import trained_weights
+from checkpoint import (
+    check_keys,
+    clean_state_dict,
+    load_checkpoint,
+    load_weights,
+    model_checkpoint,
+    save_checkpoint,
+    trained_weights,
+)
 from device import all_gather, unwrap
 from errors import UserError
 from fsdp import gather_full, shard_like
@@ -26,8 +33,18 @@ from model import GPTConfig
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
 
-TRAINING_KEYS = ["model", "config", "step", "optimizer", "scaler", "args", "dataloader", "rng", "nonfinite_skips",
-                 "last_val"]  # fmt: skip
+TRAINING_KEYS = [
+    "model",
+    "config",
+    "step",
+    "optimizer",
+    "scaler",
+    "args",
+    "dataloader",
+    "rng",
+    "nonfinite_skips",
+    "last_val",
+]
 
 
 def save_training_state(run, step, model, optimizer, train_loader, loop):
@@ -87,9 +104,14 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
     defaults = {f.name: f.default for f in fields(cfg)}  # for checkpoints older than a flag
     # the optimizer's saved parameter groups (their LRs included) replace the run's own at the restore
     optimizer_state = "the optimizer state it holds was built with that"
-    for name, why in (("total_batch_size", "the data position and the LR schedule count steps of that size"),
-                      ("optimizer", optimizer_state), ("muon_lr", optimizer_state), ("muon_momentum", optimizer_state),
-                      ("embed_lr", optimizer_state), ("head_lr", optimizer_state)):  # fmt: skip
+    for name, why in (
+        ("total_batch_size", "the data position and the LR schedule count steps of that size"),
+        ("optimizer", optimizer_state),
+        ("muon_lr", optimizer_state),
+        ("muon_momentum", optimizer_state),
+        ("embed_lr", optimizer_state),
+        ("head_lr", optimizer_state),
+    ):
         saved = checkpoint["args"].get(name, defaults[name])
         if saved != getattr(cfg, name):
             raise UserError(
@@ -141,12 +163,16 @@ def start_branch(log_dir, step):
 def restore_training_state(checkpoint, model, optimizer, scaler, train_loader):
     """The inverse of save_training_state, on every process. Returns the loop's saved state."""
     own = model.state_dict()  # under FSDP, this rank's shards: the saved tensors are cut like them
-    weights = {name: shard_like(t, own[name]) if name in own else t
-               for name, t in clean_state_dict(checkpoint["model"]).items()}  # fmt: skip
+    weights = {
+        name: shard_like(t, own[name]) if name in own else t
+        for name, t in clean_state_dict(checkpoint["model"]).items()
+    }
     load_weights(model, weights, checkpoint["path"])
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the ids the saved state uses
-    state = {i: {key: shard_like(t, params[i]) if t.shape == params[i].shape else t for key, t in moments.items()}
-             for i, moments in checkpoint["optimizer"]["state"].items()}  # fmt: skip
+    state = {
+        i: {key: shard_like(t, params[i]) if t.shape == params[i].shape else t for key, t in moments.items()}
+        for i, moments in checkpoint["optimizer"]["state"].items()
+    }
     optimizer.load_state_dict({**checkpoint["optimizer"], "state": state})
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run was not float16
         scaler.load_state_dict(checkpoint["scaler"])
@@ -253,5 +279,3 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
     elif "mps" in state and device == "mps":
         torch.mps.set_rng_state(state["mps"])
-
-

@@ -74,18 +74,33 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt_file", help="read the prompt from this file, newlines and all")
     parser.add_argument("--num_samples", type=int, default=4, help="completions of the prompt")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per completion, at most")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder",
+    )
     parser.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None,
-                        help="sample only among the most likely tokens that together hold this probability")
-    parser.add_argument("--stop", action="append", default=[],
-                        help="end a completion where this text appears (repeatable); <|endoftext|> always ends it")
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        help="sample only among the most likely tokens that together hold this probability",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end a completion where this text appears (repeatable); <|endoftext|> always ends it",
+    )
     parser.add_argument("--seed", type=int, default=1337, help="the same seed and settings give the same text")
     add_device_args(parser)
-    parser.add_argument("--no_stream", action="store_true",
-                        help="generate all samples as one batch, then print them (other random draws than streaming)")
-    return parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--no_stream",
+        action="store_true",
+        help="generate all samples as one batch, then print them (other random draws than streaming)",
+    )
+    return parser.parse_args(argv)
 
 
 def load_sampling_model(args, device):
@@ -95,8 +110,10 @@ def load_sampling_model(args, device):
     except UserError as e:  # a missing or unreadable file; the cause can run over many lines
         raise UserError(str(e).strip().splitlines()[0]) from None
     if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
-                        f"{tokenizer.vocab_size}: they do not belong together")  # fmt: skip
+        raise UserError(
+            f"the model has vocab_size={model.config.vocab_size}, the {tokenizer.name} tokenizer "
+            f"{tokenizer.vocab_size}: they do not belong together"
+        )
     return model.eval(), tokenizer
 
 
@@ -136,8 +153,9 @@ def main(argv=None):
     text = read_prompt(args)
     prompt = tokenizer.encode(text)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                    eot=tokenizer.eot)  # fmt: skip
+    settings = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator, eot=tokenizer.eot
+    )
     with precision.autocast():
         if args.no_stream:
             steps = generate_stream(model, [prompt] * args.num_samples, args.max_new_tokens, **settings)

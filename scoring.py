@@ -19,9 +19,9 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,6 @@ from device import (
 from errors import UserError
 from files import atomic_write
 from training_log import format_results
-
 
 # What score_examples adds up over the examples of every rank (see batch_totals).
 TOTALS = ("count", "correct", "correct_norm", "greedy", "loss", "tokens")

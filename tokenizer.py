@@ -356,8 +356,9 @@ def get_tokenizer(name=GPT2):
         )
     if name == GPT2_CHAT:
         chat_ids = {token: encoding.n_vocab + i for i, token in enumerate(CHAT_TOKENS)}
-        encoding = make_encoding(GPT2_CHAT, encoding._pat_str, encoding._mergeable_ranks,
-                                 {**encoding._special_tokens, **chat_ids})  # fmt: skip
+        encoding = make_encoding(
+            GPT2_CHAT, encoding._pat_str, encoding._mergeable_ranks, {**encoding._special_tokens, **chat_ids}
+        )
     return Tokenizer(encoding, name)
 
 

@@ -19,9 +19,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -46,7 +46,6 @@ from model import GPT, MODEL_SIZES, GPTConfig
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # A preset replaces some defaults; flags given on the command line still win.
-# fmt: off
 PRESETS = {
     "gpt2": {},  # the 124M / 10B-token recipe above
     # The README demo: model.MODEL_SIZES["mini"] (4 layers of width 64, 3.4M parameters) for 1,500
@@ -54,13 +53,21 @@ PRESETS = {
     # shape won measured comparisons on the offline FineWeb sample: docs/benchmarks.md, "CPU preset".
     "cpu": dict(
         model="mini",
-        batch_size=4, seq_len=64, total_batch_size=1024,  # 4 micro-batches per step
-        max_steps=1500, warmup_steps=30, max_lr=3e-3,
-        eval_interval=250, val_steps=160, eval_limit=100, sample_interval=250, num_samples=1, ckpt_interval=250,
+        batch_size=4,
+        seq_len=64,
+        total_batch_size=1024,  # 4 micro-batches per step
+        max_steps=1500,
+        warmup_steps=30,
+        max_lr=3e-3,
+        eval_interval=250,
+        val_steps=160,
+        eval_limit=100,
+        sample_interval=250,
+        num_samples=1,
+        ckpt_interval=250,
         log_interval=50,
     ),
 }
-# fmt: on
 
 # --recipe: what the modern recipe changes (after --preset and --model; flags given still win). Sources
 # are in model.GPTConfig, configure_optimizers and get_lr. The LRs were tuned on the CPU benchmark's
@@ -68,8 +75,18 @@ PRESETS = {
 RECIPES = {
     "gpt2": {},
     "modern": dict(
-        rope=True, rmsnorm=True, qk_norm=True, relu2=True, untied_head=True, zero_init=True, logit_softcap=15.0,
-        optimizer="muon", muon_lr=0.04, max_lr=8e-3, lr_schedule="wsd", min_lr_ratio=0.0,
+        rope=True,
+        rmsnorm=True,
+        qk_norm=True,
+        relu2=True,
+        untied_head=True,
+        zero_init=True,
+        logit_softcap=15.0,
+        optimizer="muon",
+        muon_lr=0.04,
+        max_lr=8e-3,
+        lr_schedule="wsd",
+        min_lr_ratio=0.0,
     ),
 }
 
@@ -86,22 +103,33 @@ GPT3_TABLE = {
 @dataclass
 class TrainConfig:
     # data and outputs
-    preset: str = flag("gpt2", "a set of defaults: gpt2 (the 124M / 10B-token recipe) or cpu (PRESETS)",
-                       choices=tuple(PRESETS))  # fmt: skip
+    preset: str = flag(
+        "gpt2", "a set of defaults: gpt2 (the 124M / 10B-token recipe) or cpu (PRESETS)", choices=tuple(PRESETS)
+    )
     data_dir: str = flag(shards.DEFAULT_DATA_DIR, "token shards written by fineweb.py")
-    tokenizer: str = flag("auto", "auto (the one the shards were written with, per their meta.json; else gpt2), gpt2, "
-                          "or a folder written by `python tokenizer.py train`")  # fmt: skip
+    tokenizer: str = flag(
+        "auto",
+        "auto (the one the shards were written with, per their meta.json; else gpt2), gpt2, "
+        "or a folder written by `python tokenizer.py train`",
+    )
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log"), "log.txt, metrics.jsonl and checkpoints go here")
     # model: GPT-2 small
-    model: str = flag("gpt2", "a model size: sets n_layer, n_head, n_embd (model.MODEL_SIZES) and, for larger "
-                      "GPT-2s, GPT-3's batch size and LR (GPT3_TABLE)", choices=tuple(MODEL_SIZES))  # fmt: skip
+    model: str = flag(
+        "gpt2",
+        "a model size: sets n_layer, n_head, n_embd (model.MODEL_SIZES) and, for larger "
+        "GPT-2s, GPT-3's batch size and LR (GPT3_TABLE)",
+        choices=tuple(MODEL_SIZES),
+    )
     n_layer: int = flag(12, "transformer blocks (GPT-2 124M: 12)", low=1)
     n_head: int = flag(12, "attention heads per block (GPT-2 124M: 12)", low=1)
     n_embd: int = flag(768, "width of the residual stream (GPT-2 124M: 768)", low=1)
     # the recipe: GPT-2's, or the modern one (RECIPES), whose changes are switches of their own
-    recipe: str = flag("gpt2", "gpt2 (the papers') or modern (the speedrun lessons: turns on every switch below, "
-                       "--optimizer muon and --lr_schedule wsd, with their LRs; README: Two recipes)",
-                       choices=tuple(RECIPES))  # fmt: skip
+    recipe: str = flag(
+        "gpt2",
+        "gpt2 (the papers') or modern (the speedrun lessons: turns on every switch below, "
+        "--optimizer muon and --lr_schedule wsd, with their LRs; README: Two recipes)",
+        choices=tuple(RECIPES),
+    )
     rope: bool = flag(False, "rotary position embeddings instead of learned ones (model.GPTConfig lists the sources)")
     rmsnorm: bool = flag(False, "RMSNorm without a gain instead of LayerNorm, also on the embeddings")
     qk_norm: bool = flag(False, "RMSNorm of each attention head's queries and keys")
@@ -118,18 +146,26 @@ class TrainConfig:
     warmup_steps: int = flag(715, "steps of linear LR warmup: GPT-3's 375M warmup tokens / 2**19", low=0)
     max_lr: float = flag(6e-4, "peak learning rate: GPT-3 paper table 2.1 (125M model)", low=0)
     min_lr_ratio: float = flag(0.1, "final LR / max_lr: a decay down to 10%, GPT-3 paper appendix B", 0, 1)
-    lr_schedule: str = flag("cosine", "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
-                            "stable at max_lr, then a linear decay over the last decay_frac of the steps)",
-                            choices=("cosine", "wsd"))  # fmt: skip
-    decay_frac: float = flag(0.4, "--lr_schedule wsd: the fraction of max_steps spent decaying (0: none), "
-                             "modded-nanogpt's cooldown_frac", 0, 1)  # fmt: skip
+    lr_schedule: str = flag(
+        "cosine",
+        "cosine (warmup, then a cosine down to min_lr_ratio: GPT-3) or wsd (warmup, "
+        "stable at max_lr, then a linear decay over the last decay_frac of the steps)",
+        choices=("cosine", "wsd"),
+    )
+    decay_frac: float = flag(
+        0.4,
+        "--lr_schedule wsd: the fraction of max_steps spent decaying (0: none), modded-nanogpt's cooldown_frac",
+        0,
+        1,
+    )
     # optimizer: AdamW as in GPT-3 paper appendix B
     weight_decay: float = flag(0.1, "weight decay (AdamW's and Muon's), on matrices only: GPT-3 appendix B", low=0)
     beta1: float = flag(0.9, "AdamW beta1: GPT-3 appendix B", 0, 1)
     beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
     adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
-    optimizer: str = flag("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest",
-                          choices=("adamw", "muon"))  # fmt: skip
+    optimizer: str = flag(
+        "adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest", choices=("adamw", "muon")
+    )
     muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
     muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)
     embed_lr: float = flag(0.0, "peak AdamW LR of the embeddings, and of a tied output layer (0: max_lr)", low=0)
@@ -157,14 +193,27 @@ class TrainConfig:
     shuffle: bool = flag(True, "seeded shuffle of the training data, the same on every process")
     seed: int = flag(1337, "seeds the model init, the data shuffle and the samples", low=0)
     # processes and memory (README, "Larger models: FSDP")
-    parallel: str = flag("ddp", "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
-                         "state sharded over the processes: FSDP2, see fsdp.shard_model)", choices=("ddp", "fsdp"))  # fmt: skip
-    reshard_after_forward: bool = flag(True, "fsdp: free a block's gathered weights after its forward, gather "
-                                       "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)")  # fmt: skip
-    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward "
-                                          "(model.py): far fewer activations, ~1/3 more compute")  # fmt: skip
-    plan: bool = flag(False, "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
-                      "checkpointing) and the largest batch_size that fits, then exit (needs no shards)")  # fmt: skip
+    parallel: str = flag(
+        "ddp",
+        "ddp (every process holds the whole model) or fsdp (weights, gradients and AdamW "
+        "state sharded over the processes: FSDP2, see fsdp.shard_model)",
+        choices=("ddp", "fsdp"),
+    )
+    reshard_after_forward: bool = flag(
+        True,
+        "fsdp: free a block's gathered weights after its forward, gather "
+        "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)",
+    )
+    activation_checkpointing: bool = flag(
+        False,
+        "keep only each block's input and recompute the rest in backward "
+        "(model.py): far fewer activations, ~1/3 more compute",
+    )
+    plan: bool = flag(
+        False,
+        "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
+        "checkpointing) and the largest batch_size that fits, then exit (needs no shards)",
+    )
     gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
     nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)
     # where each value that differs from its default came from (config.parse_config; the run summary)
@@ -183,8 +232,11 @@ def pretraining_layers(flags):
     preset = flags.get("preset", "gpt2")
     model = flags.get("model", PRESETS[preset].get("model", "gpt2"))
     recipe = flags.get("recipe", PRESETS[preset].get("recipe", "gpt2"))
-    return [(f"preset {preset}", PRESETS[preset]), (f"model {model}", model_defaults(model)),
-            (f"recipe {recipe}", RECIPES[recipe])]  # fmt: skip
+    return [
+        (f"preset {preset}", PRESETS[preset]),
+        (f"model {model}", model_defaults(model)),
+        (f"recipe {recipe}", RECIPES[recipe]),
+    ]
 
 
 def get_grad_accum_steps(cfg, world_size):
@@ -308,11 +360,13 @@ def evaluate(run, job, step, model, eval_tasks, token_bytes):
     log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
     training_log.log_record(run.log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
     for task, examples in eval_tasks:
-        results = scoring.evaluate(task, model, examples, run.tokenizer, run.dist, run.precision,
-                                   progress=run.dist.is_master)  # fmt: skip
+        results = scoring.evaluate(
+            task, model, examples, run.tokenizer, run.dist, run.precision, progress=run.dist.is_master
+        )
         message = f"step {step:5d} | {training_log.format_results(task.name, results)}"
-        training_log.log_record(run.log, message, scoring.log_line(task, step, results), step=step, kind=task.name,
-                                **results)  # fmt: skip
+        training_log.log_record(
+            run.log, message, scoring.log_line(task, step, results), step=step, kind=task.name, **results
+        )
     model.train()
     return {"step": step, "loss": val_loss, "bpb": bpb}
 
@@ -335,8 +389,10 @@ def sample(run, step, model):
 
 def make_model_config(cfg, vocab_size):
     """The GPTConfig of these flags: the shape and the recipe's switches (the fields of both classes)."""
-    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)
-                                               if f.name != "vocab_size" and hasattr(cfg, f.name)})  # fmt: skip
+    return GPTConfig(
+        vocab_size=vocab_size,
+        **{f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if f.name != "vocab_size" and hasattr(cfg, f.name)},
+    )
 
 
 def check_config(cfg, model_config, world_size):
@@ -346,8 +402,10 @@ def check_config(cfg, model_config, world_size):
     if cfg.optimizer == "muon" and cfg.muon_lr == 0:
         raise UserError("--optimizer muon with --muon_lr 0 would never move the blocks' matrices: give it a peak LR")
     if cfg.head_lr and not model_config.untied_head:
-        raise UserError("--head_lr is for an untied output layer (--untied_head 1); a tied one is the token embedding, "
-                        "whose LR is --embed_lr")  # fmt: skip
+        raise UserError(
+            "--head_lr is for an untied output layer (--untied_head 1); a tied one is the token embedding, "
+            "whose LR is --embed_lr"
+        )
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
         raise UserError(
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
@@ -380,14 +438,25 @@ def pretraining_job(cfg, dist_info):
     check_config(cfg, model_config, dist_info.world_size)
     # The data next: without shards there is nothing to do, and nothing should be written to log_dir.
     B, T = cfg.batch_size, cfg.seq_len
-    loader_args = dict(process_rank=dist_info.rank, num_processes=dist_info.world_size, data_dir=cfg.data_dir,
-                       device=dist_info.device, vocab_size=model_config.vocab_size)  # fmt: skip
+    loader_args = dict(
+        process_rank=dist_info.rank,
+        num_processes=dist_info.world_size,
+        data_dir=cfg.data_dir,
+        device=dist_info.device,
+        vocab_size=model_config.vocab_size,
+    )
     train_loader = DataLoaderLite(B, T, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = DataLoaderLite(B, T, split="val", **loader_args)
-    return Job(tokenizer, model_config, train_loader, val_loader, cfg.val_steps,
-               make_model=lambda: GPT(model_config).to(dist_info.device),
-               get_lr=lambda step: optim.get_lr(step, cfg),
-               checkpoint_extra={"init": None})  # a fine-tuning checkpoint has its base here: never resumed by this job
+    return Job(
+        tokenizer,
+        model_config,
+        train_loader,
+        val_loader,
+        cfg.val_steps,
+        make_model=lambda: GPT(model_config).to(dist_info.device),
+        get_lr=lambda step: optim.get_lr(step, cfg),
+        checkpoint_extra={"init": None},
+    )  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
 def train(cfg, dist_info, job):
@@ -395,8 +464,9 @@ def train(cfg, dist_info, job):
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
     B, T = cfg.batch_size, cfg.seq_len
     # the evaluation data too before anything is written: a missing file (offline) stops the run here
-    eval_tasks = [(TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",")
-                  if name]  # fmt: skip
+    eval_tasks = [
+        (TASKS[name], TASKS[name].load(None, cfg.eval_limit or None)) for name in cfg.eval_tasks.split(",") if name
+    ]
 
     resumed = resume.resume_checkpoint(cfg, job.model_config, dist_info, job.checkpoint_extra)
     start_step = resumed["step"] if resumed else 0
@@ -413,8 +483,10 @@ def train(cfg, dist_info, job):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see resume.start_branch)")
     sharded = cfg.parallel == "fsdp" and dist_info.world_size > 1
     if cfg.parallel == "fsdp" and not sharded:
-        log.warning("--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
-                    "with --parallel ddp (to shard it, launch N processes: torchrun --nproc_per_node=N)")  # fmt: skip
+        log.warning(
+            "--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
+            "with --parallel ddp (to shard it, launch N processes: torchrun --nproc_per_node=N)"
+        )
     precision = device.setup_precision(cfg.dtype, dist_info.device_type, sharded=sharded)
     run = Run(cfg, dist_info, precision, log, job.tokenizer)
 
@@ -438,8 +510,13 @@ def train(cfg, dist_info, job):
     if dist_info.world_size > 1 and not sharded:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device_type == "cuda" else None)
     token_bytes = torch.tensor(job.tokenizer.token_bytes(), device=dist_info.device)  # (vocab_size,): bytes per token
-    timer = training_log.StepTimer(cfg.total_batch_size, model.flops_per_token(T),
-                                   device.peak_flops(dist_info.device, precision.dtype), cfg.max_steps, start_step)  # fmt: skip
+    timer = training_log.StepTimer(
+        cfg.total_batch_size,
+        model.flops_per_token(T),
+        device.peak_flops(dist_info.device, precision.dtype),
+        cfg.max_steps,
+        start_step,
+    )
     training_log.log_run_summary(run, model, compiled, grad_accum_steps, start_step)
     if resumed:
         resume.restore_rng(resumed, dist_info)  # last, after everything that draws at startup
@@ -461,24 +538,36 @@ def train(cfg, dist_info, job):
             t0 = time.perf_counter()
             lr = job.get_lr(step)
             optim.set_lr(optimizer, lr)
-            loss, grad_norm, finite = train_step(run, train_model, model, optimizer, job.train_loader.next_batch,
-                                                 grad_accum_steps)  # fmt: skip
+            loss, grad_norm, finite = train_step(
+                run, train_model, model, optimizer, job.train_loader.next_batch, grad_accum_steps
+            )
             if not finite:
                 loop["nonfinite_skips"] = count_nonfinite(run, loop["nonfinite_skips"], step, loss, grad_norm)
             if dist_info.device_type == "cuda":
                 torch.cuda.synchronize()  # the step is queued, not done, until the GPU catches up
             speed = timer.measure(step, time.perf_counter() - t0)
             show = step % cfg.log_interval == 0 or step + 1 == cfg.max_steps
-            training_log.log_train_step(log, step, cfg.max_steps, loss, lr, grad_norm, speed, show,
-                                        nonfinite_skips=loop["nonfinite_skips"], epoch=job.train_loader.epoch)  # fmt: skip
+            training_log.log_train_step(
+                log,
+                step,
+                cfg.max_steps,
+                loss,
+                lr,
+                grad_norm,
+                speed,
+                show,
+                nonfinite_skips=loop["nonfinite_skips"],
+                epoch=job.train_loader.epoch,
+            )
 
             # every process must stop after the same step, even if only one of them got the signal
             stopping = device.any_process(signals.requested, dist_info.device, dist_info.world_size)
             done = step + 1  # optimizer steps done: the checkpoint's step, where a resume starts
             # Saved before the evaluations of step `done`: a crash in them loses no training.
             if due(cfg.ckpt_interval, done, cfg.max_steps) or done == cfg.max_steps or stopping:
-                saved = resume.save_training_state(run, done, model, optimizer, job.train_loader,
-                                                   {**loop, **job.checkpoint_extra})  # fmt: skip
+                saved = resume.save_training_state(
+                    run, done, model, optimizer, job.train_loader, {**loop, **job.checkpoint_extra}
+                )
                 log.info(f"step {done:5d} | saved {saved}")
             if stopping:
                 log.info(f"stopped by a signal after step {done}, saved in {saved}: continue with --resume auto")

@@ -114,8 +114,9 @@ def log_train_step(log, step, max_steps, loss, lr, grad_norm, speed, show, **ext
         f"{speed['dt_ms']:.1f} ms | {speed['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
         f"eta {timedelta(seconds=speed['eta_s'])}"
     )
-    metrics = dict(step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra,
-                   graphs=graphs_compiled())  # fmt: skip
+    metrics = dict(
+        step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra, graphs=graphs_compiled()
+    )
     fields = {"metrics": metrics, "log_line": f"{step} train {loss:.6f}"}
     log.log(logging.INFO if show else QUIET, message, extra=fields)
 

@@ -95,10 +95,10 @@ class ScriptedModel:
 
 @pytest.fixture(autouse=True)
 def fake_models_stream_their_own_ids(monkeypatch):
-    """chat.py streams with generate.generate_stream(model, ...): a FakeModel streams its own ids."""
+    """chat.py streams with generate.generate_stream(model, ...): a ScriptedModel streams its own ids."""
 
     def stream(model, prompts, max_new_tokens, **sampling):
-        if isinstance(model, FakeModel):
+        if isinstance(model, ScriptedModel):
             return model.generate_stream(prompts, max_new_tokens, **sampling)
         return generate_stream(model, prompts, max_new_tokens, **sampling)
 
@@ -186,8 +186,11 @@ def test_oldest_turns_are_dropped_until_the_conversation_fits(tokenizer):
     assert (kept, dropped) == ([system] + messages[3:], 2)
     assert replier.fit(kept, max_new_tokens=24) == (kept, 0)
 
-    many = [system, *sum([[user(f"Question number {i}, a fairly long one."), assistant(f"Answer {i}.")]
-                          for i in range(8)], []), user("And the last question?")]  # fmt: skip
+    many = [
+        system,
+        *sum([[user(f"Question number {i}, a fairly long one."), assistant(f"Answer {i}.")] for i in range(8)], []),
+        user("And the last question?"),
+    ]
     kept, dropped = replier.fit(many, max_new_tokens=24)
     assert kept == [system] + many[1 + dropped :] and dropped % 2 == 0
     assert len(render_prompt(kept, tokenizer)) <= 104 < len(render_prompt([system] + many[dropped - 1 :], tokenizer))
@@ -200,15 +203,32 @@ def test_oldest_turns_are_dropped_until_the_conversation_fits(tokenizer):
 
 
 def test_prompt_prints_the_reply_and_exits(tiny_checkpoint, tokenizer, capsys):
-    chat.main(["--checkpoint", tiny_checkpoint, "--prompt", "Capital of France?", "--system", "Be brief.",
-               "--max_new_tokens", "12", "--temperature", "0.8", "--top_k", "100", "--seed", "7"])  # fmt: skip
+    chat.main(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--prompt",
+            "Capital of France?",
+            "--system",
+            "Be brief.",
+            "--max_new_tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--top_k",
+            "100",
+            "--seed",
+            "7",
+        ]
+    )
     out = capsys.readouterr().out
     # the same reply, computed without chat.py: the template, the sampling flags, the stop tokens
     model = ck.model_from_checkpoint(tiny_checkpoint).eval()
     messages = [{"role": "system", "content": "Be brief."}, user("Capital of France?")]
     generator = torch.Generator().manual_seed(7)
-    steps = generate_stream(model, [render_prompt(messages, tokenizer)], 12, temperature=0.8, top_k=100,
-                                  generator=generator)  # fmt: skip
+    steps = generate_stream(
+        model, [render_prompt(messages, tokenizer)], 12, temperature=0.8, top_k=100, generator=generator
+    )
     ids = []
     for next_id in steps:
         if next_id.item() in tokenizer.special_tokens.values():
@@ -250,10 +270,24 @@ def free_port():
 def server(tiny_checkpoint):
     """`python chat.py --web` in a subprocess; its URL, read from what it prints."""
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "chat.py"), "--checkpoint", tiny_checkpoint, "--web", "--port", "0",
-         "--max_new_tokens", str(SERVER_MAX_NEW_TOKENS), "--max_message_chars", str(SERVER_MAX_MESSAGE_CHARS)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO, "chat.py"),
+            "--checkpoint",
+            tiny_checkpoint,
+            "--web",
+            "--port",
+            "0",
+            "--max_new_tokens",
+            str(SERVER_MAX_NEW_TOKENS),
+            "--max_message_chars",
+            str(SERVER_MAX_MESSAGE_CHARS),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     output = []
     threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
     deadline = time.monotonic() + 60
@@ -344,13 +378,16 @@ def test_concurrent_conversations_do_not_mix(server, http):
         assert text == done["reply"] == alone[i % 2]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"messages": [user("x" * (SERVER_MAX_MESSAGE_CHARS + 1))]}, "at most 200 (--max_message_chars)"),
-    ({"messages": [user("Hi")], "max_new_tokens": SERVER_MAX_NEW_TOKENS + 1}, "at most 24 tokens per reply"),
-    ({"messages": [user("Hi"), assistant("Hello")]}, "must alternate"),
-    ({"messages": [user("Hi")], "temperature": "hot"}, "must be a number"),
-    ({"messages": [user("🙂" * 60)]}, "too long"),  # 60 characters, 120 tokens
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": [user("x" * (SERVER_MAX_MESSAGE_CHARS + 1))]}, "at most 200 (--max_message_chars)"),
+        ({"messages": [user("Hi")], "max_new_tokens": SERVER_MAX_NEW_TOKENS + 1}, "at most 24 tokens per reply"),
+        ({"messages": [user("Hi"), assistant("Hello")]}, "must alternate"),
+        ({"messages": [user("Hi")], "temperature": "hot"}, "must be a number"),
+        ({"messages": [user("🙂" * 60)]}, "too long"),  # 60 characters, 120 tokens
+    ],
+)
 def test_limits_and_bad_requests_get_a_clear_error(server, http, body, message):
     for stream in (True, False):
         response = http.post(server + "api/chat", json={**body, "stream": stream})
@@ -382,9 +419,16 @@ def chromium_driver():
         pytest.skip("Chromium not found: apt-get install chromium chromium-driver (as .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=800,640",
-                 # 127.0.0.1 only: no background requests, and no host name resolves
-                 "--disable-background-networking", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=800,640",
+        # 127.0.0.1 only: no background requests, and no host name resolves
+        "--disable-background-networking",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
@@ -415,8 +459,11 @@ def test_browser_chat_streams_replies_and_shows_errors(server, http, tmp_path):
             reply = texts(".assistant")[-1]
             # the page's conversation, asked once more at the page's settings: the same reply
             messages += [user(text)]
-            body = {"messages": messages, "temperature": chat.parse_args(["--model", "x"]).temperature,
-                    "max_new_tokens": SERVER_MAX_NEW_TOKENS}  # fmt: skip
+            body = {
+                "messages": messages,
+                "temperature": chat.parse_args(["--model", "x"]).temperature,
+                "max_new_tokens": SERVER_MAX_NEW_TOKENS,
+            }
             assert reply and reply == whole(http, server, body)
             messages += [assistant(reply)]
         assert texts(".user") == ["Hello! Who are you?", "Tell me about the weather."]

@@ -114,8 +114,9 @@ def test_every_token_is_read_once_per_epoch(tmp_path, num_processes, shuffle):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("num_processes, accumulation", [(2, 3), (3, 2)])
-def test_W_ranks_times_A_micro_steps_read_what_one_rank_reads_in_W_times_A(tmp_path, num_processes, accumulation,
-                                                                            shuffle):
+def test_W_ranks_times_A_micro_steps_read_what_one_rank_reads_in_W_times_A(
+    tmp_path, num_processes, accumulation, shuffle
+):
     write_shards(tmp_path, SIZES)
     ranks = make_loaders(tmp_path, num_processes, shuffle=shuffle, seed=3)
     (single,) = make_loaders(tmp_path, 1, shuffle=shuffle, seed=3)
@@ -162,12 +163,15 @@ def test_state_from_two_ranks_continues_the_same_stream_on_another_world_size(tm
     assert_same_batches(read_stream(new, 12 // num_processes), expected)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"B": 1}, "B=2"),
-    ({"T": 8}, "T=4"),
-    ({"seed": 6}, "seed=5"),
-    ({"shuffle": False}, "shuffle=True"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"B": 1}, "B=2"),
+        ({"T": 8}, "T=4"),
+        ({"seed": 6}, "seed=5"),
+        ({"shuffle": False}, "shuffle=True"),
+    ],
+)
 def test_load_state_refuses_a_different_setup(tmp_path, change, message):
     write_shards(tmp_path, SIZES)
     setup = {"B": B, "T": T, "shuffle": True, "seed": 5}
@@ -257,10 +261,11 @@ def large_shard(tmp_path):
 def test_rss_stays_flat_reading_a_large_shard(tmp_path, large_shard):
     loader = DataLoaderLite(64, 1024, data_dir=tmp_path)  # the recipe's micro-batch: 1,599 windows
     baseline = peak = rss_mb()
-    for window in range(loader.windows_per_epoch):
+    for _ in range(loader.windows_per_epoch):
         x, y = loader.next_batch()
         peak = max(peak, rss_mb())
-    assert x[0, 0] == window * 2**16 % 50257 and y[-1, -1] == (window + 1) * 2**16 % 50257
+    last = loader.windows_per_epoch - 1  # the window the last batch read
+    assert x[0, 0] == last * 2**16 % 50257 and y[-1, -1] == (last + 1) * 2**16 % 50257
     assert peak - baseline < 50, f"RSS grew from {baseline:.0f} MB to {peak:.0f} MB"
     # The measurement can see a leak: one memory map of the whole shard, kept open while reading it
     # (trap 11), grows RSS by about the shard's 200 MiB.
@@ -285,24 +290,51 @@ def truncated_npy(path):
 
 
 ERRORS = [  # how to write a bad shard (into a file of this name), and the error expected
-    pytest.param("x_train_000000.npy", lambda p: np.save(p, np.arange(BT, dtype=np.uint16)),
-                 "fewer than one window of B\\*T\\+1 = 9", id="too_short"),
-    pytest.param("x_train_000000.npy", lambda p: np.save(p, np.arange(100, dtype=np.int32)),
-                 "holds int32 values; expected uint16", id="wrong_dtype"),
-    pytest.param("x_train_000000.npy", lambda p: np.save(p, np.zeros((10, 10), dtype=np.uint16)),
-                 "must be 1-D", id="not_1d"),
-    pytest.param("x_train_000000.npy", truncated_npy,
-                 "is 318 bytes, but its header announces 100 tokens .* truncated", id="truncated_npy"),
-    pytest.param("x_train_000000.npy", lambda p: p.write_bytes(b"not numpy at all"),
-                 "is not a .npy file", id="not_npy"),
-    pytest.param("x_train_000000.bin", lambda p: write_bin(p, range(100), magic=20240801),
-                 "magic number 20240801, expected 20240520", id="bin_magic"),
-    pytest.param("x_train_000000.bin", lambda p: write_bin(p, range(100), version=2),
-                 "version 2; only version 1", id="bin_version"),
-    pytest.param("x_train_000000.bin", lambda p: write_bin(p, range(100), n_tokens=200),
-                 "is 1,224 bytes, but .* 200 tokens", id="truncated_bin"),
-    pytest.param("x_train_000000.bin", lambda p: p.write_bytes(b"\0" * 100),
-                 "shorter than llm.c's header", id="bin_header"),
+    pytest.param(
+        "x_train_000000.npy",
+        lambda p: np.save(p, np.arange(BT, dtype=np.uint16)),
+        "fewer than one window of B\\*T\\+1 = 9",
+        id="too_short",
+    ),
+    pytest.param(
+        "x_train_000000.npy",
+        lambda p: np.save(p, np.arange(100, dtype=np.int32)),
+        "holds int32 values; expected uint16",
+        id="wrong_dtype",
+    ),
+    pytest.param(
+        "x_train_000000.npy", lambda p: np.save(p, np.zeros((10, 10), dtype=np.uint16)), "must be 1-D", id="not_1d"
+    ),
+    pytest.param(
+        "x_train_000000.npy",
+        truncated_npy,
+        "is 318 bytes, but its header announces 100 tokens .* truncated",
+        id="truncated_npy",
+    ),
+    pytest.param(
+        "x_train_000000.npy", lambda p: p.write_bytes(b"not numpy at all"), "is not a .npy file", id="not_npy"
+    ),
+    pytest.param(
+        "x_train_000000.bin",
+        lambda p: write_bin(p, range(100), magic=20240801),
+        "magic number 20240801, expected 20240520",
+        id="bin_magic",
+    ),
+    pytest.param(
+        "x_train_000000.bin",
+        lambda p: write_bin(p, range(100), version=2),
+        "version 2; only version 1",
+        id="bin_version",
+    ),
+    pytest.param(
+        "x_train_000000.bin",
+        lambda p: write_bin(p, range(100), n_tokens=200),
+        "is 1,224 bytes, but .* 200 tokens",
+        id="truncated_bin",
+    ),
+    pytest.param(
+        "x_train_000000.bin", lambda p: p.write_bytes(b"\0" * 100), "shorter than llm.c's header", id="bin_header"
+    ),
 ]
 
 
@@ -314,8 +346,11 @@ def test_a_bad_shard_is_a_clear_error_naming_the_file(tmp_path, name, write, mes
 
 
 def test_missing_folder_or_shards_are_clear_errors(tmp_path):
-    with pytest.raises(UserError, match=f"data folder {re.escape(str(tmp_path / 'nope'))} not found: "
-                                         "run `python fineweb.py`.* or pass --data_dir"):
+    with pytest.raises(
+        UserError,
+        match=f"data folder {re.escape(str(tmp_path / 'nope'))} not found: "
+        "run `python fineweb.py`.* or pass --data_dir",
+    ):
         DataLoaderLite(B, T, data_dir=tmp_path / "nope")
     write_shards(tmp_path, [100], split="val")
     with pytest.raises(UserError, match=r"no train shards \(\*_train_\*.npy or \*_train_\*.bin\) in .*fineweb.py"):
@@ -330,8 +365,9 @@ def test_fewer_windows_than_ranks_is_a_clear_error(tmp_path):
 
 def test_command_line_prints_what_a_loader_reads(tmp_path, monkeypatch, capsys):
     write_shards(tmp_path, SIZES)
-    monkeypatch.setattr(sys, "argv", ["dataloader.py", "--data_dir", str(tmp_path), "--B", "2", "--T", "4",
-                                      "--num_processes", "2"])
+    monkeypatch.setattr(
+        sys, "argv", ["dataloader.py", "--data_dir", str(tmp_path), "--B", "2", "--T", "4", "--num_processes", "2"]
+    )
     main()
     assert capsys.readouterr().out.splitlines() == [
         f"3 train shards in {tmp_path}: test_train_000000.npy ... test_train_000002.npy",

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_hellaswag import row_scores_one_at_a_time, score, tiny_model
 
 import evals
 from checkpoint import model_checkpoint, save_checkpoint
 from errors import UserError
 from scoring import log_line
-from test_hellaswag import row_scores_one_at_a_time, score, tiny_model
 from tokenizer import get_tokenizer
 
 VOCAB = 50257
@@ -202,8 +202,11 @@ def test_every_task_logs_a_figure_it_reports(passages, hellaswag_dir, tmp_path):
         "lambada": passages[:2],
         "storycloze": evals.TASKS["storycloze"].load(write_storycloze(tmp_path / "cloze.csv", STORIES), None),
     }
-    keys = {"hellaswag": ["acc", "acc_norm", "count"], "lambada": ["acc", "ppl", "count"],
-            "storycloze": ["acc", "count"]}  # fmt: skip
+    keys = {
+        "hellaswag": ["acc", "acc_norm", "count"],
+        "lambada": ["acc", "ppl", "count"],
+        "storycloze": ["acc", "count"],
+    }
     for name, task in evals.TASKS.items():
         results = score(model, examples[name], task)
         assert list(results) == keys[name] and results["count"] == len(examples[name])

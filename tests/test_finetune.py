@@ -9,14 +9,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 import chat_template
 import checkpoint
 import finetune
-from conftest import REPO
 from errors import UserError
-from lora import LoRALinear, apply_lora, merge_lora
 from generate import generate_stream
+from lora import LoRALinear, apply_lora, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 from training_log import read_metrics
@@ -45,12 +45,22 @@ def test_rendering_and_loss_mask_equal_an_independent_rendering(chat_tokenizer, 
     given = lambda text: [(t, False) for t in enc.encode(text)]  # noqa: E731
     said = lambda text: [(t, True) for t in enc.encode(text)]  # noqa: E731
     pairs = (  # (token, is it a target)
-        [(EOT, False), (SYSTEM, False)] + given("Be brief.") + [(END, False)]
-        + [(USER, False)] + given("Capital of France?") + [(END, False)]
-        + [(ASSISTANT, False)] + said("Paris.") + [(END, True)]
-        + [(USER, False)] + given("And of Italy?") + [(END, False)]
-        + [(ASSISTANT, False)] + said("Rome.") + [(END, True)]
-    )  # fmt: skip
+        [(EOT, False), (SYSTEM, False)]
+        + given("Be brief.")
+        + [(END, False)]
+        + [(USER, False)]
+        + given("Capital of France?")
+        + [(END, False)]
+        + [(ASSISTANT, False)]
+        + said("Paris.")
+        + [(END, True)]
+        + [(USER, False)]
+        + given("And of Italy?")
+        + [(END, False)]
+        + [(ASSISTANT, False)]
+        + said("Rome.")
+        + [(END, True)]
+    )
     ids, train = chat_template.render_conversation(CONVERSATION, chat_tokenizer)
     assert ids == [token for token, _ in pairs]
     assert finetune.targets_of(ids, train) == [token if target else -1 for token, target in pairs[1:]]
@@ -77,8 +87,10 @@ def test_a_conversation_that_cannot_be_trained_on_says_why(messages, problem):
 
 def test_instruction_rows_are_one_user_and_one_assistant_turn():
     row = {"instruction": "Add.", "input": "2 + 2", "output": "4"}
-    assert finetune.conversation_of(row) == [{"role": "user", "content": "Add.\n\n2 + 2"},
-                                             {"role": "assistant", "content": "4"}]  # fmt: skip
+    assert finetune.conversation_of(row) == [
+        {"role": "user", "content": "Add.\n\n2 + 2"},
+        {"role": "assistant", "content": "4"},
+    ]
     assert finetune.conversation_of({"instruction": "Hi.", "output": "Hello."})[0]["content"] == "Hi."
 
 
@@ -87,12 +99,18 @@ def test_long_conversations_are_cut_and_rows_without_targets_dropped_with_counts
     no_room = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     bad = [{"role": "user", "content": "no reply"}]
     counts = {}
-    rows = list(finetune.chat_rows([{"messages": long}, {"messages": no_room}, {"messages": bad}, {"text": "x"}],
-                                   chat_tokenizer, 64, counts))  # fmt: skip
+    rows = list(
+        finetune.chat_rows(
+            [{"messages": long}, {"messages": no_room}, {"messages": bad}, {"text": "x"}], chat_tokenizer, 64, counts
+        )
+    )
     assert len(rows) == 1 and len(rows[0][0]) == 64 and len(rows[0][1]) == 64
-    assert counts == {"cut to --seq_len (kept)": 2, "no assistant token within --seq_len": 1,
-                      "no assistant turn: nothing to learn from": 1,
-                      "no `messages`, instruction or text": 1}  # fmt: skip
+    assert counts == {
+        "cut to --seq_len (kept)": 2,
+        "no assistant token within --seq_len": 1,
+        "no assistant turn: nothing to learn from": 1,
+        "no `messages`, instruction or text": 1,
+    }
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
@@ -145,8 +163,10 @@ def chat_data(tmp_path):
     with open(path, "w") as f:
         for name, word in zip(NAMES, WORDS):
             for _ in range(4):
-                messages = [{"role": "user", "content": question(name)},
-                            {"role": "assistant", "content": f"{name}'s secret word is {word}."}]  # fmt: skip
+                messages = [
+                    {"role": "user", "content": question(name)},
+                    {"role": "assistant", "content": f"{name}'s secret word is {word}."},
+                ]
                 f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
@@ -160,8 +180,26 @@ def base_checkpoint(tmp_path, chat_tokenizer):
     return path
 
 
-FLAGS = ["--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--device", "cpu", "--dtype", "float32",
-         "--compile", "0", "--val_fraction", "0.05", "--eval_interval", "0", "--warmup_steps", "10"]  # fmt: skip
+FLAGS = [
+    "--batch_size",
+    "4",
+    "--seq_len",
+    "32",
+    "--total_batch_size",
+    "128",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--compile",
+    "0",
+    "--val_fraction",
+    "0.05",
+    "--eval_interval",
+    "0",
+    "--warmup_steps",
+    "10",
+]
 
 
 def answer(model, tokenizer, name):
@@ -171,11 +209,25 @@ def answer(model, tokenizer, name):
     return tokenizer.decode([t for t in tokens if t != end]), end in tokens
 
 
-def test_fine_tuning_teaches_facts_answered_through_the_chat_template(chat_data, base_checkpoint, tmp_path,
-                                                                      chat_tokenizer):  # fmt: skip
+def test_fine_tuning_teaches_facts_answered_through_the_chat_template(
+    chat_data, base_checkpoint, tmp_path, chat_tokenizer
+):
     log_dir = tmp_path / "sft"
-    finetune.main(["--init", base_checkpoint, "--data_files", str(chat_data), "--log_dir", str(log_dir),
-                   "--max_steps", "200", "--max_lr", "3e-3", *FLAGS])  # fmt: skip
+    finetune.main(
+        [
+            "--init",
+            base_checkpoint,
+            "--data_files",
+            str(chat_data),
+            "--log_dir",
+            str(log_dir),
+            "--max_steps",
+            "200",
+            "--max_lr",
+            "3e-3",
+            *FLAGS,
+        ]
+    )
     saved = checkpoint.load_checkpoint(str(log_dir / "model_00200.pt"))
     assert saved["template"]["name"] == "chat-v1" and saved["tokenizer"]["name"] == "gpt2-chat"
     assert saved["config"]["vocab_size"] == 50261  # the chat tokens, in rows the base's embedding had
@@ -224,8 +276,19 @@ def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly
 
 def test_plain_text_continues_pretraining_on_every_token(tmp_path, base_checkpoint):
     (tmp_path / "input.txt").write_text("To be, or not to be, that is the question. " * 40)
-    finetune.main(["--init", base_checkpoint, "--data_files", str(tmp_path / "input.txt"), "--log_dir",
-                   str(tmp_path / "txt"), "--max_steps", "2", *FLAGS])  # fmt: skip
+    finetune.main(
+        [
+            "--init",
+            base_checkpoint,
+            "--data_files",
+            str(tmp_path / "input.txt"),
+            "--log_dir",
+            str(tmp_path / "txt"),
+            "--max_steps",
+            "2",
+            *FLAGS,
+        ]
+    )
     saved = checkpoint.load_checkpoint(str(tmp_path / "txt" / "model_00002.pt"))
     assert saved["template"] is None and saved["tokenizer"]["name"] == "gpt2" and saved["config"]["vocab_size"] == 50257
 
@@ -254,19 +317,45 @@ def test_bad_init_bad_target_and_another_template_at_resume_are_one_message_each
         finetune.main(["--init", base_checkpoint, "--lora_rank", "4", "--lora_targets", "mlp,head", *common])
     finetune.main(["--init", base_checkpoint, "--log_dir", str(tmp_path / "run"), "--max_steps", "2", *common])
     with pytest.raises(SystemExit, match=r"was written with lora None, this run has \{'rank': 4"):
-        finetune.main(["--init", base_checkpoint, "--log_dir", str(tmp_path / "run"), "--max_steps", "4",
-                       "--lora_rank", "4", *common])  # fmt: skip
+        finetune.main(
+            [
+                "--init",
+                base_checkpoint,
+                "--log_dir",
+                str(tmp_path / "run"),
+                "--max_steps",
+                "4",
+                "--lora_rank",
+                "4",
+                *common,
+            ]
+        )
 
 
 def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat_data, base_checkpoint):
     """The training machinery is train_gpt2.py's, DDP included: 2 gloo processes x 1 micro-step of 4
     rows take the same steps as 1 process x 2 micro-steps."""
-    flags = ["--init", base_checkpoint, "--data_files", str(chat_data), *FLAGS, "--max_steps", "3",
-             "--total_batch_size", "256", "--max_lr", "3e-3"]  # fmt: skip
+    flags = [
+        "--init",
+        base_checkpoint,
+        "--data_files",
+        str(chat_data),
+        *FLAGS,
+        "--max_steps",
+        "3",
+        "--total_batch_size",
+        "256",
+        "--max_lr",
+        "3e-3",
+    ]
     finetune.main([*flags, "--log_dir", str(tmp_path / "one")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*torchrun, str(REPO / "finetune.py"), *flags, "--log_dir", str(tmp_path / "two")],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*torchrun, str(REPO / "finetune.py"), *flags, "--log_dir", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     train = lambda ms: [m["loss"] for m in ms if m["kind"] == "train"]  # noqa: E731

@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import data_path
 
 import fineweb
 from errors import UserError
 from tokenizer import get_tokenizer
-from conftest import REPO, data_path
 
 EOT = 50256
 SAMPLE_TOKENS = 4_364_780  # ../shared/data/README.md: 2,800 documents, one <|endoftext|> before each
@@ -353,25 +353,6 @@ def test_bad_input_gets_one_clear_error(make_input, flags, message, tmp_path):
     assert not glob.glob(f"{tmp_path}/out/*.npy*")  # nothing half-written left behind
 
 
-def test_importing_any_script_runs_nothing_and_writes_nothing(tmp_path):
-    """multiprocessing's spawn start method (macOS, Windows) imports the main script again in every
-    worker: a script whose work is not behind `if __name__ == "__main__"` would start over in each."""
-    scripts = ["fineweb", "documents", "dataloader", "model", "train_gpt2", "hellaswag", "evals", "checkpoint", "bench",
-               "plot", "tokenizer", "scoring", "shards", "files", "errors", "device", "training_log"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", f"import {', '.join(scripts)}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert result.stdout == "" and os.listdir(tmp_path) == []
-
-
-def test_importing_train_gpt2_does_not_import_the_data_pipeline():
-    """Training reads shards: it needs neither fineweb.py nor pyarrow (nor their second of start-up)."""
-    code = "import sys, train_gpt2; print(sorted(m for m in ('fineweb', 'pyarrow', 'datasets') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
 def test_tokenizer_download_failure_names_tiktoken_cache_dir(monkeypatch):
     import tiktoken
 
@@ -437,9 +418,11 @@ def fail_write(monkeypatch, nth):
     def atomic_write(path, write, check=None):
         calls.append(path)
         if len(calls) == nth:
+
             def write(f, write=write):
                 f.write(b"\x93NUMPY\x01\x00")  # the first bytes fit
                 raise OSError(errno.ENOSPC, "No space left on device")
+
         return real_atomic_write(path, write, check)
 
     monkeypatch.setattr(fineweb, "atomic_write", atomic_write)

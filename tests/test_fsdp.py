@@ -13,21 +13,21 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import REPO, data_path
+from test_finetune import FLAGS as FINETUNE_FLAGS
+from test_finetune import base_checkpoint, chat_data, chat_tokenizer  # noqa: F401 (fixtures)
+from test_train import TINY, losses, run, write_shards
 
 import checkpoint
 import device
 import export
-import memory_plan
 import finetune
 import hellaswag
+import memory_plan
 import train_gpt2
 from bench import saved_tensor_bytes
-from conftest import REPO, data_path
 from fsdp import shard_model
 from model import GPT, GPTConfig
-from test_finetune import FLAGS as FINETUNE_FLAGS
-from test_finetune import base_checkpoint, chat_data, chat_tokenizer  # noqa: F401 (fixtures)
-from test_train import TINY, losses, run, write_shards
 from training_log import read_metrics
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -39,8 +39,18 @@ STEPS = ["--max_steps", "4", "--ckpt_interval", "2", "--eval_interval", "4", "--
 def torchrun(data_dir, log_dir, *flags, env=None):
     """train_gpt2.py on 2 processes; its metrics. val_steps counts batches per process: 2 on each of
     two read the windows 4 read on one."""
-    command = [*TORCHRUN, str(REPO / "train_gpt2.py"), "--data_dir", str(data_dir), "--log_dir", str(log_dir), *TINY,
-               "--val_steps", "2", *flags]  # fmt: skip
+    command = [
+        *TORCHRUN,
+        str(REPO / "train_gpt2.py"),
+        "--data_dir",
+        str(data_dir),
+        "--log_dir",
+        str(log_dir),
+        *TINY,
+        "--val_steps",
+        "2",
+        *flags,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return read_metrics(os.path.join(log_dir, "metrics.jsonl"))
@@ -75,8 +85,18 @@ def evals():
     of the model (fsdp.whole_model), with the same results as on one process."""
     with pytest.MonkeyPatch.context() as patch:  # for the in-process runs; torchrun's inherit it
         patch.setenv("HELLASWAG_DIR", str(data_path("HELLASWAG_DIR", "hellaswag")))
-        yield ["--eval_tasks", "hellaswag", "--eval_limit", "4", "--sample_interval", "4", "--num_samples", "1",
-               "--sample_tokens", "4"]  # fmt: skip
+        yield [
+            "--eval_tasks",
+            "hellaswag",
+            "--eval_limit",
+            "4",
+            "--sample_interval",
+            "4",
+            "--num_samples",
+            "1",
+            "--sample_tokens",
+            "4",
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +135,9 @@ def test_two_process_fsdp_equals_one_process_with_and_without_activation_checkpo
     total_batch_size = str(2 * 16 * 2 * micro_steps)
     steps = ["--max_steps", "3", "--eval_interval", "3", "--total_batch_size", total_batch_size]
     single_metrics = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
-    fsdp_metrics = torchrun(data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp",
-                            "--activation_checkpointing", checkpointing)  # fmt: skip
+    fsdp_metrics = torchrun(
+        data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp", "--activation_checkpointing", checkpointing
+    )
     assert [m["grad_accum_steps"] for m in fsdp_metrics if m["kind"] == "config"] == [micro_steps]
     assert_same_training(single_metrics, fsdp_metrics)
 
@@ -125,8 +146,22 @@ def test_the_modern_architecture_with_adamw_trains_under_fsdp_as_on_one_process(
     """Rotary embeddings, RMSNorm without parameters, an untied head: FSDP shards what there is. (Muon
     under FSDP is refused: tests/test_recipes.py.)"""
     # zero_init off: from a zero head only the head would learn in 3 steps, and the losses would hardly move
-    steps = ["--max_steps", "3", "--eval_interval", "3", "--total_batch_size", "64", "--recipe", "modern",
-             "--optimizer", "adamw", "--max_lr", "1e-2", "--zero_init", "0"]  # fmt: skip
+    steps = [
+        "--max_steps",
+        "3",
+        "--eval_interval",
+        "3",
+        "--total_batch_size",
+        "64",
+        "--recipe",
+        "modern",
+        "--optimizer",
+        "adamw",
+        "--max_lr",
+        "1e-2",
+        "--zero_init",
+        "0",
+    ]
     single_metrics = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
     fsdp_metrics = torchrun(data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp")
     assert_same_training(single_metrics, fsdp_metrics)
@@ -190,16 +225,24 @@ def resume_from(checkpoint_path, log_dir):
 
 def test_fsdp_resume_on_two_processes_is_bit_identical(data_dir, tmp_path, fsdp, evals):
     log_dir, uninterrupted = fsdp
-    resumed = torchrun(data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel",
-                       "fsdp", *evals)  # fmt: skip
+    resumed = torchrun(
+        data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel", "fsdp", *evals
+    )
     assert losses(resumed) == {s: losses(uninterrupted)[s] for s in (2, 3)}  # exact float equality
     assert losses(resumed, "val")[4] == losses(uninterrupted, "val")[4]
 
 
 def test_a_two_process_fsdp_checkpoint_resumes_on_one_process(data_dir, tmp_path, single, fsdp, capsys):
     """The same command on one process: --parallel fsdp has nothing to shard then, and says so."""
-    resumed = run(data_dir, resume_from(fsdp[0] / "model_00002.pt", tmp_path / "log"), *STEPS, "--val_steps", "4",
-                  "--parallel", "fsdp")  # fmt: skip
+    resumed = run(
+        data_dir,
+        resume_from(fsdp[0] / "model_00002.pt", tmp_path / "log"),
+        *STEPS,
+        "--val_steps",
+        "4",
+        "--parallel",
+        "fsdp",
+    )
     assert "--parallel fsdp on one process: there is nothing to shard over" in capsys.readouterr().out
     assert [m["world_size"] for m in resumed if m["kind"] == "config"] == [1]
     for step in (2, 3):
@@ -209,8 +252,9 @@ def test_a_two_process_fsdp_checkpoint_resumes_on_one_process(data_dir, tmp_path
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(data_dir, tmp_path, single):
     """Written without FSDP (as DDP writes it), resumed under FSDP: the format is the same."""
-    resumed = torchrun(data_dir, resume_from(single[0] / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel",
-                       "fsdp")  # fmt: skip
+    resumed = torchrun(
+        data_dir, resume_from(single[0] / "model_00002.pt", tmp_path / "log"), *STEPS, "--parallel", "fsdp"
+    )
     for step in (2, 3):
         assert losses(resumed)[step] == pytest.approx(losses(single[1])[step], abs=1e-5)
     assert losses(resumed, "val")[4] == pytest.approx(losses(single[1], "val")[4], abs=1e-5)
@@ -298,8 +342,9 @@ def test_an_unknown_model_or_parallel_is_refused(capsys, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4,
-                                                                             n_embd=128)])  # fmt: skip
+@pytest.mark.parametrize(
+    "config", [GPTConfig.from_name("mini"), GPTConfig(vocab_size=256, n_layer=3, n_head=4, n_embd=128)]
+)
 def test_planned_activations_match_the_saved_tensors_counted_exactly(config, checkpointing):
     """memory_plan.activation_bytes' formula against every tensor autograd saves (within 0.1% here;
     the brief asked for 15%), for a model where the logits dominate and one where the blocks do."""
@@ -314,8 +359,21 @@ def test_planned_activations_match_the_saved_tensors_counted_exactly(config, che
 
 
 def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state(tmp_path, capsys):
-    train_gpt2.main(["--plan", "--data_dir", str(tmp_path / "no_shards"), "--model", "gpt2-xl", "--nproc", "8",
-                     "--gpu_memory", "80", "--batch_size", "4"])  # fmt: skip
+    train_gpt2.main(
+        [
+            "--plan",
+            "--data_dir",
+            str(tmp_path / "no_shards"),
+            "--model",
+            "gpt2-xl",
+            "--nproc",
+            "8",
+            "--gpu_memory",
+            "80",
+            "--batch_size",
+            "4",
+        ]
+    )
     text = capsys.readouterr().out
     assert "1557.7M parameters, batch_size 4 x seq_len 1024, bfloat16, 8 process(es), 80 GiB GPUs" in text
     rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
@@ -329,9 +387,12 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
 
 
 def test_plan_with_a_gpu_too_small_for_batch_size_1_says_what_would_fit(capsys):
-    with pytest.raises(SystemExit, match=r"error: --parallel ddp --activation_checkpointing 0 needs 35\.\d\d GiB per "
-                       r"GPU at batch_size 1, more than a 16 GiB GPU holds \(90% of it\): try --parallel fsdp "
-                       r"--activation_checkpointing 1 over 4 processes \(fits batch_size \d+\)"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"error: --parallel ddp --activation_checkpointing 0 needs 35\.\d\d GiB per "
+        r"GPU at batch_size 1, more than a 16 GiB GPU holds \(90% of it\): try --parallel fsdp "
+        r"--activation_checkpointing 1 over 4 processes \(fits batch_size \d+\)",
+    ):
         train_gpt2.main(["--plan", "--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16"])
     assert "largest batch_size" in capsys.readouterr().out  # the table came first
 
@@ -342,11 +403,33 @@ def test_plan_with_a_gpu_too_small_for_batch_size_1_says_what_would_fit(capsys):
 def test_lora_fine_tuning_under_fsdp_with_checkpointing_equals_one_process(tmp_path, chat_data, base_checkpoint):
     """Frozen base weights and trainable adapters in the same FSDP units, each block checkpointed:
     the same losses as one process, and the same adapters in the checkpoint."""
-    flags = ["--init", base_checkpoint, "--data_files", str(chat_data), *FINETUNE_FLAGS, "--max_steps", "3",
-             "--total_batch_size", "256", "--max_lr", "3e-3", "--lora_rank", "4"]  # fmt: skip
+    flags = [
+        "--init",
+        base_checkpoint,
+        "--data_files",
+        str(chat_data),
+        *FINETUNE_FLAGS,
+        "--max_steps",
+        "3",
+        "--total_batch_size",
+        "256",
+        "--max_lr",
+        "3e-3",
+        "--lora_rank",
+        "4",
+    ]
     finetune.main([*flags, "--log_dir", str(tmp_path / "one")])
-    command = [*TORCHRUN, str(REPO / "finetune.py"), *flags, "--log_dir", str(tmp_path / "two"), "--parallel", "fsdp",
-               "--activation_checkpointing", "1"]  # fmt: skip
+    command = [
+        *TORCHRUN,
+        str(REPO / "finetune.py"),
+        *flags,
+        "--log_dir",
+        str(tmp_path / "two"),
+        "--parallel",
+        "fsdp",
+        "--activation_checkpointing",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import data_path
 
 import evals
 import hellaswag
 import scoring
 from checkpoint import model_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import data_path
 from device import DistInfo, setup_precision, unwrap
 from errors import UserError
 from hellaswag import HELLASWAG
@@ -263,7 +263,7 @@ def good_line(**changes):
     ],
 )
 def test_malformed_line_is_reported_with_its_number(tmp_path, bad_line, message):
-    path = write_lines(tmp_path / "hellaswag_val.jsonl", [good_line(), good_line(), bad_line, good_line()])
+    write_lines(tmp_path / "hellaswag_val.jsonl", [good_line(), good_line(), bad_line, good_line()])
     with pytest.raises(UserError, match=message):
         hellaswag.load_hellaswag(tmp_path)
 

@@ -13,23 +13,32 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import REPO
+from test_finetune import FLAGS as FINETUNE_FLAGS
+from test_finetune import chat_data, chat_tokenizer  # noqa: F401 (fixtures)
+from test_train import TINY, losses, run, write_shards
 
 import checkpoint as ck
 import export
 import optim
 import train_gpt2
-from conftest import REPO
 from errors import UserError
 from generate import generate, generate_stream
 from model import GPT, MODERN_SWITCHES, GPTConfig, apply_rotary, rotary_angles
 from optim import MuonWithAdamW, configure_optimizers
-from test_finetune import FLAGS as FINETUNE_FLAGS
-from test_finetune import chat_data, chat_tokenizer  # noqa: F401 (fixtures)
-from test_train import TINY, losses, run, write_shards
 from training_log import read_metrics
 
-MODERN = GPTConfig.from_name("tiny", block_size=32, rope=True, rmsnorm=True, qk_norm=True, relu2=True,
-                             untied_head=True, zero_init=True, logit_softcap=15.0)  # fmt: skip
+MODERN = GPTConfig.from_name(
+    "tiny",
+    block_size=32,
+    rope=True,
+    rmsnorm=True,
+    qk_norm=True,
+    relu2=True,
+    untied_head=True,
+    zero_init=True,
+    logit_softcap=15.0,
+)
 
 
 @pytest.fixture
@@ -64,8 +73,22 @@ def test_recipe_modern_turns_every_switch_on_and_a_flag_still_turns_one_off():
 
 
 def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
-    cfg = train_gpt2.parse_config(["--lr_schedule", "wsd", "--max_steps", "100", "--warmup_steps", "10",
-                                   "--max_lr", "1.0", "--min_lr_ratio", "0.0", "--decay_frac", "0.4"])  # fmt: skip
+    cfg = train_gpt2.parse_config(
+        [
+            "--lr_schedule",
+            "wsd",
+            "--max_steps",
+            "100",
+            "--warmup_steps",
+            "10",
+            "--max_lr",
+            "1.0",
+            "--min_lr_ratio",
+            "0.0",
+            "--decay_frac",
+            "0.4",
+        ]
+    )
     lrs = [optim.get_lr(step, cfg) for step in range(101)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warmup
     assert lrs[10:61] == [1.0] * 51  # stable until step 60 = 100 - 40
@@ -74,11 +97,13 @@ def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
 
 def test_unknown_choices_and_muon_under_fsdp_are_refused_before_training():
     config = GPTConfig()
-    for flags, message in ((["--optimizer", "sgd"], "--optimizer sgd: choose adamw or muon"),
-                           (["--lr_schedule", "linear"], "--lr_schedule linear: choose cosine or wsd"),
-                           (["--optimizer", "muon", "--parallel", "fsdp"], "Newton-Schulz"),
-                           (["--optimizer", "muon", "--muon_lr", "0"], "would never move the blocks' matrices"),
-                           (["--head_lr", "1e-3"], "--head_lr is for an untied output layer")):  # fmt: skip
+    for flags, message in (
+        (["--optimizer", "sgd"], "--optimizer sgd: choose adamw or muon"),
+        (["--lr_schedule", "linear"], "--lr_schedule linear: choose cosine or wsd"),
+        (["--optimizer", "muon", "--parallel", "fsdp"], "Newton-Schulz"),
+        (["--optimizer", "muon", "--muon_lr", "0"], "would never move the blocks' matrices"),
+        (["--head_lr", "1e-3"], "--head_lr is for an untied output layer"),
+    ):
         with pytest.raises(UserError, match=message):
             train_gpt2.check_config(train_gpt2.parse_config(flags), config, world_size=2)
     with pytest.raises(SystemExit):
@@ -187,8 +212,9 @@ def test_flops_per_token_counts_an_untied_head_but_not_the_embedding_lookup():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_group_at_its_lr():
     model = GPT(MODERN)
-    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02, embed_lr=0.05,
-                                           head_lr=2e-3)  # fmt: skip
+    optimizer = configure_optimizers(
+        model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr=0.02, embed_lr=0.05, head_lr=2e-3
+    )
     assert isinstance(optimizer, MuonWithAdamW)
     muon, adamw = optimizer.optimizers
     names = {id(p): name for name, p in model.named_parameters()}
@@ -250,8 +276,17 @@ def test_modern_recipe_trains_and_resumes_bit_identically_from_a_checkpoint(data
 def test_resuming_with_another_optimizer_or_recipe_is_one_message(data_dir, tmp_path):
     run(data_dir, tmp_path / "run", "--max_steps", "2", "--eval_interval", "0", *MODERN_FLAGS)
     with pytest.raises(SystemExit, match="was trained with --optimizer muon, this run has adamw"):
-        run(data_dir, tmp_path / "run", "--max_steps", "4", "--eval_interval", "0", *MODERN_FLAGS,
-            "--optimizer", "adamw")  # fmt: skip
+        run(
+            data_dir,
+            tmp_path / "run",
+            "--max_steps",
+            "4",
+            "--eval_interval",
+            "0",
+            *MODERN_FLAGS,
+            "--optimizer",
+            "adamw",
+        )
     with pytest.raises(SystemExit, match="was trained with --muon_lr 0.02, this run has 0.03"):
         run(data_dir, tmp_path / "run", "--max_steps", "4", "--eval_interval", "0", *MODERN_FLAGS, "--muon_lr", "0.03")
     with pytest.raises(SystemExit, match=r"rope=True \(flags say False\)"):
@@ -273,8 +308,9 @@ def test_two_process_ddp_with_muon_equals_one_process_with_accumulation(data_dir
     single = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     flags = ["--data_dir", data_dir, "--log_dir", str(tmp_path / "ddp"), *TINY, *steps, "--val_steps", "2"]
-    result = subprocess.run([*torchrun, str(REPO / "train_gpt2.py"), *flags], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*torchrun, str(REPO / "train_gpt2.py"), *flags], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     for step, loss in losses(single).items():
@@ -303,13 +339,39 @@ def test_modern_checkpoint_samples_fine_tunes_and_refuses_the_hf_export(tmp_path
     base = str(tmp_path / "base.pt")
     model = random_weights(replace(MODERN, block_size=64))
     ck.save_checkpoint(base, ck.model_checkpoint(model, get_tokenizer("gpt2")))
-    sample.main(["--checkpoint", base, "--prompt", "Hello", "--num_samples", "1", "--max_new_tokens", "5",
-                 "--temperature", "0", "--no_stream"])  # fmt: skip
+    sample.main(
+        [
+            "--checkpoint",
+            base,
+            "--prompt",
+            "Hello",
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--no_stream",
+        ]
+    )
     greedy = generate(model, torch.tensor([get_tokenizer("gpt2").encode("Hello")]), 5, temperature=0)[0].tolist()
     assert get_tokenizer("gpt2").decode(greedy) in capsys.readouterr().out
     log_dir = tmp_path / "sft"
-    finetune.main(["--init", base, "--data_files", str(chat_data), "--log_dir", str(log_dir), *FINETUNE_FLAGS,
-                   "--max_steps", "4", "--lora_rank", "4"])  # fmt: skip
+    finetune.main(
+        [
+            "--init",
+            base,
+            "--data_files",
+            str(chat_data),
+            "--log_dir",
+            str(log_dir),
+            *FINETUNE_FLAGS,
+            "--max_steps",
+            "4",
+            "--lora_rank",
+            "4",
+        ]
+    )
     sft = read_metrics(log_dir / "metrics.jsonl")
     assert sorted(losses(sft)) == [0, 1, 2, 3] and all(math.isfinite(v) for v in losses(sft).values())
     merged = ck.model_from_checkpoint(str(log_dir / "model_00004.pt"), "cpu")

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint as ck
+import generate as generation
 import sample
 from errors import UserError
-import generate as generation
 from generate import filter_logits, generate, generate_stream, next_token
 from hf import from_pretrained
 from model import GPT, GPTConfig
@@ -104,8 +104,16 @@ def hf_pair(tmp_path):
     """A random transformers GPT2LMHeadModel and our GPT loaded from its save_pretrained folder."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                                     initializer_range=0.3, bos_token_id=999, eos_token_id=999)  # see tiny_model
+    config = transformers.GPT2Config(
+        vocab_size=1000,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.3,
+        bos_token_id=999,
+        eos_token_id=999,
+    )  # see tiny_model
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(tmp_path)
     return hf_model, from_pretrained(str(tmp_path)).eval()
@@ -113,8 +121,14 @@ def hf_pair(tmp_path):
 
 def hf_greedy(hf_model, idx, attention_mask, max_new_tokens):
     eot = hf_model.config.eos_token_id  # passed, so that it neither warns nor falls back to other settings
-    return hf_model.generate(idx, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=eot, eos_token_id=eot)  # fmt: skip
+    return hf_model.generate(
+        idx,
+        attention_mask=attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=eot,
+        eos_token_id=eot,
+    )
 
 
 def test_greedy_equals_transformers_generate(hf_pair):
@@ -143,8 +157,9 @@ def test_seeded_sampling_is_reproducible():
     prompts = random_prompts([4, 2])
 
     def draw(seed):
-        return stream(model, prompts, 20, temperature=0.9, top_k=100, top_p=0.9,
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        return stream(
+            model, prompts, 20, temperature=0.9, top_k=100, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+        )
 
     first, again, other = draw(42), draw(42), draw(7)
     assert torch.equal(first, again)
@@ -196,8 +211,10 @@ def test_finished_rows_repeat_eot_until_every_row_has_finished(monkeypatch):
     step = iter(range(6))
     one_hot = lambda model, idx, real, kv_cache=None: F.one_hot(wanted[:, next(step)], 50257).float()  # noqa: E731
     monkeypatch.setattr(generation, "next_logits", one_hot)
-    assert stream(model, [[1], [2, 3]], 6, temperature=0, eot=EOT).tolist() == [[1, 2, EOT, EOT, EOT],
-                                                                                 [4, 5, 6, 8, EOT]]  # fmt: skip
+    assert stream(model, [[1], [2, 3]], 6, temperature=0, eot=EOT).tolist() == [
+        [1, 2, EOT, EOT, EOT],
+        [4, 5, 6, 8, EOT],
+    ]
 
 
 TOO_LONG = [[1] * 33]  # BLOCK_SIZE + 1 tokens
@@ -214,7 +231,7 @@ TOO_LONG = [[1] * 33]  # BLOCK_SIZE + 1 tokens
         (dict(prompts=[[1, 2], []]), "empty prompt"),
         (dict(prompts=TOO_LONG), f"prompt of 33 tokens is longer than the model's block_size={BLOCK_SIZE}"),
     ],
-)  # fmt: skip
+)
 def test_bad_generation_arguments_raise_before_the_first_token(kwargs, message):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=5) | kwargs
     with pytest.raises(UserError, match=message):
@@ -261,8 +278,24 @@ def tiny_checkpoint(tmp_path):
 
 def test_cli_streams_the_same_text_as_generate(tiny_checkpoint, tokenizer, capsys):
     path, model = tiny_checkpoint
-    sample.main(["--checkpoint", path, "--num_samples", "2", "--max_new_tokens", "15", "--seed", "3",
-                 "--top_k", "50", "--top_p", "0.95", "--device", "cpu"])  # fmt: skip
+    sample.main(
+        [
+            "--checkpoint",
+            path,
+            "--num_samples",
+            "2",
+            "--max_new_tokens",
+            "15",
+            "--seed",
+            "3",
+            "--top_k",
+            "50",
+            "--top_p",
+            "0.95",
+            "--device",
+            "cpu",
+        ]
+    )
     prompt = tokenizer.encode(sample.SAMPLE_PROMPT)
     generator = torch.Generator().manual_seed(3)  # streamed: one sample after the other, one generator
     expected = ""
@@ -276,8 +309,21 @@ def test_cli_no_stream_generates_one_batch(tiny_checkpoint, tokenizer, tmp_path,
     path, model = tiny_checkpoint
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Once upon a time\n", encoding="utf-8")
-    sample.main(["--checkpoint", path, "--prompt_file", str(prompt_file), "--num_samples", "3",
-                 "--max_new_tokens", "10", "--seed", "5", "--no_stream"])  # fmt: skip
+    sample.main(
+        [
+            "--checkpoint",
+            path,
+            "--prompt_file",
+            str(prompt_file),
+            "--num_samples",
+            "3",
+            "--max_new_tokens",
+            "10",
+            "--seed",
+            "5",
+            "--no_stream",
+        ]
+    )
     prompt = tokenizer.encode("Once upon a time\n")
     out = generate(model, torch.tensor([prompt] * 3), 10, generator=torch.Generator().manual_seed(5))
     expected = "".join(f"--- sample {i + 1}/3\n{tokenizer.decode(row)}\n" for i, row in enumerate(out.tolist()))
@@ -289,8 +335,22 @@ def test_cli_greedy_stops_at_a_stop_string(tiny_checkpoint, tokenizer, capsys):
     prompt = tokenizer.encode("The")
     greedy = tokenizer.decode(generate(model, torch.tensor([prompt]), 12, temperature=0)[0, 1:].tolist())
     stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]  # three characters from the middle of the text
-    sample.main(["--checkpoint", path, "--prompt", "The", "--num_samples", "1", "--max_new_tokens", "12",
-                 "--temperature", "0", "--stop", stop])  # fmt: skip
+    sample.main(
+        [
+            "--checkpoint",
+            path,
+            "--prompt",
+            "The",
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--stop",
+            stop,
+        ]
+    )
     assert capsys.readouterr().out == f"--- sample 1/1\nThe{greedy[: greedy.index(stop)]}\n"
 
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import regex
+from conftest import REPO
 
 import tokenizer
-from conftest import REPO
 from errors import UserError
 from tokenizer import SPECIAL_TOKENS, get_tokenizer, train_bpe, train_bpe_python, train_tokenizer
 
@@ -388,16 +388,27 @@ def test_fineweb_compression_near_gpt2(fineweb_sample_dir, gpt2):
 
 
 def test_own_tokenizer_flows_from_shards_to_training_and_is_checked(saved, trained, tmp_path, capsys):
-    import fineweb
     import numpy as np
-    import train_gpt2
     from test_train import TINY
+
+    import fineweb
+    import train_gpt2
     from training_log import read_metrics
 
     texts = [" ".join(sentence(random.Random(1000 + i)) for _ in range(20)) for i in range(40)]
     data_dir = tmp_path / "shards"
-    fineweb.main(["--data_files", str(write_jsonl(tmp_path / "docs.jsonl", texts)), "--tokenizer", str(saved),
-                  "--data_dir", str(data_dir), "--shard_size", "2000"])  # fmt: skip
+    fineweb.main(
+        [
+            "--data_files",
+            str(write_jsonl(tmp_path / "docs.jsonl", texts)),
+            "--tokenizer",
+            str(saved),
+            "--data_dir",
+            str(data_dir),
+            "--shard_size",
+            "2000",
+        ]
+    )
     with open(data_dir / "meta.json") as f:
         assert json.load(f)["settings"]["tokenizer"] == {"name": os.path.abspath(saved), "hash": trained.hash}
     tokens = np.concatenate([np.load(p) for p in sorted(data_dir.glob("*_train_*.npy"))])

@@ -15,23 +15,47 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import device
 import optim
 import train_gpt2
 import training_log
-from errors import UserError
 from checkpoint import load_checkpoint
-from conftest import REPO
+from errors import UserError
 from training_log import LOGGER_NAME, read_log, read_metrics
 
 # A 2-layer model on (2, 16) batches; 64 tokens per step = 2 micro-steps on one process.
 TINY = [
-    "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
-    "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64",
-    "--warmup_steps", "2", "--max_lr", "1e-2", "--val_steps", "2",
-    "--eval_tasks", "", "--sample_interval", "0", "--device", "cpu", "--compile", "0", "--dtype", "float32",
-]  # fmt: skip
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--batch_size",
+    "2",
+    "--seq_len",
+    "16",
+    "--total_batch_size",
+    "64",
+    "--warmup_steps",
+    "2",
+    "--max_lr",
+    "1e-2",
+    "--val_steps",
+    "2",
+    "--eval_tasks",
+    "",
+    "--sample_interval",
+    "0",
+    "--device",
+    "cpu",
+    "--compile",
+    "0",
+    "--dtype",
+    "float32",
+]
 
 
 def write_shards(data_dir, tokens_per_shard=4096, train_shards=2, seed=0):
@@ -190,9 +214,20 @@ def test_checkpoint_holds_everything_a_resume_needs(data_dir, tmp_path):
     assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")) == ["model_00002.pt"]  # pruned
     checkpoint = load_checkpoint(str(tmp_path / "run" / "model_00002.pt"))  # weights_only=True
     assert checkpoint["step"] == 2
-    assert checkpoint["config"] == {"block_size": 1024, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                                    "rope": False, "rmsnorm": False, "qk_norm": False, "relu2": False,
-                                    "untied_head": False, "zero_init": False, "logit_softcap": 0.0}  # GPT-2's
+    assert checkpoint["config"] == {
+        "block_size": 1024,
+        "vocab_size": 50257,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "rope": False,
+        "rmsnorm": False,
+        "qk_norm": False,
+        "relu2": False,
+        "untied_head": False,
+        "zero_init": False,
+        "logit_softcap": 0.0,
+    }  # GPT-2's
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
     assert checkpoint["args"]["max_steps"] == 2 and checkpoint["args"]["batch_size"] == 2
     assert len(checkpoint["optimizer"]["state"]) > 0
@@ -276,8 +311,9 @@ print(faults() - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_cpu_training_reuses_freed_memory_instead_of_page_faulting_it_in_again():
     def page_faults(mode):
-        child = subprocess.run([sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN, mode], cwd=REPO, capture_output=True,
-                               text=True, check=True)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN, mode], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return int(child.stdout)
 
     default, reuse = page_faults("default"), page_faults("reuse")
@@ -348,9 +384,25 @@ def test_compiled_module_runs_only_training_steps_while_evals_and_samples_run(
     monkeypatch.setattr(device.torch, "compile", lambda model: TrainingShapeOnly(model, calls))
     monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
     metrics = run(
-        data_dir, tmp_path / "log", "--compile", "1", "--max_steps", "4", "--eval_interval", "2", "--eval_tasks",
-        "hellaswag", "--eval_limit", "2", "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "4",
-    )  # fmt: skip
+        data_dir,
+        tmp_path / "log",
+        "--compile",
+        "1",
+        "--max_steps",
+        "4",
+        "--eval_interval",
+        "2",
+        "--eval_tasks",
+        "hellaswag",
+        "--eval_limit",
+        "2",
+        "--sample_interval",
+        "2",
+        "--num_samples",
+        "1",
+        "--sample_tokens",
+        "4",
+    )
     # one warm-up call in compile_model, then 4 steps x 2 micro-steps, all (B, T) = (2, 16) in train mode
     assert calls == [((2, 16), True)] * (1 + 4 * 2)
     assert [m["step"] for m in metrics if m["kind"] == "val"] == [0, 2, 4]
@@ -425,19 +477,63 @@ def test_demo_pipeline_trains_evaluates_samples_and_plots(
 
     monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir))
     data_dir = tmp_path / "data"
-    fineweb.main(["--data_files", str(fineweb_sample_dir), "--data_dir", str(data_dir), "--shard_size", "20000",
-                  "--max_tokens", "60000", "--num_proc", "1"])  # fmt: skip
+    fineweb.main(
+        [
+            "--data_files",
+            str(fineweb_sample_dir),
+            "--data_dir",
+            str(data_dir),
+            "--shard_size",
+            "20000",
+            "--max_tokens",
+            "60000",
+            "--num_proc",
+            "1",
+        ]
+    )
     log_dir = tmp_path / "demo"
-    train_gpt2.main([
-        "--preset", "cpu", "--data_dir", str(data_dir), "--log_dir", str(log_dir),
-        "--n_layer", "1", "--n_embd", "32", "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128",
-        "--max_steps", "20", "--warmup_steps", "2", "--max_lr", "1e-2", "--eval_interval", "10", "--val_steps", "2",
-        "--eval_limit", "4", "--sample_interval", "20", "--sample_tokens", "8", "--ckpt_interval", "20",
-    ])  # fmt: skip
+    train_gpt2.main(
+        [
+            "--preset",
+            "cpu",
+            "--data_dir",
+            str(data_dir),
+            "--log_dir",
+            str(log_dir),
+            "--n_layer",
+            "1",
+            "--n_embd",
+            "32",
+            "--batch_size",
+            "4",
+            "--seq_len",
+            "32",
+            "--total_batch_size",
+            "128",
+            "--max_steps",
+            "20",
+            "--warmup_steps",
+            "2",
+            "--max_lr",
+            "1e-2",
+            "--eval_interval",
+            "10",
+            "--val_steps",
+            "2",
+            "--eval_limit",
+            "4",
+            "--sample_interval",
+            "20",
+            "--sample_tokens",
+            "8",
+            "--ckpt_interval",
+            "20",
+        ]
+    )
     log_txt = (log_dir / "log.txt").read_text().splitlines()
     assert re.fullmatch(r"0 val \d+\.\d{4}", log_txt[0]) and re.fullmatch(r"0 val_bpb \d+\.\d{4}", log_txt[1])
     assert re.fullmatch(r"0 hella 0\.\d{4}", log_txt[2])
-    assert re.fullmatch(r"19 train \d+\.\d{6}", [l for l in log_txt if " train " in l][-1])
+    assert re.fullmatch(r"19 train \d+\.\d{6}", [line for line in log_txt if " train " in line][-1])
     series, _ = read_log(log_dir / "log.txt")
     assert series["val"][0] == [0, 10, 20] and series["hella"][0] == [0, 10, 20]
     assert series["val"][1][-1] < series["val"][1][0] - 1  # from ~10.9 (uniform) toward the unigram loss

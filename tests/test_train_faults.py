@@ -15,14 +15,14 @@ import time
 import numpy as np
 import pytest
 import torch
-
-import checkpoint
-import files
-import export
-import resume
-import train_gpt2
 from conftest import REPO
 from test_train import TINY, losses, run, write_shards
+
+import checkpoint
+import export
+import files
+import resume
+import train_gpt2
 from training_log import read_log, read_metrics
 
 
@@ -69,16 +69,29 @@ def test_resuming_an_older_checkpoint_moves_the_abandoned_branch_aside_and_keep_
     log_dir = tmp_path / "log"
     run(data_dir, log_dir, "--max_steps", "4", "--ckpt_interval", "1")
     old = {step: load(log_dir / f"model_{step:05d}.pt") for step in (3, 4)}
-    branch = run(data_dir, log_dir, "--max_steps", "4", "--ckpt_interval", "1", "--keep_last", "2", "--max_lr", "5e-3",
-                 "--resume", str(log_dir / "model_00002.pt"))  # fmt: skip
+    branch = run(
+        data_dir,
+        log_dir,
+        "--max_steps",
+        "4",
+        "--ckpt_interval",
+        "1",
+        "--keep_last",
+        "2",
+        "--max_lr",
+        "5e-3",
+        "--resume",
+        str(log_dir / "model_00002.pt"),
+    )
     # this run's own checkpoints 3 and 4 are the newest two: nothing of it was pruned
     assert sorted(p for p in os.listdir(log_dir) if p.endswith(".pt")) == ["model_00003.pt", "model_00004.pt"]
     assert load(log_dir / "model_00004.pt")["args"]["max_lr"] == 5e-3
     moved = log_dir / "abandoned_after_00002"
     assert sorted(os.listdir(moved)) == ["model_00003.pt", "model_00004.pt"]  # kept, not deleted
     for step in (3, 4):
-        assert torch.equal(load(moved / f"model_{step:05d}.pt")["model"]["lm_head.weight"],
-                           old[step]["model"]["lm_head.weight"])  # fmt: skip
+        assert torch.equal(
+            load(moved / f"model_{step:05d}.pt")["model"]["lm_head.weight"], old[step]["model"]["lm_head.weight"]
+        )
     assert sorted(losses(branch)) == [0, 1, 2, 3]  # steps 0, 1 kept from before the branch point, 2, 3 new
     assert resume.pick_checkpoint("auto", str(log_dir))[0] == str(log_dir / "model_00004.pt")
 
@@ -218,6 +231,7 @@ def test_a_log_dir_that_cannot_be_written_is_one_message(data_dir, tmp_path, mon
         log_dir.write_text("not a folder")
         message = r"--log_dir .*log: cannot create the folder"
     else:
+
         def read_only(path, exist_ok=False):
             raise OSError(errno.EROFS, "Read-only file system")
 
@@ -283,8 +297,18 @@ def test_hellaswag_on_a_foreign_checkpoint_is_one_message(tmp_path, hellaswag_di
 
     torch.save({"transformer.wte.weight": torch.zeros(2)}, tmp_path / "state_dict.pt")
     with pytest.raises(SystemExit, match=r"state_dict.pt is not a checkpoint of this repo.*no model, config"):
-        hellaswag.main(["--checkpoint", str(tmp_path / "state_dict.pt"), "--device", "cpu", "--limit", "1",
-                        "--data_file", str(hellaswag_dir)])  # fmt: skip
+        hellaswag.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "state_dict.pt"),
+                "--device",
+                "cpu",
+                "--limit",
+                "1",
+                "--data_file",
+                str(hellaswag_dir),
+            ]
+        )
 
 
 # ---- distributed: an error on one rank ----
@@ -303,11 +327,23 @@ def test_an_error_on_one_rank_ends_the_whole_job_promptly(tmp_path):
     np.save(data_dir / "edufineweb_train_000002.npy", bad)
     # step 0: windows 0, 1 (shard 1) on ranks 0, 1; step 1: window 2 (shard 1) on rank 0, window 3 (shard 2) on rank 1
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    flags = ["--data_dir", str(data_dir), "--log_dir", str(tmp_path / "log"), *TINY, "--max_steps", "4",
-             "--shuffle", "0", "--eval_interval", "0"]  # fmt: skip
+    flags = [
+        "--data_dir",
+        str(data_dir),
+        "--log_dir",
+        str(tmp_path / "log"),
+        *TINY,
+        "--max_steps",
+        "4",
+        "--shuffle",
+        "0",
+        "--eval_interval",
+        "0",
+    ]
     start = time.monotonic()
-    result = subprocess.run([*torchrun, str(REPO / "train_gpt2.py"), *flags], capture_output=True, text=True,
-                            timeout=240)  # fmt: skip
+    result = subprocess.run(
+        [*torchrun, str(REPO / "train_gpt2.py"), *flags], capture_output=True, text=True, timeout=240
+    )
     seconds = time.monotonic() - start
     assert result.returncode != 0
     assert "edufineweb_train_000002.npy holds token id 50300" in result.stdout + result.stderr
