@@ -12,43 +12,8 @@ To see what a loader would read from a folder of shards (counts, tokens per epoc
 
 Shards are what `fineweb.py` writes, or llm.c's `.bin` files: shards.py holds that file contract.
 
-How the tokens are cut and dealt out
-------------------------------------
-A window is B*T+1 consecutive tokens of one shard: x is its first B*T tokens, y its last B*T, so y
-needs one token past x. A shard of N tokens holds (N - 1) // (B*T) windows, window w starting at
-token w*B*T. Windows never straddle two shards; what is left at the end of a shard is shorter than
-one window (at most B*T tokens, so no window's worth of tokens is wasted, and nothing is read past
-the end). A shard too short for one window would never be read, so it is an error; so is a split
-with fewer windows than ranks (one step would give the same window to two ranks). No shard needs
-W*B*T+1 tokens, as it does in the reference recipe.
-
-One epoch is every window of every shard once: shards in name order and windows in shard order, or,
-with shuffle=True, shards in a new random order each epoch and the windows of each shard in a new
-random order each epoch. (Shuffling whole windows keeps each rank's reads and the equivalences
-below exact. Shuffling within a shard rather than across all of them keeps one shard's window order
-in memory at a time, and the reads of a stretch of training within one file.) The epochs follow
-each other as one endless stream of windows numbered 0, 1, 2, ...; at its s-th call of
-next_batch(), rank r of W reads window s*W + r of that stream.
-
-What follows from that numbering (each point is pinned by a test in tests/test_dataloader.py):
-- Without shuffling, the W windows of one step are W consecutive windows of a shard: a stride of
-  W*B*T tokens in which rank r reads the window at offset r*B*T, as in the reference recipe. The two
-  differ only where a shard ends inside a stride (its window count is not a multiple of W): the
-  reference recipe drops the shard's last windows and restarts every rank at the next shard; here
-  the stride takes the last windows of this shard and the first of the next, so nothing is dropped.
-- W ranks doing A accumulation micro-steps each read, in one optimizer step, exactly the windows one
-  rank reads doing W*A micro-steps: windows k*W*A ... (k+1)*W*A - 1 of the stream for optimizer step
-  k, rank r's micro-step a holding window (k*A + a)*W + r. This holds for every step, every W and A,
-  shuffled or not, with no condition on shard sizes, because the numbering of the stream does not
-  depend on W: the number of GPUs (at a fixed total batch size) does not change what the model sees.
-- Within an epoch every window, so every token of a shard but its tail, is read exactly once, by one
-  rank. When an epoch's window count is not a multiple of W, one step reads the last windows of an
-  epoch on some ranks and the first windows of the next on the others: nothing is skipped or read
-  twice.
-- The whole position is one integer, the stream index of the next step's first window, the same on
-  every rank; state_dict() holds it and the setup it is valid for. A state loaded with a different
-  number of ranks continues the same stream: the new ranks read the windows the old ranks would
-  have read next, in the same order.
+How windows are cut from the shards and dealt out to the ranks, and why a resume on any number of
+GPUs reads exactly the tokens it would have read: docs/data.md.
 """
 
 import argparse

@@ -100,13 +100,7 @@ class RowLoader:
     right-padded to L, the longest row of the batch rounded up to a multiple of 64 (a few distinct
     shapes, so torch.compile does not recompile for every batch). y is -1 on padding.
 
-    Why padding and not packing several conversations into one row: packed rows need an attention
-    mask that keeps each conversation to itself (or the model reads the neighbour's turns), and
-    cost the same compute per token slot. Padding wastes the slots after a short row instead (the
-    rounding to 64 keeps that within 63 slots per row beyond the longest row of the batch).
-
-    Each micro-batch's loss is the mean over its targets, and micro-batches weigh the same (as in
-    nanochat): one whose rows hold few assistant tokens counts as much as a full one.
+    Padding rather than packing, and how micro-batches are weighed: docs/data.md.
 
     The rows are dealt out exactly as DataLoaderLite deals out windows: one endless stream (each
     epoch a new seeded permutation of the rows when shuffled), rank r of W taking batch s*W + r at

@@ -17,13 +17,7 @@ GPT-2's BPE has 50,000 merges on top of the 256 single bytes, plus one special t
 <|endoftext|> (id 50256), which fineweb.py puts before every document. tiktoken downloads its two
 files on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies.
 
-A trained tokenizer has --vocab_size ids in all: the 256 bytes (ids 0-255), then the merges in the
-order they were learned, then the SPECIAL_TOKENS at the top of the vocabulary. With V = vocab_size:
-<|endoftext|> = V-9, <|system|> = V-8, <|user|> = V-7, <|assistant|> = V-6, <|end|> = V-5,
-<|reserved_0|> .. <|reserved_3|> = V-4 .. V-1 (for V = 32768: 32759 .. 32767). Its folder holds
-    tokenizer.tiktoken   the ranks, in tiktoken's own format: "<base64 of the token's bytes> <id>" per line
-    tokenizer.json       the split pattern, the special tokens and their ids, the content hash, and
-                         how it was trained (source, documents and characters read, seconds)
+A trained tokenizer's ids and folder: docs/tokenizer.md.
 """
 
 import argparse
