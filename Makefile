@@ -57,4 +57,4 @@ GPU_CHECK_OUT ?= gpu_check.jsonl
 
 .PHONY: gpu-check
 gpu-check:
-	$(PYTHON) bench.py gpu --out $(GPU_CHECK_OUT)
+	$(PYTHON) gpu_check.py --out $(GPU_CHECK_OUT)

@@ -5,20 +5,18 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py dataloader                                            # DataLoaderLite on a 100M-token shard
     python bench.py train --model gpt2 --batch_size 64 --seq_len 1024     # training step tokens/s and MFU
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
-    python bench.py gpu --out gpu_check.jsonl                             # the GPU check: every CUDA path, ~7 min
     python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
     python bench.py memory --model gpt2-medium --batch_size 8 --seq_len 512   # activation checkpointing's saving
     python bench.py fsdp --model gpt2-medium --nproc 2                    # memory per process, DDP vs FSDP (CPU)
-    python bench.py recipes --data_dir log/demo/data --seeds 1337 1338    # GPT-2's recipe vs the modern one
     add --json to any of them for machine-readable output
 
-Every figure in docs/benchmarks.md comes from one of these commands.
+Every figure in docs/benchmarks.md comes from one of these commands, from the GPU check (gpu_check.py,
+which times its training steps with this file's time_train_step) or from the recipe ablation (ablation.py).
 """
 
 import argparse
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from errors import UserError, exit_on_error
@@ -272,6 +270,13 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def median(values):
+    """The median, or None if there are none or one is None (an MFU without a known peak FLOPS)."""
+    import statistics
+
+    return statistics.median(values) if values and None not in values else None
+
+
 # ---- training step ----------------------------------------------------------------------------
 def add_train_args(parser):
     from device import add_device_args
@@ -291,65 +296,102 @@ def add_train_args(parser):
     )  # fmt: skip
 
 
-def bench_train(args):
-    """Speed of train_gpt2.py's train_step (forward, backward, clip, AdamW) on random tokens, one process,
-    without gradient accumulation."""
+@dataclass
+class TrainStepTiming:
+    """What time_train_step measured; bench.py train and gpu_check.py each report it in their own terms."""
+
+    model: object  # the GPT, uncompiled
+    optimizer: object
+    precision: object  # device.setup_precision's
+    compiled: bool  # whether torch.compile's model trained
+    compile_s: float  # seconds in compile_model, whose forward/backward on an example batch compiles
+    graphs: int  # torch.compile graphs made from compile_model to the last step
+    seconds_per_step: float  # per optimizer step, the timed ones
+    tokens_per_s: float
+    mfu: float  # or None where the peak FLOPS is unknown (CPU, MPS, float32)
+    peak_memory_MiB: float  # what PyTorch allocated on a GPU; elsewhere the whole process's peak RSS
+    warmup_steps: list  # (loss, grad norm, finite) of each untimed step
+    timed_steps: list  # ... and of each timed one
+
+
+def time_train_step(device, model_name, batch_size, seq_len, dtype, compile_flag, micro_steps, warmup, steps,
+                    lora_rank=0):
+    """train_gpt2.py's train_step (forward, backward, clip, AdamW at the GPT-2 recipe's settings) of a
+    model_name GPT with random weights on random tokens, in this process: `warmup` untimed optimizer
+    steps (compilation, the allocator, AdamW's state), then `steps` timed ones of `micro_steps`
+    micro-steps (gradient accumulation) each."""
     import logging
     import time
 
     import torch
 
-    from device import compile_model, keep_freed_memory, peak_flops, pick_device, setup_precision
+    from device import compile_model, graphs_compiled, peak_flops, setup_precision
     from model import GPT, GPTConfig
     from train_gpt2 import TrainConfig, make_optimizer, train_step
 
-    device = pick_device(args.device, local_rank=0)
     device_type = device.split(":")[0]
-    reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
-    precision = setup_precision(args.dtype, device_type)
+    precision = setup_precision(dtype, device_type)
     recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(args.model)).to(device)
-    if args.lora_rank:
+    model = GPT(GPTConfig.from_name(model_name)).to(device)
+    if lora_rank:
         from lora import apply_lora
 
-        apply_lora(model, args.lora_rank, 2 * args.lora_rank, ["attn", "mlp"])
+        apply_lora(model, lora_rank, 2 * lora_rank, ["attn", "mlp"])
     optimizer = make_optimizer(model, recipe, device_type)  # over the parameters that train: with LoRA, the adapters
-    x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)  # (B, T)
-    train_model = compile_model(model, args.compile, device_type, (x, x), precision, logging.getLogger("bench"))
-
-    def step():
-        train_step(train_model, model, optimizer, precision, lambda: (x, x), 1, recipe.grad_clip, world_size=1)
-
+    # two tensors, as train_gpt2.py's batches are: a graph compiled for `idx is targets` would not serve them
+    x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, seq_len), device=device)  # (B, T) each
+    graphs, t0 = graphs_compiled(), time.perf_counter()
+    train_model = compile_model(model, compile_flag, device_type, (x, y), precision, logging.getLogger("bench"))
+    compile_s = time.perf_counter() - t0
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        step()
+
+    def step():
+        return train_step(train_model, model, optimizer, precision, lambda: (x, y), micro_steps, recipe.grad_clip, 1)
+
+    warmup_steps = [step() for _ in range(warmup)]
     synchronize(device)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    timed_steps = [step() for _ in range(steps)]
     synchronize(device)
-    seconds_per_step = (time.perf_counter() - t0) / args.steps
-    peak_rss = rss_mb("VmHWM")
-    tokens_per_sec = args.batch_size * args.seq_len / seconds_per_step
-    flops_per_token = model.flops_per_token(args.seq_len)
+    seconds_per_step = (time.perf_counter() - t0) / steps
+    tokens_per_s = micro_steps * batch_size * seq_len / seconds_per_step
     peak = peak_flops(device, precision.dtype)
+    return TrainStepTiming(
+        model=model, optimizer=optimizer, precision=precision, compiled=train_model is not model, compile_s=compile_s,
+        graphs=graphs_compiled() - graphs, seconds_per_step=seconds_per_step, tokens_per_s=tokens_per_s,
+        mfu=model.flops_per_token(seq_len) * tokens_per_s / peak if peak else None,
+        peak_memory_MiB=torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else rss_mb("VmHWM"),
+        warmup_steps=warmup_steps, timed_steps=timed_steps,
+    )  # fmt: skip
+
+
+def bench_train(args):
+    """Speed of train_gpt2.py's train_step (time_train_step) on random tokens, one process, without
+    gradient accumulation."""
+    import torch
+
+    from device import keep_freed_memory, pick_device
+
+    device = pick_device(args.device, local_rank=0)
+    reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
+    run = time_train_step(device, args.model, args.batch_size, args.seq_len, args.dtype, args.compile, micro_steps=1,
+                          warmup=args.warmup, steps=args.steps, lora_rank=args.lora_rank)  # fmt: skip
     return {
-        "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "model": args.model,
-        "params_M": model.num_params() / 1e6,
-        "trainable_params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "params_M": run.model.num_params() / 1e6,
+        "trainable_params_M": sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
-        "dtype": str(precision.dtype).removeprefix("torch."),
-        "compiled": train_model is not model,
+        "dtype": str(run.precision.dtype).removeprefix("torch."),
+        "compiled": run.compiled,
         "cpu_malloc": "reuse" if reused else "default",
-        "ms_per_step": seconds_per_step * 1000,
-        "tokens_per_sec": tokens_per_sec,
-        "mfu": flops_per_token * tokens_per_sec / peak if peak else "n/a",
-        # what PyTorch allocated on a GPU; elsewhere the whole process's peak RSS
-        "peak_memory_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else peak_rss,
+        "ms_per_step": run.seconds_per_step * 1000,
+        "tokens_per_sec": run.tokens_per_s,
+        "mfu": run.mfu if run.mfu is not None else "n/a",
+        "peak_memory_MiB": run.peak_memory_MiB,
     }
 
 
@@ -425,492 +467,6 @@ def bench_hellaswag(args):
     if device.startswith("cuda"):
         figures["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return figures
-
-
-# ---- the GPU check: python bench.py gpu -------------------------------------------------------
-# One command that runs every CUDA path of the repository and measures the headline figures, in
-# about 7 minutes on one H100/H200 (docs/benchmarks.md, "GPU check"). Each result is one JSON line,
-# printed and appended to --out as soon as it is known, so a run cut short keeps what it measured.
-# A result that fails is a line with "error" and the check goes on (an out-of-memory in one
-# configuration says nothing about the next); one that cannot run here says why in "skipped".
-@dataclass(frozen=True)
-class CheckSizes:
-    model: str  # model.MODEL_SIZES name of the training-step and generation figures
-    batch_size: int  # B of the bf16 and fp16 training steps
-    seq_len: int  # T
-    fp32_batch_size: int  # B in float32: twice the activation memory of bf16 (and build-nanogpt's B=16)
-    steps: int  # timed optimizer steps of the headline configuration (bf16 + compile)
-    micro_steps: int  # its micro-steps per optimizer step (gradient accumulation)
-    other_steps: int  # timed optimizer steps, of 2 micro-steps each, of every other configuration
-    attention: tuple  # (B, nh, T, hs) of the attention-kernel check
-    run_flags: tuple  # train_gpt2.py flags of the short real run (model, batch, evals, samples)
-    run_steps: int  # its --max_steps; the resume then trains to 1.5x that
-    shard_tokens: int  # tokens in each of its random shards (one val, two train)
-    hellaswag_limit: int  # HellaSwag examples at each of its evaluations
-    prompt_tokens: int  # generation: a (4, prompt_tokens) prompt, then new_tokens more
-    new_tokens: int
-
-
-GPU_CHECK_SIZES = CheckSizes(
-    model="gpt2", batch_size=64, seq_len=1024, fp32_batch_size=16, steps=5, micro_steps=4, other_steps=2,
-    attention=(64, 12, 1024, 64),
-    # GPT-2 124M (train_gpt2.py's defaults) at B=64, T=1024 as above, so inductor's cache from the
-    # headline's compilation can serve this one; 2 micro-steps per step, an eval and a sample every 5.
-    run_flags=("--batch_size", "64", "--seq_len", "1024", "--total_batch_size", str(2 * 64 * 1024),
-               "--warmup_steps", "3", "--val_steps", "2", "--eval_interval", "5", "--sample_interval", "5",
-               "--num_samples", "2", "--log_interval", "5"),
-    run_steps=10, shard_tokens=2**20, hellaswag_limit=300, prompt_tokens=32, new_tokens=480,
-)  # fmt: skip
-SMOKE_SIZES = CheckSizes(  # --smoke: the same sequence in seconds on a CPU
-    model="tiny", batch_size=2, seq_len=32, fp32_batch_size=2, steps=2, micro_steps=2, other_steps=1,
-    attention=(2, 2, 32, 16),
-    run_flags=("--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-               "--total_batch_size", "64", "--warmup_steps", "2", "--val_steps", "2", "--eval_interval", "2",
-               "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "8", "--log_interval", "2"),
-    run_steps=4, shard_tokens=4096, hellaswag_limit=4, prompt_tokens=4, new_tokens=8,
-)  # fmt: skip
-
-# (name, dtype, compiled): the headline configuration first, then what each part of it is worth
-TRAIN_CONFIGS = [
-    ("train_bf16_compiled", "bfloat16", True),
-    ("train_bf16_eager", "bfloat16", False),
-    ("train_fp16_eager", "float16", False),  # with a GradScaler: the path of GPUs without bf16 (V100, T4)
-    ("train_fp32_eager", "float32", False),  # TF32 matmuls on CUDA (device.setup_precision)
-]
-
-
-def add_gpu_args(parser):
-    from device import DEVICE_HELP
-
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # no --dtype: the check runs each of them
-    parser.add_argument("--out", default="gpu_check.jsonl",
-                        help="JSON-lines file the results are appended to, or a folder for gpu_check.jsonl in it")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny model and a few steps: the same sequence in seconds, e.g. on a CPU")
-    parser.add_argument("--compile", choices=["1", "0"], default=None,
-                        help="torch.compile the compiled configuration and the train_gpt2.py run (default: 1 on "
-                             "CUDA, 0 elsewhere, where inductor needs a minute even for the tiny model)")
-    parser.add_argument("--hellaswag_dir", default=os.environ.get("HELLASWAG_DIR"),
-                        help="folder holding hellaswag_val.jsonl (default: $HELLASWAG_DIR; without it HellaSwag "
-                             "is skipped: the check never downloads)")  # fmt: skip
-
-
-def bench_gpu(args):
-    """The GPU check: environment, training steps in four precisions, a real train_gpt2.py run with
-    evals, samples and a resume, then generation. Returns where the lines went and what failed."""
-    import tempfile
-    import time
-    from datetime import datetime
-
-    from device import keep_freed_memory, pick_device
-
-    device = pick_device(args.device, local_rank=0)
-    if device == "cpu":
-        keep_freed_memory()  # as train_gpt2.py does on a CPU
-    sizes = SMOKE_SIZES if args.smoke else GPU_CHECK_SIZES
-    compile_flag = args.compile or ("1" if device.startswith("cuda") else "0")
-    hellaswag = hellaswag_source(args.hellaswag_dir)  # refuses a wrong path before minutes of work
-    out = os.path.join(args.out, "gpu_check.jsonl") if os.path.isdir(args.out) else args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    run_id = datetime.now().isoformat(timespec="seconds")  # tells the runs appended to one file apart
-    start, records = time.perf_counter(), []
-
-    def result(name, measure, *measure_args):
-        """One line: {"name", figures..., "seconds"}, or {"name", "error"} if measuring raised."""
-        t0 = time.perf_counter()
-        try:
-            figures = measure(*measure_args)
-        except (Exception, SystemExit) as e:  # train_gpt2.main turns a UserError into a SystemExit
-            figures = {"error": f"{type(e).__name__}: {first_line(e)}"}
-        release_memory(device)  # after the exception is gone: its traceback held the tensors
-        record = {"name": name, **figures, "seconds": round(time.perf_counter() - t0, 2), "run": run_id}
-        print(json.dumps(record), flush=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        records.append(record)
-        return record
-
-    result("environment", check_environment, device, sizes, hellaswag)
-    for name, dtype, compiled in TRAIN_CONFIGS:
-        if compiled and compile_flag == "0":
-            why = "" if args.compile else " (the default off CUDA: inductor needs a minute even for a tiny model)"
-            result(name, skipped, f"--compile 0{why}")
-            continue
-        batch_size = sizes.fp32_batch_size if dtype == "float32" else sizes.batch_size
-        steps, micro_steps = (sizes.steps, sizes.micro_steps) if compiled else (sizes.other_steps, 2)
-        result(name, check_train_step, device, sizes, dtype, compiled, batch_size, steps, micro_steps)
-    def run_and_resume(name, *more_flags):
-        """A short train_gpt2.py run, then a resume of it to 1.5x its steps."""
-        with tempfile.TemporaryDirectory() as tmp:
-            run = result(f"{name}_run", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                         sizes.run_steps, more_flags)  # fmt: skip
-            if "error" in run:
-                result(f"{name}_resume", skipped, "the run it resumes failed")
-            else:
-                result(f"{name}_resume", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                       sizes.run_steps * 3 // 2, more_flags)  # fmt: skip
-
-    run_and_resume("train_gpt2")
-    result("generate_kv_cache", check_generation, device, sizes)
-    result("fsdp", not_in_check_yet, "parallel")  # train_gpt2.py --parallel fsdp needs 2+ processes
-    run_and_resume("modern_recipe", "--recipe", "modern")
-    errors = [r["name"] for r in records if "error" in r]
-    skips = [r["name"] for r in records if "skipped" in r]
-    minutes = (time.perf_counter() - start) / 60
-    result("total", lambda: {"results": len(records), "errors": errors, "skipped": skips, "minutes": minutes})
-    return {"out": out, "results": len(records) - 1, "errors": ", ".join(errors) or "none",
-            "skipped": ", ".join(skips) or "none", "minutes": minutes}
-
-
-def skipped(reason):
-    return {"skipped": reason}
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
-def release_memory(device):
-    """Give the memory of a finished (or failed) measurement back before the next one, and forget
-    its compiled graphs: the next shapes compile afresh, as in a new process, instead of making
-    torch.compile mark them dynamic."""
-    import gc
-
-    import torch
-
-    torch._dynamo.reset()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def hellaswag_source(folder):
-    """The HellaSwag folder to evaluate with, or None: the check runs where nothing can be downloaded."""
-    if folder is None:
-        return None
-    if not os.path.isfile(os.path.join(folder, "hellaswag_val.jsonl")):
-        raise UserError(f"--hellaswag_dir {folder}: no hellaswag_val.jsonl in it (leave it out to skip HellaSwag)")
-    return folder
-
-
-def package_version(name):
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def check_environment(device, sizes, hellaswag):
-    """What the figures were measured on, and whether each attention kernel runs here."""
-    import platform
-
-    import torch
-
-    from device import peak_flops
-    from tokenizer import get_tokenizer
-
-    figures = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-               "cuda": torch.version.cuda}  # fmt: skip
-    # datasets and rustbpe are not needed here (the GPU machine may lack them): listed to show that
-    figures.update({name: package_version(name) for name in ("numpy", "tiktoken", "transformers", "triton",
-                                                              "datasets", "rustbpe")})  # fmt: skip
-    dtype = torch.float32
-    if device.startswith("cuda"):
-        gpu = torch.cuda.get_device_properties(device)
-        bf16 = (gpu.major, gpu.minor) >= (8, 0)  # Ampere and newer, as device.setup_precision decides
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        peak = peak_flops(device, torch.bfloat16)
-        figures.update(gpu=gpu.name, gpu_memory_GiB=round(gpu.total_memory / 2**30, 1),
-                       compute_capability=f"{gpu.major}.{gpu.minor}", bf16=bf16,
-                       cudnn=torch.backends.cudnn.version(), peak_TFLOPS=peak / 1e12 if peak else None,
-                       flash_sdp_enabled=torch.backends.cuda.flash_sdp_enabled())  # fmt: skip
-    figures.update(attention_kernels(device, sizes.attention, dtype))
-    try:
-        figures["gpt2_bpe"] = "ok" if get_tokenizer().encode("Hello") else "empty"
-    except Exception as e:  # tiktoken without its files and without internet: set TIKTOKEN_CACHE_DIR
-        figures["gpt2_bpe"] = f"error: {first_line(e)}"
-    figures["hellaswag"] = hellaswag or "skipped: no --hellaswag_dir or $HELLASWAG_DIR"
-    return figures
-
-
-def attention_kernels(device, shape, dtype):
-    """Forward + backward milliseconds of causal F.scaled_dot_product_attention on q, k, v of `shape`
-    (B, nh, T, hs): with PyTorch's own choice of kernel, and with each kernel forced. A kernel that
-    cannot run here gives PyTorch's reason instead."""
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
-
-    def forward_backward():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-
-    ms, cannot = {"default": time_ms(forward_backward, device)}, {}
-    for name, kernel in kernels.items():
-        with warnings.catch_warnings(record=True) as caught:  # PyTorch warns why a kernel cannot run
-            warnings.simplefilter("always")
-            try:
-                with sdpa_kernel([kernel]):
-                    ms[name] = time_ms(forward_backward, device)
-            except RuntimeError as e:
-                cannot[name] = "; ".join(first_line(w.message) for w in caught) or first_line(e)
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {"attention_shape": list(shape), "attention_dtype": dtype_name, "flash_attention_runs": "flash" in ms,
-            "sdpa_fwd_bwd_ms": ms, "sdpa_cannot_run": cannot}  # fmt: skip
-
-
-def time_ms(function, device, warmup=2, repeats=5):
-    import time
-
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - t0) / repeats * 1000
-
-
-def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_steps):
-    """train_gpt2.train_step on random tokens: one untimed optimizer step (compilation, the
-    allocator, AdamW's state), then `steps` timed ones of `micro_steps` micro-steps each."""
-    import logging
-    import time
-
-    import torch
-    from torch._dynamo.utils import counters
-
-    from device import compile_model, peak_flops, setup_precision
-    from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, make_optimizer, train_step
-
-    device_type = device.split(":")[0]
-    precision = setup_precision(dtype, device_type)
-    recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(sizes.model)).to(device)
-    optimizer = make_optimizer(model, recipe, device_type)
-    x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, sizes.seq_len), device=device)  # (B, T) each
-    graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-    train_model = compile_model(model, "1" if compiled else "0", device_type, (x, y), precision,
-                                logging.getLogger("bench"))  # fmt: skip
-    compile_s = time.perf_counter() - t0
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def step():
-        return train_step(train_model, model, optimizer, precision, lambda: (x, y), micro_steps, recipe.grad_clip, 1)
-
-    first_loss, _, _ = step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(steps)]  # (loss, grad norm, finite) each
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    tokens_per_s = steps * micro_steps * batch_size * sizes.seq_len / seconds
-    peak = peak_flops(device, precision.dtype)
-    figures = {
-        "model": sizes.model, "params_M": round(model.num_params() / 1e6, 2), "batch_size": batch_size,
-        "seq_len": sizes.seq_len, "micro_steps": micro_steps, "timed_steps": steps,
-        "dtype": str(precision.dtype).removeprefix("torch."), "compiled": train_model is not model,
-        "fused_adamw": bool(optimizer.defaults.get("fused")),
-        "ms_per_micro_step": seconds / (steps * micro_steps) * 1000, "tokens_per_s": tokens_per_s,
-        "mfu": model.flops_per_token(sizes.seq_len) * tokens_per_s / peak if peak else None,  # None: fp32, CPU
-        "loss_first": first_loss, "loss_last": losses[-1][0], "all_finite": all(finite for _, _, finite in losses),
-    }  # fmt: skip
-    if device_type == "cuda":
-        figures["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        figures["tf32"] = torch.get_float32_matmul_precision() != "highest"
-    else:
-        figures["peak_rss_MiB"] = rss_mb("VmHWM")  # the whole process's so far
-    if precision.scaler.is_enabled():
-        figures["loss_scale"] = precision.scaler.get_scale()  # halved at each overflow, from 65536
-    if compiled:
-        figures.update(compile_s=compile_s, graphs=counters["stats"]["unique_graphs"] - graphs)
-    return figures
-
-
-@contextmanager
-def graphs_made_in(module, names):
-    """{name: [graphs made in its 1st call, in its 2nd, ...], "total": graphs made while inside}: the
-    graphs torch.compile makes (dynamo's counters) while each function `names` of `module` runs. They
-    are wrapped for the time being; train_gpt2.train() looks them up at each call, so it calls the wrappers."""
-    import functools
-
-    from torch._dynamo.utils import counters
-
-    graphs = {name: [] for name in names}
-    originals = {name: getattr(module, name) for name in names}
-
-    def counted(name, function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            before = counters["stats"]["unique_graphs"]
-            try:
-                return function(*args, **kwargs)
-            finally:
-                graphs[name].append(counters["stats"]["unique_graphs"] - before)
-
-        return wrapper
-
-    for name, function in originals.items():
-        setattr(module, name, counted(name, function))
-    start = counters["stats"]["unique_graphs"]
-    try:
-        yield graphs
-    finally:
-        for name, function in originals.items():
-            setattr(module, name, function)
-        graphs["total"] = counters["stats"]["unique_graphs"] - start
-
-
-@contextmanager
-def environment_variable(name, value):
-    """os.environ[name] = value while inside (unset for None), as it was afterwards."""
-    before = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
-def write_check_shards(data_dir, tokens_per_shard):
-    """One val and two train shards of random GPT-2 token ids, named as fineweb.py names them."""
-    import numpy as np
-
-    from shards import TOKEN_DTYPE, shard_name
-
-    os.makedirs(data_dir)
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        np.save(os.path.join(data_dir, shard_name("edufineweb", index)),
-                rng.integers(0, 50257, size=tokens_per_shard).astype(TOKEN_DTYPE))  # fmt: skip
-
-
-GRAPH_COUNTED = ("evaluate", "sample", "train_step")  # the train_gpt2.py functions graphs are counted in
-
-
-def check_train_gpt2_run(tmp, device, sizes, compile_flag, hellaswag, max_steps, more_flags=()):
-    """train_gpt2.main in `tmp` up to max_steps: a fresh run the first time, a resume from its last
-    checkpoint the second. Compiled training, the val loss, HellaSwag and sampling in one process;
-    no eval and no training step after one should make torch.compile compile again."""
-    import time
-
-    import train_gpt2
-    from training_log import read_metrics
-
-    data_dir, log_dir = os.path.join(tmp, "data"), os.path.join(tmp, "log")
-    if not os.path.isdir(data_dir):
-        write_check_shards(data_dir, sizes.shard_tokens)
-    flags = ["--data_dir", data_dir, "--log_dir", log_dir, "--device", device, "--compile", compile_flag,
-             "--max_steps", str(max_steps), "--eval_tasks", "hellaswag" if hellaswag else "",
-             "--eval_limit", str(sizes.hellaswag_limit), *sizes.run_flags, *more_flags]  # fmt: skip
-    t0 = time.perf_counter()
-    # $HELLASWAG_DIR: where train_gpt2.py's HellaSwag reads its data
-    with environment_variable("HELLASWAG_DIR", hellaswag), graphs_made_in(train_gpt2, GRAPH_COUNTED) as graphs:
-        train_gpt2.main(flags)
-    seconds = time.perf_counter() - t0
-    metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
-    start_step = [m for m in metrics if m["kind"] == "config"][-1]["step"]  # a resume logs its own config
-    this_run = [m for m in metrics if m["step"] >= start_step]
-    train = [m for m in this_run if m["kind"] == "train"]
-    samples = [m for m in this_run if m["kind"] == "sample" and m["step"] > start_step]  # mid-run, or the end
-    figures = {
-        "start_step": start_step, "max_steps": max_steps, "train_steps": len(train),
-        "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
-        # the first step of a process includes warming up; the median of the others is its speed
-        "tokens_per_s_median": median([m["tokens_per_sec"] for m in train[1:]]),
-        "mfu_median": median([m["mfu"] for m in train[1:]]),  # None without a known peak (CPU, fp32)
-        "val_loss": {m["step"]: m["loss"] for m in this_run if m["kind"] == "val"},
-        "sample_step": samples[0]["step"] if samples else None,
-        "sample": samples[0]["text"] if samples else None,
-        "checkpoints": sorted(name for name in os.listdir(log_dir) if name.endswith(".pt")),
-        "run_seconds": seconds,
-    }  # fmt: skip
-    if hellaswag:
-        hellaswag_runs = [m for m in this_run if m["kind"] == "hellaswag"]
-        figures["hellaswag_acc_norm"] = {m["step"]: m["acc_norm"] for m in hellaswag_runs}
-        figures["hellaswag_examples"] = hellaswag_runs[-1]["count"] if hellaswag_runs else 0
-    else:
-        figures["hellaswag"] = "skipped: no --hellaswag_dir or $HELLASWAG_DIR (the check never downloads)"
-    # Graphs: compile_model's, before the loop, should be the only ones. A graph made in the first
-    # training step means compile_model's example batch differs from the real ones (in shape, dtype or
-    # aliasing); one made in an eval or a sample, or in a training step after one (train/eval mode,
-    # autocast state), means that the evals make training compile again.
-    steps, in_evals = graphs["train_step"], sum(graphs["evaluate"]) + sum(graphs["sample"])
-    after_compile = sum(steps) + in_evals
-    at_compile = graphs["total"] - after_compile
-    figures.update(compiled=at_compile > 0, graphs_at_compile=at_compile,
-                   graphs_in_first_train_step=steps[0] if steps else 0, graphs_in_evals=in_evals,
-                   graphs_in_later_train_steps=sum(steps[1:]), recompiles=after_compile)  # fmt: skip
-    return figures
-
-
-def median(values):
-    import statistics
-
-    return statistics.median(values) if values and None not in values else None
-
-
-def check_generation(device, sizes):
-    """Tokens/s of GPT.generate with and without the KV cache, greedy, from the same prompt."""
-    import inspect
-    import time
-
-    import torch
-
-    from device import setup_precision
-    from model import GPT, GPTConfig
-
-    if "use_cache" not in inspect.signature(GPT.generate).parameters:
-        return skipped("no KV cache yet (GPT.generate takes no use_cache)")
-    precision = setup_precision("auto", device.split(":")[0])
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(sizes.model)).to(device).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (4, sizes.prompt_tokens), device=device)  # (B, T0)
-    figures, outputs = {"model": sizes.model, "prompt": list(prompt.shape), "new_tokens": sizes.new_tokens}, {}
-    for use_cache in (False, True):
-        with precision.autocast():
-            model.generate(prompt, 2, temperature=0, use_cache=use_cache)  # warm-up
-            synchronize(device)
-            t0 = time.perf_counter()
-            outputs[use_cache] = model.generate(prompt, sizes.new_tokens, temperature=0, use_cache=use_cache)
-            synchronize(device)
-        key = "cached" if use_cache else "uncached"
-        figures[f"{key}_tokens_per_s"] = prompt.size(0) * sizes.new_tokens / (time.perf_counter() - t0)
-    figures["kv_cache_speedup"] = figures["cached_tokens_per_s"] / figures["uncached_tokens_per_s"]
-    # in bf16 the two paths round differently, so greedy decoding may part ways after a while
-    new = slice(sizes.prompt_tokens, None)
-    figures["same_tokens_fraction"] = (outputs[True][:, new] == outputs[False][:, new]).float().mean().item()
-    return figures
-
-
-def not_in_check_yet(flag):
-    """A feature the check does not run (FSDP: it needs several processes). When train_gpt2.py has a
-    --flag of that name, say so, rather than report it missing."""
-    from dataclasses import fields
-
-    from train_gpt2 import TrainConfig
-
-    if flag in {f.name for f in fields(TrainConfig)}:
-        return skipped(f"train_gpt2.py has --{flag} now, but this check does not run it yet: add it here")
-    return skipped("not implemented yet")
 
 
 # ---- memory: activation checkpointing and FSDP (train_gpt2.py --plan's figures, measured) ------
@@ -1188,219 +744,7 @@ def bench_generate(args):
     return results
 
 
-# ---- recipes: GPT-2's and the modern one at equal tokens (train_gpt2.py --recipe) --------------
-# Each run is train_gpt2.py itself, in a process of its own, on the same shards with the same model
-# and batch: one change at a time on top of GPT-2's recipe, and all of them (--recipe modern). Each
-# result is appended to --out_dir/results.jsonl as its run ends, and a run already there (same flags,
-# seed and steps) is not run again: an interrupted benchmark continues where it stopped. One out_dir
-# holds one benchmark: its records all come from the same --data_dir and --device.
-RECIPE_RUNS = {
-    "gpt2": [],
-    "rope": ["--rope", "1"],
-    "rmsnorm": ["--rmsnorm", "1"],
-    "qk_norm": ["--qk_norm", "1"],
-    "relu2": ["--relu2", "1"],
-    "untied_head": ["--untied_head", "1"],
-    "zero_init": ["--zero_init", "1"],
-    "logit_softcap": ["--logit_softcap", "15"],
-    "muon": ["--optimizer", "muon"],
-    "wsd": ["--lr_schedule", "wsd", "--min_lr_ratio", "0"],
-    "modern": ["--recipe", "modern"],
-}
-# The CPU benchmark of the recipes: 4 layers of width 128, micro-batches of 8 x 128 tokens, 2,048
-# tokens per step; val every 25 steps on the same 24 x 1,024 tokens.
-RECIPE_MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "8", "--seq_len", "128",
-                "--total_batch_size", "2048", "--eval_interval", "25", "--val_steps", "24", "--eval_tasks", "",
-                "--sample_interval", "0", "--ckpt_interval", "0", "--log_interval", "50"]  # fmt: skip
-# GPT-2's recipe at this size: the best of the max_lr values tried (docs/benchmarks.md, "Recipes")
-RECIPE_GPT2_LR = 1e-3
-
-
-def add_recipes_args(parser):
-    parser.add_argument("--data_dir", required=True, help="token shards (fineweb.py), the same for every run")
-    parser.add_argument("--out_dir", default="log/recipes", help="each run's log_dir, and results.jsonl")
-    parser.add_argument("--runs", nargs="+", default=list(RECIPE_RUNS), choices=RECIPE_RUNS,
-                        help="the changes to run, one at a time (default: every one, then all of them: modern)")
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of each run")
-    parser.add_argument("--modern_steps", type=int, nargs="*", default=[100],
-                        help="shorter runs of the modern recipe (its schedule squeezed into fewer steps): the "
-                             "fewest steps whose val loss reaches GPT-2's at --steps give the token ratio")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each per seed")
-    parser.add_argument("--gpt2_lr", type=float, default=RECIPE_GPT2_LR,
-                        help="--max_lr of every run but modern's (which sets its own LRs)")
-    parser.add_argument("--flags", default="", help="more train_gpt2.py flags for every run, e.g. '--muon_lr 0.04'")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time: for losses only, as runs that share the machine take longer")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / jobs)")
-    parser.add_argument("--device", default="cpu", help="train_gpt2.py --device")
-    parser.add_argument("--time_steps", type=int, default=0,
-                        help="instead of training: time this many steps of each run in one process, taking turns "
-                             "(run 1's step, run 2's, ..., then again), so that each gets the same share of the "
-                             "machine's noise; the median step time of each and its ratio to GPT-2's")  # fmt: skip
-
-
-def bench_recipes(args):
-    """Every run of --runs x --seeds for --steps steps (and modern's for each of --modern_steps); the
-    final val loss of each, its training time (the sum of its step times: no evaluation, no start-up),
-    and the modern recipe's share of GPT-2's tokens and time to reach GPT-2's final val loss."""
-    import shlex
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    if args.time_steps:
-        return recipe_step_times(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    results_path = os.path.join(args.out_dir, "results.jsonl")
-    done = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
-    for name in ("data_dir", "device"):
-        other = {r[name] for r in done if name in r} - {getattr(args, name)}
-        if other:
-            raise UserError(f"{results_path} holds runs with --{name} {other.pop()}, not {getattr(args, name)}: pass "
-                            f"another --out_dir for another benchmark")  # fmt: skip
-    extra = shlex.split(args.flags)
-    keys = []
-    for name in args.runs:
-        lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
-        for steps in [args.steps, *(args.modern_steps if name == "modern" else [])]:
-            keys += [{"run": name, "flags": [*RECIPE_RUNS[name], *lr, *extra], "seed": seed, "steps": steps}
-                     for seed in args.seeds]  # fmt: skip
-    keys = list({json.dumps(key): key for key in keys}.values())  # once each, e.g. with --modern_steps 250
-    todo = [key for key in keys if recipe_record(done, key) is None]
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for finished in as_completed([pool.submit(recipe_run, key, args, threads) for key in todo]):
-            record = finished.result()
-            with open(results_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            done.append(record)
-            print(f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps: val "
-                  f"loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training", flush=True)
-    return recipe_summary([recipe_record(done, key) for key in keys], args.steps)
-
-
-def recipe_step_times(args):
-    """Where the time goes: the training step of each of --runs on random tokens, in turns."""
-    import functools
-    import shlex
-    import statistics
-    import time
-
-    import torch
-
-    from device import pick_device, setup_precision
-    from model import GPT
-    from train_gpt2 import make_model_config, make_optimizer, parse_config, train_step
-
-    device = pick_device(args.device, local_rank=0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = {}
-    for name in args.runs:
-        lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
-        cfg = parse_config([*RECIPE_MODEL, *RECIPE_RUNS[name], *lr, *shlex.split(args.flags)])
-        torch.manual_seed(0)
-        model = GPT(make_model_config(cfg, 50257)).to(device)
-        optimizer = make_optimizer(model, cfg, device.split(":")[0])
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.max_lr * group["lr_scale"]
-        precision = setup_precision("float32" if device == "cpu" else "auto", device.split(":")[0])
-        x = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len), device=device)  # (B, T)
-        micro_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
-        next_batch = functools.partial(tuple, (x, x))  # () -> (x, x): this run's own x
-        steps[name] = functools.partial(train_step, model, model, optimizer, precision, next_batch, micro_steps,
-                                        cfg.grad_clip, 1)  # fmt: skip
-    times = {name: [] for name in steps}
-    for turn in range(args.time_steps + 1):  # turn 0 warms up
-        for name, step in steps.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            step()
-            synchronize(device)
-            if turn:
-                times[name].append(1000 * (time.perf_counter() - t0))
-    figures = {f"{name}_step_ms": statistics.median(ms) for name, ms in times.items()}
-    if "gpt2" in steps:
-        figures.update({f"{name}_time_ratio": figures[f"{name}_step_ms"] / figures["gpt2_step_ms"] for name in steps})
-    return figures
-
-
-def recipe_record(records, key):
-    """The newest record of a run with these flags, seed and steps, or None."""
-    matches = [r for r in records if all(r[k] == v for k, v in key.items())]
-    return matches[-1] if matches else None
-
-
-def recipe_run(key, args, threads):
-    """train_gpt2.py with key's flags in a fresh process; the figures of its metrics.jsonl."""
-    import subprocess
-    import sys
-
-    from training_log import read_metrics
-
-    tag = "_".join(flag.lstrip("-") for flag in key["flags"]) or "gpt2"
-    log_dir = os.path.join(args.out_dir, f"{tag}_steps{key['steps']}_seed{key['seed']}")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py")
-    # the run's own flags after the benchmark's: --flags can change the model, batch or warmup (on a GPU)
-    command = [sys.executable, script, *RECIPE_MODEL, "--data_dir", args.data_dir, "--device", args.device,
-               "--max_steps", str(key["steps"]), "--warmup_steps", "10", *key["flags"], "--seed", str(key["seed"]),
-               "--log_dir", log_dir, "--resume", "none"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    finished = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if finished.returncode != 0:
-        raise UserError(f"{' '.join(command)} failed: {(finished.stderr.strip().splitlines() or ['?'])[-1]}")
-    for name in os.listdir(log_dir):
-        if name.endswith(".pt"):
-            os.remove(os.path.join(log_dir, name))  # the final checkpoint: the figures are all in the record
-    metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
-    val = [m for m in metrics if m["kind"] == "val"]
-    step_ms = [m["dt_ms"] for m in metrics if m["kind"] == "train"]
-    return {**key, "val_loss": val[-1]["loss"], "val_bpb": val[-1]["bpb"],
-            "val_curve": {m["step"]: round(m["loss"], 4) for m in val}, "train_seconds": sum(step_ms) / 1000,
-            "step_ms_median": median(step_ms), "threads": threads, "jobs": args.jobs, "log_dir": log_dir,
-            "data_dir": args.data_dir, "device": args.device}  # fmt: skip
-
-
-def recipe_summary(records, steps):
-    """Per run at `steps`: the val loss (mean over seeds), the spread between seeds, the change against
-    GPT-2's and the step time. Per seed: the modern recipe's fewest steps that reach GPT-2's val loss,
-    as shares of GPT-2's tokens and training time."""
-    import statistics
-
-    figures = {}
-    at_steps = [r for r in records if r["steps"] == steps]
-    names = list(dict.fromkeys(r["run"] for r in at_steps))
-    mean_loss = {name: statistics.mean(r["val_loss"] for r in at_steps if r["run"] == name) for name in names}
-    for name in names:
-        runs = [r for r in at_steps if r["run"] == name]
-        figures[f"{name}_val_loss"] = mean_loss[name]
-        if len(runs) > 1:
-            figures[f"{name}_seed_spread"] = max(r["val_loss"] for r in runs) - min(r["val_loss"] for r in runs)
-        if "gpt2" in mean_loss and name != "gpt2":
-            figures[f"{name}_minus_gpt2"] = mean_loss[name] - mean_loss["gpt2"]
-        figures[f"{name}_step_ms"] = statistics.mean(r["step_ms_median"] for r in runs)
-    for gpt2 in [r for r in at_steps if r["run"] == "gpt2"]:
-        reached = [r for r in records if r["run"] == "modern" and r["seed"] == gpt2["seed"]
-                   and r["val_loss"] <= gpt2["val_loss"]]  # fmt: skip
-        if reached:
-            fastest = min(reached, key=lambda r: r["steps"])
-            figures[f"modern_tokens_share_seed{gpt2['seed']}"] = fastest["steps"] / gpt2["steps"]
-            figures[f"modern_time_share_seed{gpt2['seed']}"] = fastest["train_seconds"] / gpt2["train_seconds"]
-    return figures
-
-
 # ---- command line -----------------------------------------------------------------------------
-BENCHMARKS = {
-    "fineweb": (add_fineweb_args, bench_fineweb),
-    "dataloader": (add_dataloader_args, bench_dataloader),
-    "train": (add_train_args, bench_train),
-    "hellaswag": (add_hellaswag_args, bench_hellaswag),
-    "gpu": (add_gpu_args, bench_gpu),
-    "generate": (add_generate_args, bench_generate),
-    "memory": (add_memory_args, bench_memory),
-    "fsdp": (add_fsdp_args, bench_fsdp),
-    "recipes": (add_recipes_args, bench_recipes),
-}
-
-
 def print_results(results, as_json):
     """Each benchmark returns a flat dict of measured figures; print it as a table or as JSON."""
     if as_json:
@@ -1412,15 +756,24 @@ def print_results(results, as_json):
 
 
 @exit_on_error
-def main():
+def main(argv=None):
+    benchmarks = {
+        "fineweb": (add_fineweb_args, bench_fineweb),
+        "dataloader": (add_dataloader_args, bench_dataloader),
+        "train": (add_train_args, bench_train),
+        "hellaswag": (add_hellaswag_args, bench_hellaswag),
+        "generate": (add_generate_args, bench_generate),
+        "memory": (add_memory_args, bench_memory),
+        "fsdp": (add_fsdp_args, bench_fsdp),
+    }
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
-    for name, (add_args, _) in BENCHMARKS.items():
+    for name, (add_args, _) in benchmarks.items():
         sub = subparsers.add_parser(name)
         sub.add_argument("--json", action="store_true", help="print the results as JSON")
         add_args(sub)
-    args = parser.parse_args()
-    print_results(BENCHMARKS[args.benchmark][1](args), args.json)
+    args = parser.parse_args(argv)
+    print_results(benchmarks[args.benchmark][1](args), args.json)
 
 
 if __name__ == "__main__":
