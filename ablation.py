@@ -37,9 +37,32 @@ RECIPE_RUNS = {
 }
 # The CPU ablation's model and batch: 4 layers of width 128, micro-batches of 8 x 128 tokens, 2,048
 # tokens per step; val every 25 steps on the same 24 x 1,024 tokens.
-ABLATION_MODEL = ("--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "8", "--seq_len", "128",
-                  "--total_batch_size", "2048", "--eval_interval", "25", "--val_steps", "24", "--eval_tasks", "",
-                  "--sample_interval", "0", "--ckpt_interval", "0", "--log_interval", "50")  # fmt: skip
+ABLATION_MODEL = (
+    "--n_layer",
+    "4",
+    "--n_head",
+    "4",
+    "--n_embd",
+    "128",
+    "--batch_size",
+    "8",
+    "--seq_len",
+    "128",
+    "--total_batch_size",
+    "2048",
+    "--eval_interval",
+    "25",
+    "--val_steps",
+    "24",
+    "--eval_tasks",
+    "",
+    "--sample_interval",
+    "0",
+    "--ckpt_interval",
+    "0",
+    "--log_interval",
+    "50",
+)
 # GPT-2's recipe at this size: the best of the max_lr values tried (docs/benchmarks.md, "Recipes")
 GPT2_LR = 1e-3
 
@@ -48,24 +71,43 @@ def add_ablation_args(parser, runs):
     """The flags; `runs` are the runs to choose from, {name: train_gpt2.py flags}."""
     parser.add_argument("--data_dir", required=True, help="token shards (fineweb.py), the same for every run")
     parser.add_argument("--out_dir", default="log/recipes", help="each run's log_dir, and results.jsonl")
-    parser.add_argument("--runs", nargs="+", default=list(runs), choices=list(runs),
-                        help="the changes to run, one at a time (default: every one, then all of them: modern)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(runs),
+        choices=list(runs),
+        help="the changes to run, one at a time (default: every one, then all of them: modern)",
+    )
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps of each run")
-    parser.add_argument("--modern_steps", type=int, nargs="*", default=[100],
-                        help="shorter runs of the modern recipe (its schedule squeezed into fewer steps): the "
-                             "fewest steps whose val loss reaches GPT-2's at --steps give the token ratio")  # fmt: skip
+    parser.add_argument(
+        "--modern_steps",
+        type=int,
+        nargs="*",
+        default=[100],
+        help="shorter runs of the modern recipe (its schedule squeezed into fewer steps): the "
+        "fewest steps whose val loss reaches GPT-2's at --steps give the token ratio",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each per seed")
-    parser.add_argument("--gpt2_lr", type=float, default=GPT2_LR,
-                        help="--max_lr of every run but modern's (which sets its own LRs)")
+    parser.add_argument(
+        "--gpt2_lr", type=float, default=GPT2_LR, help="--max_lr of every run but modern's (which sets its own LRs)"
+    )
     parser.add_argument("--flags", default="", help="more train_gpt2.py flags for every run, e.g. '--muon_lr 0.04'")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time: for losses only, as runs that share the machine take longer")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time: for losses only, as runs that share the machine take longer",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / jobs)")
     parser.add_argument("--device", default="cpu", help="train_gpt2.py --device")
-    parser.add_argument("--time_steps", type=int, default=0,
-                        help="instead of training: time this many steps of each run in one process, taking turns "
-                             "(run 1's step, run 2's, ..., then again), so that each gets the same share of the "
-                             "machine's noise; the median step time of each and its ratio to GPT-2's")  # fmt: skip
+    parser.add_argument(
+        "--time_steps",
+        type=int,
+        default=0,
+        help="instead of training: time this many steps of each run in one process, taking turns "
+        "(run 1's step, run 2's, ..., then again), so that each gets the same share of the "
+        "machine's noise; the median step time of each and its ratio to GPT-2's",
+    )
 
 
 def run_ablation(args, runs):
@@ -82,15 +124,16 @@ def run_ablation(args, runs):
     for name in ("data_dir", "device"):
         other = {r[name] for r in done if name in r} - {getattr(args, name)}
         if other:
-            raise UserError(f"{results_path} holds runs with --{name} {other.pop()}, not {getattr(args, name)}: pass "
-                            f"another --out_dir for another benchmark")  # fmt: skip
+            raise UserError(
+                f"{results_path} holds runs with --{name} {other.pop()}, not {getattr(args, name)}: pass "
+                f"another --out_dir for another benchmark"
+            )
     extra = shlex.split(args.flags)
     keys = []
     for name, flags in runs.items():
         lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
         for steps in [args.steps, *(args.modern_steps if name == "modern" else [])]:
-            keys += [{"run": name, "flags": [*flags, *lr, *extra], "seed": seed, "steps": steps}
-                     for seed in args.seeds]  # fmt: skip
+            keys += [{"run": name, "flags": [*flags, *lr, *extra], "seed": seed, "steps": steps} for seed in args.seeds]
     keys = list({json.dumps(key): key for key in keys}.values())  # once each, e.g. with --modern_steps 250
     todo = [key for key in keys if find_record(done, key) is None]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -100,8 +143,11 @@ def run_ablation(args, runs):
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)
-            print(f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps: val "
-                  f"loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training", flush=True)
+            print(
+                f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps: val "
+                f"loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training",
+                flush=True,
+            )
     return recipe_summary([find_record(done, key) for key in keys], args.steps)
 
 
@@ -114,9 +160,10 @@ def step_times(args, runs):
 
     import torch
 
-    from device import pick_device, setup_precision
+    from device import DistInfo, pick_device, setup_precision
     from model import GPT
-    from train_gpt2 import make_model_config, make_optimizer, parse_config, train_step
+    from optim import make_optimizer, set_lr
+    from train_gpt2 import Run, make_model_config, parse_config, train_step
 
     device = pick_device(args.device, local_rank=0)
     if args.threads:
@@ -128,14 +175,13 @@ def step_times(args, runs):
         torch.manual_seed(0)
         model = GPT(make_model_config(cfg, 50257)).to(device)
         optimizer = make_optimizer(model, cfg, device.split(":")[0])
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.max_lr * group["lr_scale"]
+        set_lr(optimizer, cfg.max_lr)
         precision = setup_precision("float32" if device == "cpu" else "auto", device.split(":")[0])
         x = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len), device=device)  # (B, T)
         micro_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
         next_batch = functools.partial(tuple, (x, x))  # () -> (x, x): this run's own x
-        steps[name] = functools.partial(train_step, model, model, optimizer, precision, next_batch, micro_steps,
-                                        cfg.grad_clip, 1)  # fmt: skip
+        run = Run(cfg, DistInfo.single(device), precision, log=None, tokenizer=None)
+        steps[name] = functools.partial(train_step, run, model, model, optimizer, next_batch, micro_steps)
     times = {name: [] for name in steps}
     for turn in range(args.time_steps + 1):  # turn 0 warms up
         for name, step in steps.items():
@@ -168,9 +214,26 @@ def train_run(key, args, threads):
     log_dir = os.path.join(args.out_dir, f"{tag}_steps{key['steps']}_seed{key['seed']}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py")
     # the run's own flags after the benchmark's: --flags can change the model, batch or warmup (on a GPU)
-    command = [sys.executable, script, *ABLATION_MODEL, "--data_dir", args.data_dir, "--device", args.device,
-               "--max_steps", str(key["steps"]), "--warmup_steps", "10", *key["flags"], "--seed", str(key["seed"]),
-               "--log_dir", log_dir, "--resume", "none"]  # fmt: skip
+    command = [
+        sys.executable,
+        script,
+        *ABLATION_MODEL,
+        "--data_dir",
+        args.data_dir,
+        "--device",
+        args.device,
+        "--max_steps",
+        str(key["steps"]),
+        "--warmup_steps",
+        "10",
+        *key["flags"],
+        "--seed",
+        str(key["seed"]),
+        "--log_dir",
+        log_dir,
+        "--resume",
+        "none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     finished = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if finished.returncode != 0:
@@ -181,10 +244,19 @@ def train_run(key, args, threads):
     metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
     val = [m for m in metrics if m["kind"] == "val"]
     step_ms = [m["dt_ms"] for m in metrics if m["kind"] == "train"]
-    return {**key, "val_loss": val[-1]["loss"], "val_bpb": val[-1]["bpb"],
-            "val_curve": {m["step"]: round(m["loss"], 4) for m in val}, "train_seconds": sum(step_ms) / 1000,
-            "step_ms_median": median(step_ms), "threads": threads, "jobs": args.jobs, "log_dir": log_dir,
-            "data_dir": args.data_dir, "device": args.device}  # fmt: skip
+    return {
+        **key,
+        "val_loss": val[-1]["loss"],
+        "val_bpb": val[-1]["bpb"],
+        "val_curve": {m["step"]: round(m["loss"], 4) for m in val},
+        "train_seconds": sum(step_ms) / 1000,
+        "step_ms_median": median(step_ms),
+        "threads": threads,
+        "jobs": args.jobs,
+        "log_dir": log_dir,
+        "data_dir": args.data_dir,
+        "device": args.device,
+    }
 
 
 def recipe_summary(records, steps):
@@ -206,8 +278,11 @@ def recipe_summary(records, steps):
             figures[f"{name}_minus_gpt2"] = mean_loss[name] - mean_loss["gpt2"]
         figures[f"{name}_step_ms"] = statistics.mean(r["step_ms_median"] for r in runs)
     for gpt2 in [r for r in at_steps if r["run"] == "gpt2"]:
-        reached = [r for r in records if r["run"] == "modern" and r["seed"] == gpt2["seed"]
-                   and r["val_loss"] <= gpt2["val_loss"]]  # fmt: skip
+        reached = [
+            r
+            for r in records
+            if r["run"] == "modern" and r["seed"] == gpt2["seed"] and r["val_loss"] <= gpt2["val_loss"]
+        ]
         if reached:
             fastest = min(reached, key=lambda r: r["steps"])
             figures[f"modern_tokens_share_seed{gpt2['seed']}"] = fastest["steps"] / gpt2["steps"]

@@ -16,7 +16,17 @@ which times its training steps with this file's time_train_step) or from the rec
 
 import argparse
 import json
+import logging
+import multiprocessing
 import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from errors import UserError, exit_on_error
@@ -30,33 +40,26 @@ from errors import UserError, exit_on_error
 # except for "pipeline", whose time is fineweb.py's whole read, tokenize, write.
 def in_fresh_process(function, *args):
     """function(*args) in a newly spawned Python process; its return value."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 
 
 def cpu_seconds():
     """CPU time of this process and of its finished children (a process pool's workers)."""
-    import resource
-
     usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 
 def fineweb_measurement(mode, num_proc, data_dir, out_dir, shard_size):
     """One timed run of `mode` (in a fresh process): seconds, CPU seconds and peak RSS."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+    import documents
     import fineweb
     from tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     if mode != "pipeline":
-        texts = [text for text in fineweb.local_rows(fineweb.resolve_data_files([data_dir]), "text", 0) if text]
-        batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), fineweb.no_state))
+        texts = [text for text in documents.local_rows(documents.resolve_data_files([data_dir]), "text", 0) if text]
+        batches = list(fineweb.document_batches(iter(texts), fineweb.Position(), documents.no_state))
     rss_before = rss_mb("VmHWM")
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     if mode == "raw":  # tiktoken's own batch API: threads, each returning lists of Python ints
@@ -91,7 +94,6 @@ def encode_pool_chunk(texts):
 
 
 def encode_in_process_pool(batches, num_proc):
-    import multiprocessing
 
     with multiprocessing.Pool(num_proc) as pool:
         list(pool.imap(encode_pool_chunk, (batch.texts for batch in batches)))
@@ -99,8 +101,6 @@ def encode_in_process_pool(batches, num_proc):
 
 def linked_copies(files, copies, folder):
     """A folder in which `files` appear `copies` times over (symlinks, in order): a bigger dataset for free."""
-    import os
-
     os.makedirs(folder)
     for copy in range(copies):
         for i, path in enumerate(files):
@@ -110,12 +110,11 @@ def linked_copies(files, copies, folder):
 
 def bench_fineweb(args):
     """Raw tiktoken throughput and the fineweb.py pipeline's, on the same texts with the same cores."""
-    import tempfile
-
+    import documents
     import fineweb
 
     args.num_proc = args.num_proc or fineweb.available_cores()
-    files = fineweb.resolve_data_files(args.data_files)
+    files = documents.resolve_data_files(args.data_files)
     modes = ("raw", "pool", "encode", "pipeline")
     best = {mode: {"seconds": float("inf")} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,9 +126,13 @@ def bench_fineweb(args):
         with open(f"{tmp}/out/meta.json") as f:
             tokens = sum(shard["tokens"] for shard in json.load(f)["shards"])
         one = in_fresh_process(
-            fineweb_measurement, "pipeline", args.num_proc, linked_copies(files, 1, f"{tmp}/one"), f"{tmp}/out",
+            fineweb_measurement,
+            "pipeline",
+            args.num_proc,
+            linked_copies(files, 1, f"{tmp}/one"),
+            f"{tmp}/out",
             args.shard_size,
-        )  # fmt: skip
+        )
     seconds = {mode: best[mode]["seconds"] for mode in modes}
     return {
         "num_proc": args.num_proc,
@@ -151,10 +154,14 @@ def bench_fineweb(args):
 # ---- dataloader.py ----------------------------------------------------------------------------
 # Imports sit inside these functions, so that `bench.py <other benchmark>` does not pay for them.
 def add_dataloader_args(parser):
-    parser.add_argument("--data_dir", default=None,
-                        help="folder of shards to read its first train shard (default: write a temporary shard)")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000,
-                        help="tokens in the temporary shard (fineweb.py's shard size)")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder of shards to read its first train shard (default: write a temporary shard)",
+    )
+    parser.add_argument(
+        "--shard_tokens", type=int, default=100_000_000, help="tokens in the temporary shard (fineweb.py's shard size)"
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="B, sequences per batch")
     parser.add_argument("--seq_len", type=int, default=1024, help="T, tokens per sequence")
     parser.add_argument("--batches", type=int, default=None, help="batches to read (default: the whole shard once)")
@@ -163,9 +170,6 @@ def add_dataloader_args(parser):
 def bench_dataloader(args):
     """Open time, batches/s and peak RSS of DataLoaderLite and of the reference recipe's loader (the
     whole shard as an int64 tensor) reading the same shard."""
-    import os
-    import tempfile
-
     if args.data_dir is not None:
         return dataloader_results(args, args.data_dir)
     from shards import shard_name
@@ -197,20 +201,23 @@ def dataloader_results(args, data_dir):
     with open(shard, "rb") as f:  # into the page cache first, so neither approach pays for the disk
         while f.read(2**24):
             pass
-    results = {"shard": shard, "shard_tokens": shard_tokens, "batch_tokens": args.batch_size * args.seq_len,
-               "batches": batches}
+    results = {
+        "shard": shard,
+        "shard_tokens": shard_tokens,
+        "batch_tokens": args.batch_size * args.seq_len,
+        "batches": batches,
+    }
     for approach in ("reference", "ours"):
         # A fresh process for each approach, so that each peak RSS is its own.
-        figures = in_fresh_process(dataloader_figures, approach, data_dir, shard, offset, args.batch_size,
-                                   args.seq_len, batches)
+        figures = in_fresh_process(
+            dataloader_figures, approach, data_dir, shard, offset, args.batch_size, args.seq_len, batches
+        )
         results.update({f"{approach}_{name}": value for name, value in figures.items()})
     return results
 
 
 def dataloader_figures(approach, data_dir, shard, offset, B, T, batches):
     """Run in a fresh process: seconds to open the shard, batches/s, and RSS in MB before and at peak."""
-    import time
-
     from dataloader import DataLoaderLite
 
     baseline = rss_mb("VmHWM")  # Python, numpy and torch
@@ -224,8 +231,14 @@ def dataloader_figures(approach, data_dir, shard, offset, B, T, batches):
         x, y = next_batch()
     seconds = time.perf_counter() - opened
     peak = rss_mb("VmHWM")
-    return {"open_s": opened - start, "batches_per_s": batches / seconds, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak, "peak_over_baseline_mb": peak - baseline, "final_rss_mb": rss_mb("VmRSS")}
+    return {
+        "open_s": opened - start,
+        "batches_per_s": batches / seconds,
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak,
+        "peak_over_baseline_mb": peak - baseline,
+        "final_rss_mb": rss_mb("VmRSS"),
+    }
 
 
 def reference_loader(shard, offset, B, T):
@@ -252,9 +265,6 @@ def rss_mb(field):
     """VmHWM (peak so far) or VmRSS (now) of this process in MB, from /proc. (Not getrusage's
     ru_maxrss on Linux: a forked child's starts at its parent's peak.) Without /proc (macOS) the peak
     comes from ru_maxrss, in bytes there; the current RSS is then unknown (None)."""
-    import re
-    import resource
-
     try:
         with open("/proc/self/status") as f:
             return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
@@ -272,8 +282,6 @@ def synchronize(device):
 
 def median(values):
     """The median, or None if there are none or one is None (an MFU without a known peak FLOPS)."""
-    import statistics
-
     return statistics.median(values) if values and None not in values else None
 
 
@@ -286,14 +294,20 @@ def add_train_args(parser):
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
     add_device_args(parser)
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
-    parser.add_argument("--lora_rank", type=int, default=0,
-                        help="LoRA adapters of this rank on attn and mlp, as finetune.py --lora_rank (0: full)")
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank on attn and mlp, as finetune.py --lora_rank (0: full)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument(
-        "--cpu_malloc", choices=["reuse", "default"], default="reuse",
+        "--cpu_malloc",
+        choices=["reuse", "default"],
+        default="reuse",
         help="on CPU: keep freed memory for reuse as train_gpt2.py does (device.keep_freed_memory), or glibc's default",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -314,20 +328,19 @@ class TrainStepTiming:
     timed_steps: list  # ... and of each timed one
 
 
-def time_train_step(device, model_name, batch_size, seq_len, dtype, compile_flag, micro_steps, warmup, steps,
-                    lora_rank=0):
+def time_train_step(
+    device, model_name, batch_size, seq_len, dtype, compile_flag, micro_steps, warmup, steps, lora_rank=0
+):
     """train_gpt2.py's train_step (forward, backward, clip, AdamW at the GPT-2 recipe's settings) of a
     model_name GPT with random weights on random tokens, in this process: `warmup` untimed optimizer
     steps (compilation, the allocator, AdamW's state), then `steps` timed ones of `micro_steps`
     micro-steps (gradient accumulation) each."""
-    import logging
-    import time
-
     import torch
 
-    from device import compile_model, graphs_compiled, peak_flops, setup_precision
+    from device import DistInfo, compile_model, graphs_compiled, peak_flops, setup_precision
     from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, make_optimizer, train_step
+    from optim import make_optimizer
+    from train_gpt2 import Run, TrainConfig, train_step
 
     device_type = device.split(":")[0]
     precision = setup_precision(dtype, device_type)
@@ -347,8 +360,10 @@ def time_train_step(device, model_name, batch_size, seq_len, dtype, compile_flag
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    run = Run(recipe, DistInfo.single(device), precision, log=None, tokenizer=None)
+
     def step():
-        return train_step(train_model, model, optimizer, precision, lambda: (x, y), micro_steps, recipe.grad_clip, 1)
+        return train_step(run, train_model, model, optimizer, lambda: (x, y), micro_steps)
 
     warmup_steps = [step() for _ in range(warmup)]
     synchronize(device)
@@ -359,12 +374,19 @@ def time_train_step(device, model_name, batch_size, seq_len, dtype, compile_flag
     tokens_per_s = micro_steps * batch_size * seq_len / seconds_per_step
     peak = peak_flops(device, precision.dtype)
     return TrainStepTiming(
-        model=model, optimizer=optimizer, precision=precision, compiled=train_model is not model, compile_s=compile_s,
-        graphs=graphs_compiled() - graphs, seconds_per_step=seconds_per_step, tokens_per_s=tokens_per_s,
+        model=model,
+        optimizer=optimizer,
+        precision=precision,
+        compiled=train_model is not model,
+        compile_s=compile_s,
+        graphs=graphs_compiled() - graphs,
+        seconds_per_step=seconds_per_step,
+        tokens_per_s=tokens_per_s,
         mfu=model.flops_per_token(seq_len) * tokens_per_s / peak if peak else None,
         peak_memory_MiB=torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else rss_mb("VmHWM"),
-        warmup_steps=warmup_steps, timed_steps=timed_steps,
-    )  # fmt: skip
+        warmup_steps=warmup_steps,
+        timed_steps=timed_steps,
+    )
 
 
 def bench_train(args):
@@ -376,8 +398,18 @@ def bench_train(args):
 
     device = pick_device(args.device, local_rank=0)
     reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
-    run = time_train_step(device, args.model, args.batch_size, args.seq_len, args.dtype, args.compile, micro_steps=1,
-                          warmup=args.warmup, steps=args.steps, lora_rank=args.lora_rank)  # fmt: skip
+    run = time_train_step(
+        device,
+        args.model,
+        args.batch_size,
+        args.seq_len,
+        args.dtype,
+        args.compile,
+        micro_steps=1,
+        warmup=args.warmup,
+        steps=args.steps,
+        lora_rank=args.lora_rank,
+    )
     return {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "model": args.model,
@@ -419,12 +451,11 @@ def add_hellaswag_args(parser):
 
 def bench_hellaswag(args):
     """Examples/s of scoring.evaluate on HellaSwag, what train_gpt2.py and the CLI both run."""
-    import time
-
     import torch
 
     from device import setup_distributed, setup_precision
     from hellaswag import HELLASWAG, hellaswag_rows
+    from hf import from_pretrained
     from model import GPT, MODEL_SIZES, GPTConfig
     from scoring import evaluate
     from tokenizer import get_tokenizer
@@ -435,7 +466,7 @@ def bench_hellaswag(args):
     device = dist.device
     precision = setup_precision(args.dtype, device.split(":")[0])
     torch.manual_seed(0)  # the same random weights on every run, so acc is comparable too
-    model = GPT.from_pretrained(args.model) if args.pretrained else GPT(GPTConfig.from_name(args.model))
+    model = from_pretrained(args.model) if args.pretrained else GPT(GPTConfig.from_name(args.model))
     model.to(device)
     examples = HELLASWAG.load(args.data_file, args.limit)
     tokenizer = get_tokenizer()
@@ -509,8 +540,6 @@ def reset_peak_rss():
 def checkpointing_measurement(model_name, batch_size, seq_len, checkpointing):
     """In a fresh process: the saved bytes of one forward, then the peak RSS of a forward + backward
     above the RSS before it (the weights), and its seconds."""
-    import time
-
     import torch
 
     from model import GPT, GPTConfig
@@ -531,9 +560,9 @@ def checkpointing_measurement(model_name, batch_size, seq_len, checkpointing):
 
 def bench_memory(args):
     """Activation checkpointing at B x T on the CPU, float32: what a forward saves for backward (exact,
-    saved_tensor_bytes) against device.activation_bytes' formula, and the peak RSS of a forward +
+    saved_tensor_bytes) against memory_plan.activation_bytes' formula, and the peak RSS of a forward +
     backward above the weights (activations, logits, gradients), each in a fresh process."""
-    from device import activation_bytes
+    from memory_plan import activation_bytes
     from model import GPTConfig
 
     config = GPTConfig.from_name(args.model)
@@ -563,8 +592,6 @@ def add_fsdp_args(parser):
 def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     """One process of bench_fsdp: train_step under DDP or FSDP, then its memory; for FSDP also a
     checkpoint both ways (the whole state gathered on rank 0, and torch.distributed.checkpoint's shards)."""
-    import time
-
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -572,10 +599,11 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from checkpoint import gather_full
-    from device import DistInfo, setup_precision, shard_model
+    from device import DistInfo, setup_precision
+    from fsdp import gather_full, shard_model
     from model import GPT, GPTConfig
-    from train_gpt2 import TrainConfig, make_optimizer, train_step
+    from optim import make_optimizer
+    from train_gpt2 import Run, TrainConfig, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -588,10 +616,14 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     train_model = shard_model(model, True, precision, dist_info) if fsdp else DDP(model)
     optimizer = make_optimizer(model, recipe, "cpu")
     x = torch.randint(0, 50257, (args.batch_size, args.seq_len))
+    run = Run(recipe, dist_info, precision, log=None, tokenizer=None)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(train_model, model, optimizer, precision, lambda: (x, x), 1, recipe.grad_clip, world_size)
-    mine = lambda t: (t.to_local() if isinstance(t, DTensor) else t).nbytes  # this rank's bytes of t
+        train_step(run, train_model, model, optimizer, lambda: (x, x), 1)
+
+    def mine(t):  # this rank's bytes of t
+        return (t.to_local() if isinstance(t, DTensor) else t).nbytes
+
     figures = {
         "ms_per_step": (time.perf_counter() - t0) / args.steps * 1000,
         "weights_MB": sum(mine(p) for p in model.parameters()) / 2**20,
@@ -604,8 +636,10 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
         path = os.path.join(out_dir, f"full_{rank}.pt")
         reset_peak_rss()
         before, t0 = rss_mb("VmRSS"), time.perf_counter()
-        full = [gather_full(model.state_dict(keep_vars=True), rank == 0),
-                gather_full(optimizer.state_dict(), rank == 0)]  # fmt: skip
+        full = [
+            gather_full(model.state_dict(keep_vars=True), rank == 0),
+            gather_full(optimizer.state_dict(), rank == 0),
+        ]
         if rank == 0:
             torch.save(full, path)
         dist.barrier()
@@ -639,11 +673,6 @@ def bench_fsdp(args):
     on --nproc CPU processes: the exact bytes of this rank's weights, gradients and AdamW state, and
     the RSS. Then the two ways of writing an FSDP checkpoint: the state gathered whole on rank 0
     (what checkpoint.py does) and torch.distributed.checkpoint's per-rank shards."""
-    import multiprocessing
-    import shutil
-    import socket
-    import tempfile
-
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_fsdp_")
     results = {"model": args.model, "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len}
     context = multiprocessing.get_context("spawn")
@@ -653,8 +682,10 @@ def bench_fsdp(args):
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             queue = context.Queue()
-            ranks = [context.Process(target=parallel_rank, args=(r, args.nproc, port, parallel, args, out_dir, queue))
-                     for r in range(args.nproc)]  # fmt: skip
+            ranks = [
+                context.Process(target=parallel_rank, args=(r, args.nproc, port, parallel, args, out_dir, queue))
+                for r in range(args.nproc)
+            ]
             for process in ranks:
                 process.start()
             figures = dict(queue.get() for _ in ranks)  # {rank: figures}
@@ -681,26 +712,32 @@ def add_generate_args(parser):
     parser.add_argument("--new_tokens", type=int, default=512, help="tokens generated after it (0: no full run)")
     parser.add_argument("--positions", default="64,512", help="positions at which to time single steps")
     parser.add_argument("--steps", type=int, default=8, help="steps timed at each position (their median)")
-    parser.add_argument("--cache", choices=["both", "on", "off"], default="both",
-                        help="with the KV cache, recomputing the context at every step, or both")
+    parser.add_argument(
+        "--cache",
+        choices=["both", "on", "off"],
+        default="both",
+        help="with the KV cache, recomputing the context at every step, or both",
+    )
     from device import add_device_args
 
     add_device_args(parser, dtype="float32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (torch.set_num_threads; default: one per core). On a machine shared with "
-                             "other jobs, 1 avoids waiting at every op for a thread that is not running")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (torch.set_num_threads; default: one per core). On a machine shared with "
+        "other jobs, 1 avoids waiting at every op for a thread that is not running",
+    )
 
 
 def bench_generate(args):
-    """Tokens/s of GPT.generate_stream (what sample.py and the training samples run) with the KV cache
+    """Tokens/s of generate_stream (what sample.py and the training samples run) with the KV cache
     and recomputing the context at every step, and the time of one step at a few positions: with the
     cache it should barely grow with the position, without it grows with the context."""
-    import statistics
-    import time
-
     import torch
 
     from device import pick_device, setup_precision
+    from generate import generate_stream
     from model import GPT, GPTConfig
 
     if args.threads:
@@ -718,16 +755,23 @@ def bench_generate(args):
         with precision.autocast():
             synchronize(device)
             last = time.perf_counter()
-            for _ in model.generate_stream(prompts, steps, top_k=50, generator=generator, use_cache=use_cache):
+            for _ in generate_stream(model, prompts, steps, top_k=50, generator=generator, use_cache=use_cache):
                 synchronize(device)
                 seconds.append(time.perf_counter() - last)
                 last = time.perf_counter()
         return seconds
 
     step_seconds(args.prompt_len, 4, use_cache=True)  # warm-up: allocator, kernel selection
-    results = {"model": args.model, "params_M": model.num_params() / 1e6, "device": device,
-               "dtype": str(precision.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-               "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}  # fmt: skip
+    results = {
+        "model": args.model,
+        "params_M": model.num_params() / 1e6,
+        "device": device,
+        "dtype": str(precision.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+    }
     modes = {"on": [("cache", True)], "off": [("recompute", False)]}
     modes["both"] = modes["on"] + modes["off"]
     for name, use_cache in modes[args.cache]:

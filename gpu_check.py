@@ -43,23 +43,85 @@ class CheckSizes:
 
 
 GPU_CHECK_SIZES = CheckSizes(
-    model="gpt2", batch_size=64, seq_len=1024, fp32_batch_size=16, steps=5, micro_steps=4, other_steps=2,
+    model="gpt2",
+    batch_size=64,
+    seq_len=1024,
+    fp32_batch_size=16,
+    steps=5,
+    micro_steps=4,
+    other_steps=2,
     attention=(64, 12, 1024, 64),
     # GPT-2 124M (train_gpt2.py's defaults) at B=64, T=1024 as above, so inductor's cache from the
     # headline's compilation can serve this one; 2 micro-steps per step, an eval and a sample every 5.
-    run_flags=("--batch_size", "64", "--seq_len", "1024", "--total_batch_size", str(2 * 64 * 1024),
-               "--warmup_steps", "3", "--val_steps", "2", "--eval_interval", "5", "--sample_interval", "5",
-               "--num_samples", "2", "--log_interval", "5"),
-    run_steps=10, shard_tokens=2**20, hellaswag_limit=300, prompt_tokens=32, new_tokens=480,
-)  # fmt: skip
+    run_flags=(
+        "--batch_size",
+        "64",
+        "--seq_len",
+        "1024",
+        "--total_batch_size",
+        str(2 * 64 * 1024),
+        "--warmup_steps",
+        "3",
+        "--val_steps",
+        "2",
+        "--eval_interval",
+        "5",
+        "--sample_interval",
+        "5",
+        "--num_samples",
+        "2",
+        "--log_interval",
+        "5",
+    ),
+    run_steps=10,
+    shard_tokens=2**20,
+    hellaswag_limit=300,
+    prompt_tokens=32,
+    new_tokens=480,
+)
 SMOKE_SIZES = CheckSizes(  # --smoke: the same sequence in seconds on a CPU
-    model="tiny", batch_size=2, seq_len=32, fp32_batch_size=2, steps=2, micro_steps=2, other_steps=1,
+    model="tiny",
+    batch_size=2,
+    seq_len=32,
+    fp32_batch_size=2,
+    steps=2,
+    micro_steps=2,
+    other_steps=1,
     attention=(2, 2, 32, 16),
-    run_flags=("--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-               "--total_batch_size", "64", "--warmup_steps", "2", "--val_steps", "2", "--eval_interval", "2",
-               "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "8", "--log_interval", "2"),
-    run_steps=4, shard_tokens=4096, hellaswag_limit=4, prompt_tokens=4, new_tokens=8,
-)  # fmt: skip
+    run_flags=(
+        "--n_layer",
+        "2",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "32",
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "16",
+        "--total_batch_size",
+        "64",
+        "--warmup_steps",
+        "2",
+        "--val_steps",
+        "2",
+        "--eval_interval",
+        "2",
+        "--sample_interval",
+        "2",
+        "--num_samples",
+        "1",
+        "--sample_tokens",
+        "8",
+        "--log_interval",
+        "2",
+    ),
+    run_steps=4,
+    shard_tokens=4096,
+    hellaswag_limit=4,
+    prompt_tokens=4,
+    new_tokens=8,
+)
 
 # (name, dtype, compiled): the headline configuration first, then what each part of it is worth
 TRAIN_CONFIGS = (
@@ -74,16 +136,27 @@ def add_check_args(parser):
     from device import DEVICE_HELP
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # no --dtype: the check runs each of them
-    parser.add_argument("--out", default="gpu_check.jsonl",
-                        help="JSON-lines file the results are appended to, or a folder for gpu_check.jsonl in it")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny model and a few steps: the same sequence in seconds, e.g. on a CPU")
-    parser.add_argument("--compile", choices=["1", "0"], default=None,
-                        help="torch.compile the compiled configuration and the train_gpt2.py run (default: 1 on "
-                             "CUDA, 0 elsewhere, where inductor needs a minute even for the tiny model)")
-    parser.add_argument("--hellaswag_dir", default=os.environ.get("HELLASWAG_DIR"),
-                        help="folder holding hellaswag_val.jsonl (default: $HELLASWAG_DIR; without it HellaSwag "
-                             "is skipped: the check never downloads)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default="gpu_check.jsonl",
+        help="JSON-lines file the results are appended to, or a folder for gpu_check.jsonl in it",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny model and a few steps: the same sequence in seconds, e.g. on a CPU"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["1", "0"],
+        default=None,
+        help="torch.compile the compiled configuration and the train_gpt2.py run (default: 1 on "
+        "CUDA, 0 elsewhere, where inductor needs a minute even for the tiny model)",
+    )
+    parser.add_argument(
+        "--hellaswag_dir",
+        default=os.environ.get("HELLASWAG_DIR"),
+        help="folder holding hellaswag_val.jsonl (default: $HELLASWAG_DIR; without it HellaSwag "
+        "is skipped: the check never downloads)",
+    )
 
 
 def run_check(args):
@@ -134,13 +207,31 @@ def run_check(args):
     def run_and_resume(name, *more_flags):
         """A short train_gpt2.py run, then a resume of it to 1.5x its steps."""
         with tempfile.TemporaryDirectory() as tmp:
-            run = result(f"{name}_run", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                         sizes.run_steps, more_flags)  # fmt: skip
+            run = result(
+                f"{name}_run",
+                check_train_gpt2_run,
+                tmp,
+                device,
+                sizes,
+                compile_flag,
+                hellaswag,
+                sizes.run_steps,
+                more_flags,
+            )
             if "error" in run:
                 result(f"{name}_resume", skipped, "the run it resumes failed")
             else:
-                result(f"{name}_resume", check_train_gpt2_run, tmp, device, sizes, compile_flag, hellaswag,
-                       sizes.run_steps * 3 // 2, more_flags)  # fmt: skip
+                result(
+                    f"{name}_resume",
+                    check_train_gpt2_run,
+                    tmp,
+                    device,
+                    sizes,
+                    compile_flag,
+                    hellaswag,
+                    sizes.run_steps * 3 // 2,
+                    more_flags,
+                )
 
     run_and_resume("train_gpt2")
     result("generate_kv_cache", check_generation, device, sizes)
@@ -150,8 +241,13 @@ def run_check(args):
     skips = [r["name"] for r in records if "skipped" in r]
     minutes = (time.perf_counter() - start) / 60
     result("total", lambda: {"results": len(records), "errors": errors, "skipped": skips, "minutes": minutes})
-    return {"out": out, "results": len(records) - 1, "errors": ", ".join(errors) or "none",
-            "skipped": ", ".join(skips) or "none", "minutes": minutes}
+    return {
+        "out": out,
+        "results": len(records) - 1,
+        "errors": ", ".join(errors) or "none",
+        "skipped": ", ".join(skips) or "none",
+        "minutes": minutes,
+    }
 
 
 def skipped(reason):
@@ -204,21 +300,31 @@ def check_environment(device, sizes, hellaswag):
     from device import peak_flops
     from tokenizer import get_tokenizer
 
-    figures = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-               "cuda": torch.version.cuda}  # fmt: skip
+    figures = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     # datasets and rustbpe are not needed here (the GPU machine may lack them): listed to show that
-    figures.update({name: package_version(name) for name in ("numpy", "tiktoken", "transformers", "triton",
-                                                              "datasets", "rustbpe")})  # fmt: skip
+    figures.update(
+        {name: package_version(name) for name in ("numpy", "tiktoken", "transformers", "triton", "datasets", "rustbpe")}
+    )
     dtype = torch.float32
     if device.startswith("cuda"):
         gpu = torch.cuda.get_device_properties(device)
         bf16 = (gpu.major, gpu.minor) >= (8, 0)  # Ampere and newer, as device.setup_precision decides
         dtype = torch.bfloat16 if bf16 else torch.float16
         peak = peak_flops(device, torch.bfloat16)
-        figures.update(gpu=gpu.name, gpu_memory_GiB=round(gpu.total_memory / 2**30, 1),
-                       compute_capability=f"{gpu.major}.{gpu.minor}", bf16=bf16,
-                       cudnn=torch.backends.cudnn.version(), peak_TFLOPS=peak / 1e12 if peak else None,
-                       flash_sdp_enabled=torch.backends.cuda.flash_sdp_enabled())  # fmt: skip
+        figures.update(
+            gpu=gpu.name,
+            gpu_memory_GiB=round(gpu.total_memory / 2**30, 1),
+            compute_capability=f"{gpu.major}.{gpu.minor}",
+            bf16=bf16,
+            cudnn=torch.backends.cudnn.version(),
+            peak_TFLOPS=peak / 1e12 if peak else None,
+            flash_sdp_enabled=torch.backends.cuda.flash_sdp_enabled(),
+        )
     figures.update(attention_kernels(device, sizes.attention, dtype))
     try:
         figures["gpt2_bpe"] = "ok" if get_tokenizer().encode("Hello") else "empty"
@@ -239,8 +345,12 @@ def attention_kernels(device, shape, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    kernels = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
 
     def forward_backward():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
@@ -255,8 +365,13 @@ def attention_kernels(device, shape, dtype):
             except RuntimeError as e:
                 cannot[name] = "; ".join(first_line(w.message) for w in caught) or first_line(e)
     dtype_name = str(dtype).removeprefix("torch.")
-    return {"attention_shape": list(shape), "attention_dtype": dtype_name, "flash_attention_runs": "flash" in ms,
-            "sdpa_fwd_bwd_ms": ms, "sdpa_cannot_run": cannot}  # fmt: skip
+    return {
+        "attention_shape": list(shape),
+        "attention_dtype": dtype_name,
+        "flash_attention_runs": "flash" in ms,
+        "sdpa_fwd_bwd_ms": ms,
+        "sdpa_cannot_run": cannot,
+    }
 
 
 def time_ms(function, device, warmup=2, repeats=5):
@@ -278,18 +393,34 @@ def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_st
     `micro_steps` micro-steps each."""
     import torch
 
-    run = time_train_step(device, sizes.model, batch_size, sizes.seq_len, dtype, "1" if compiled else "0", micro_steps,
-                          warmup=1, steps=steps)  # fmt: skip
+    run = time_train_step(
+        device,
+        sizes.model,
+        batch_size,
+        sizes.seq_len,
+        dtype,
+        "1" if compiled else "0",
+        micro_steps,
+        warmup=1,
+        steps=steps,
+    )
     figures = {
-        "model": sizes.model, "params_M": round(run.model.num_params() / 1e6, 2), "batch_size": batch_size,
-        "seq_len": sizes.seq_len, "micro_steps": micro_steps, "timed_steps": steps,
-        "dtype": str(run.precision.dtype).removeprefix("torch."), "compiled": run.compiled,
+        "model": sizes.model,
+        "params_M": round(run.model.num_params() / 1e6, 2),
+        "batch_size": batch_size,
+        "seq_len": sizes.seq_len,
+        "micro_steps": micro_steps,
+        "timed_steps": steps,
+        "dtype": str(run.precision.dtype).removeprefix("torch."),
+        "compiled": run.compiled,
         "fused_adamw": bool(run.optimizer.defaults.get("fused")),
-        "ms_per_micro_step": run.seconds_per_step / micro_steps * 1000, "tokens_per_s": run.tokens_per_s,
+        "ms_per_micro_step": run.seconds_per_step / micro_steps * 1000,
+        "tokens_per_s": run.tokens_per_s,
         "mfu": run.mfu,  # None: fp32, CPU
-        "loss_first": run.warmup_steps[0][0], "loss_last": run.timed_steps[-1][0],
+        "loss_first": run.warmup_steps[0][0],
+        "loss_last": run.timed_steps[-1][0],
         "all_finite": all(finite for _, _, finite in run.timed_steps),
-    }  # fmt: skip
+    }
     if device.startswith("cuda"):
         figures["peak_memory_GiB"] = run.peak_memory_MiB / 2**10
         figures["tf32"] = torch.get_float32_matmul_precision() != "highest"
@@ -328,8 +459,10 @@ def write_check_shards(data_dir, tokens_per_shard):
     os.makedirs(data_dir)
     rng = np.random.default_rng(0)
     for index in range(3):
-        np.save(os.path.join(data_dir, shard_name("edufineweb", index)),
-                rng.integers(0, 50257, size=tokens_per_shard).astype(TOKEN_DTYPE))  # fmt: skip
+        np.save(
+            os.path.join(data_dir, shard_name("edufineweb", index)),
+            rng.integers(0, 50257, size=tokens_per_shard).astype(TOKEN_DTYPE),
+        )
 
 
 def check_train_gpt2_run(tmp, device, sizes, compile_flag, hellaswag, max_steps, more_flags=()):
@@ -345,9 +478,24 @@ def check_train_gpt2_run(tmp, device, sizes, compile_flag, hellaswag, max_steps,
     data_dir, log_dir = os.path.join(tmp, "data"), os.path.join(tmp, "log")
     if not os.path.isdir(data_dir):
         write_check_shards(data_dir, sizes.shard_tokens)
-    flags = ["--data_dir", data_dir, "--log_dir", log_dir, "--device", device, "--compile", compile_flag,
-             "--max_steps", str(max_steps), "--eval_tasks", "hellaswag" if hellaswag else "",
-             "--eval_limit", str(sizes.hellaswag_limit), *sizes.run_flags, *more_flags]  # fmt: skip
+    flags = [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--device",
+        device,
+        "--compile",
+        compile_flag,
+        "--max_steps",
+        str(max_steps),
+        "--eval_tasks",
+        "hellaswag" if hellaswag else "",
+        "--eval_limit",
+        str(sizes.hellaswag_limit),
+        *sizes.run_flags,
+        *more_flags,
+    ]
     graphs_before, t0 = graphs_compiled(), time.perf_counter()
     with environment_variable("HELLASWAG_DIR", hellaswag):  # where train_gpt2.py's HellaSwag reads its data
         train_gpt2.main(flags)
@@ -359,8 +507,11 @@ def check_train_gpt2_run(tmp, device, sizes, compile_flag, hellaswag, max_steps,
     train = [m for m in this_run if m["kind"] == "train"]
     samples = [m for m in this_run if m["kind"] == "sample" and m["step"] > start_step]  # mid-run, or the end
     figures = {
-        "start_step": start_step, "max_steps": max_steps, "train_steps": len(train),
-        "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
+        "start_step": start_step,
+        "max_steps": max_steps,
+        "train_steps": len(train),
+        "loss_first": train[0]["loss"],
+        "loss_last": train[-1]["loss"],
         # the first step of a process includes warming up; the median of the others is its speed
         "tokens_per_s_median": median([m["tokens_per_sec"] for m in train[1:]]),
         "mfu_median": median([m["mfu"] for m in train[1:]]),  # None without a known peak (CPU, fp32)
@@ -369,7 +520,7 @@ def check_train_gpt2_run(tmp, device, sizes, compile_flag, hellaswag, max_steps,
         "sample": samples[0]["text"] if samples else None,
         "checkpoints": sorted(name for name in os.listdir(log_dir) if name.endswith(".pt")),
         "run_seconds": seconds,
-    }  # fmt: skip
+    }
     if hellaswag:
         hellaswag_runs = [m for m in this_run if m["kind"] == "hellaswag"]
         figures["hellaswag_acc_norm"] = {m["step"]: m["acc_norm"] for m in hellaswag_runs}
@@ -399,23 +550,26 @@ def graphs_made(records, graphs_before):
             steps.append(made)
         else:
             in_evals += made
-    return {"compiled": at_compile > 0, "graphs_at_compile": at_compile,
-            "graphs_in_first_train_step": steps[0] if steps else 0, "graphs_in_evals": in_evals,
-            "graphs_in_later_train_steps": sum(steps[1:]), "recompiles": sum(steps) + in_evals}  # fmt: skip
+    return {
+        "compiled": at_compile > 0,
+        "graphs_at_compile": at_compile,
+        "graphs_in_first_train_step": steps[0] if steps else 0,
+        "graphs_in_evals": in_evals,
+        "graphs_in_later_train_steps": sum(steps[1:]),
+        "recompiles": sum(steps) + in_evals,
+    }
 
 
 def check_generation(device, sizes):
-    """Tokens/s of GPT.generate with and without the KV cache, greedy, from the same prompt."""
-    import inspect
+    """Tokens/s of generate.generate with and without the KV cache, greedy, from the same prompt."""
     import time
 
     import torch
 
     from device import setup_precision
+    from generate import generate
     from model import GPT, GPTConfig
 
-    if "use_cache" not in inspect.signature(GPT.generate).parameters:
-        return skipped("no KV cache yet (GPT.generate takes no use_cache)")
     precision = setup_precision("auto", device.split(":")[0])
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(sizes.model)).to(device).eval()
@@ -423,10 +577,10 @@ def check_generation(device, sizes):
     figures, outputs = {"model": sizes.model, "prompt": list(prompt.shape), "new_tokens": sizes.new_tokens}, {}
     for use_cache in (False, True):
         with precision.autocast():
-            model.generate(prompt, 2, temperature=0, use_cache=use_cache)  # warm-up
+            generate(model, prompt, 2, temperature=0, use_cache=use_cache)  # warm-up
             synchronize(device)
             t0 = time.perf_counter()
-            outputs[use_cache] = model.generate(prompt, sizes.new_tokens, temperature=0, use_cache=use_cache)
+            outputs[use_cache] = generate(model, prompt, sizes.new_tokens, temperature=0, use_cache=use_cache)
             synchronize(device)
         key = "cached" if use_cache else "uncached"
         figures[f"{key}_tokens_per_s"] = prompt.size(0) * sizes.new_tokens / (time.perf_counter() - t0)

@@ -11,14 +11,26 @@ import ablation
 
 def test_recipe_summary_finds_the_fewest_modern_steps_that_reach_gpt2s_loss():
     def record(run, steps, seed, val_loss, seconds):
-        return {"run": run, "flags": [], "steps": steps, "seed": seed, "val_loss": val_loss, "train_seconds": seconds,
-                "step_ms_median": 1000 * seconds / steps}  # fmt: skip
+        return {
+            "run": run,
+            "flags": [],
+            "steps": steps,
+            "seed": seed,
+            "val_loss": val_loss,
+            "train_seconds": seconds,
+            "step_ms_median": 1000 * seconds / steps,
+        }
 
-    records = [record("gpt2", 250, 1, 5.00, 100.0), record("gpt2", 250, 2, 5.02, 110.0),
-               record("rope", 250, 1, 4.95, 101.0),
-               record("modern", 250, 1, 4.50, 120.0), record("modern", 100, 1, 4.98, 48.0),
-               record("modern", 75, 1, 5.01, 36.0),
-               record("modern", 250, 2, 4.52, 121.0), record("modern", 100, 2, 5.03, 50.0)]  # fmt: skip
+    records = [
+        record("gpt2", 250, 1, 5.00, 100.0),
+        record("gpt2", 250, 2, 5.02, 110.0),
+        record("rope", 250, 1, 4.95, 101.0),
+        record("modern", 250, 1, 4.50, 120.0),
+        record("modern", 100, 1, 4.98, 48.0),
+        record("modern", 75, 1, 5.01, 36.0),
+        record("modern", 250, 2, 4.52, 121.0),
+        record("modern", 100, 2, 5.03, 50.0),
+    ]
     figures = ablation.recipe_summary(records, 250)
     assert figures["gpt2_val_loss"] == pytest.approx(5.01) and figures["gpt2_seed_spread"] == pytest.approx(0.02)
     assert figures["rope_minus_gpt2"] == pytest.approx(-0.06) and figures["modern_minus_gpt2"] == pytest.approx(-0.50)
@@ -32,8 +44,22 @@ def test_ablation_trains_each_run_once_and_keeps_its_figures(tmp_path, capsys):
 
     data_dir = write_shards(tmp_path / "data")
     tiny = "--n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 16 --total_batch_size 64 --val_steps 2"
-    argv = ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--runs", "gpt2", "modern", "--steps", "4",
-            "--modern_steps", "2", "--flags", tiny, "--json"]  # fmt: skip
+    argv = [
+        "--data_dir",
+        data_dir,
+        "--out_dir",
+        str(tmp_path / "out"),
+        "--runs",
+        "gpt2",
+        "modern",
+        "--steps",
+        "4",
+        "--modern_steps",
+        "2",
+        "--flags",
+        tiny,
+        "--json",
+    ]
     ablation.main(argv)
     out = capsys.readouterr().out
     figures = json.loads(out[out.index("{\n") :])  # after a line per run

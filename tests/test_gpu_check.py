@@ -6,26 +6,31 @@ GPU, without inductor's minute of C++ compilation.
 """
 
 import functools
-import inspect
 import json
 import os
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 import gpu_check
-from conftest import SHARED_DATA
 from errors import UserError
-from model import GPT
 
 # every line of the check, in order
 GPU_CHECK_LINES = [
     "environment",
-    "train_bf16_compiled", "train_bf16_eager", "train_fp16_eager", "train_fp32_eager",
-    "train_gpt2_run", "train_gpt2_resume",
-    "generate_kv_cache", "fsdp", "modern_recipe_run", "modern_recipe_resume",
+    "train_bf16_compiled",
+    "train_bf16_eager",
+    "train_fp16_eager",
+    "train_fp32_eager",
+    "train_gpt2_run",
+    "train_gpt2_resume",
+    "generate_kv_cache",
+    "fsdp",
+    "modern_recipe_run",
+    "modern_recipe_resume",
     "total",
-]  # fmt: skip
+]
 
 
 def hellaswag_folder():
@@ -84,7 +89,11 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
     modern, modern_resume = records["modern_recipe_run"], records["modern_recipe_resume"]
     assert (run["start_step"], run["max_steps"], resume["start_step"], resume["max_steps"]) == (0, 4, 4, 6)
     assert (modern["start_step"], modern["max_steps"], modern_resume["start_step"], modern_resume["max_steps"]) == (
-        0, 4, 4, 6)
+        0,
+        4,
+        4,
+        6,
+    )
     assert set(modern["val_loss"]) == {"0", "2", "4"} and modern["sample"].startswith("Hello, I'm a language model,")
     assert set(run["val_loss"]) == {"0", "2", "4"} and set(resume["val_loss"]) == {"4", "6"}
     assert run["sample_step"] == 2 and run["sample"].startswith("Hello, I'm a language model,")
@@ -100,19 +109,11 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
     else:
         assert run["hellaswag"].startswith("skipped")
 
-    has_kv_cache = "use_cache" in inspect.signature(GPT.generate).parameters
-    assert ("skipped" not in records["generate_kv_cache"]) == has_kv_cache
+    assert "skipped" not in records["generate_kv_cache"]
     assert records["fsdp"]["skipped"]
 
 
-def test_generation_figures_with_and_without_the_kv_cache(monkeypatch, one_thread):
-    if "use_cache" not in inspect.signature(GPT.generate).parameters:
-        uncached = GPT.generate
-
-        def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-            return uncached(self, idx, max_new_tokens, temperature, top_k, generator)
-
-        monkeypatch.setattr(GPT, "generate", generate)  # until model.py has its KV cache
+def test_generation_figures_with_and_without_the_kv_cache(one_thread):
     figures = gpu_check.check_generation("cpu", gpu_check.SMOKE_SIZES)
     assert figures["cached_tokens_per_s"] > 0 and figures["uncached_tokens_per_s"] > 0
     assert figures["same_tokens_fraction"] > 0.5 and figures["kv_cache_speedup"] > 0
@@ -134,11 +135,15 @@ def test_graphs_made_in_each_phase_are_differences_of_the_counts_in_the_records(
         {"kind": "val", "step": 2, "graphs": 11},
         {"kind": "hellaswag", "step": 2, "graphs": 12},  # 1 in an eval task
         {"kind": "train", "step": 2, "graphs": 14},  # 2 in a training step after the evals
-    ]  # fmt: skip
+    ]
     assert gpu_check.graphs_made(records, 7) == {
-        "compiled": True, "graphs_at_compile": 2, "graphs_in_first_train_step": 1, "graphs_in_evals": 2,
-        "graphs_in_later_train_steps": 2, "recompiles": 5,
-    }  # fmt: skip
+        "compiled": True,
+        "graphs_at_compile": 2,
+        "graphs_in_first_train_step": 1,
+        "graphs_in_evals": 2,
+        "graphs_in_later_train_steps": 2,
+        "recompiles": 5,
+    }
 
 
 def test_an_eager_run_and_its_resume_report_no_graphs(tmp_path, one_thread):
