@@ -124,8 +124,11 @@ def test_two_process_fsdp_with_accumulation_equals_one_process(single, fsdp):
     config = [m for m in fsdp_metrics if m["kind"] == "config"][0]
     assert (config["world_size"], config["grad_accum_steps"], config["parallel"]) == (2, 2, "fsdp")
     assert_same_training(single_metrics, fsdp_metrics)
-    for kind in ("hellaswag", "sample"):
-        assert [m for m in fsdp_metrics if m["kind"] == kind] == [m for m in single_metrics if m["kind"] == kind]
+    for kind in ("hellaswag", "sample"):  # every figure but `graphs`, a count of this process's compilations
+        records = [
+            [{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (fsdp_metrics, single_metrics)
+        ]
+        assert records[0] == records[1]
 
 
 @pytest.mark.parametrize("micro_steps, checkpointing", [(1, "0"), (1, "1"), (2, "1")])
