@@ -180,26 +180,10 @@ def base_checkpoint(tmp_path, chat_tokenizer):
     return path
 
 
-FLAGS = [
-    "--batch_size",
-    "4",
-    "--seq_len",
-    "32",
-    "--total_batch_size",
-    "128",
-    "--device",
-    "cpu",
-    "--dtype",
-    "float32",
-    "--compile",
-    "0",
-    "--val_fraction",
-    "0.05",
-    "--eval_interval",
-    "0",
-    "--warmup_steps",
-    "10",
-]
+FLAGS = (
+    "--batch_size 4 --seq_len 32 --total_batch_size 128 --device cpu --dtype float32 --compile 0 "
+    "--val_fraction 0.05 --eval_interval 0 --warmup_steps 10"
+).split()
 
 
 def answer(model, tokenizer, name):

@@ -85,18 +85,7 @@ def evals():
     of the model (fsdp.whole_model), with the same results as on one process."""
     with pytest.MonkeyPatch.context() as patch:  # for the in-process runs; torchrun's inherit it
         patch.setenv("HELLASWAG_DIR", str(data_path("HELLASWAG_DIR", "hellaswag")))
-        yield [
-            "--eval_tasks",
-            "hellaswag",
-            "--eval_limit",
-            "4",
-            "--sample_interval",
-            "4",
-            "--num_samples",
-            "1",
-            "--sample_tokens",
-            "4",
-        ]
+        yield "--eval_tasks hellaswag --eval_limit 4 --sample_interval 4 --num_samples 1 --sample_tokens 4".split()
 
 
 @pytest.fixture(scope="module")
@@ -149,22 +138,10 @@ def test_the_modern_architecture_with_adamw_trains_under_fsdp_as_on_one_process(
     """Rotary embeddings, RMSNorm without parameters, an untied head: FSDP shards what there is. (Muon
     under FSDP is refused: tests/test_recipes.py.)"""
     # zero_init off: from a zero head only the head would learn in 3 steps, and the losses would hardly move
-    steps = [
-        "--max_steps",
-        "3",
-        "--eval_interval",
-        "3",
-        "--total_batch_size",
-        "64",
-        "--recipe",
-        "modern",
-        "--optimizer",
-        "adamw",
-        "--max_lr",
-        "1e-2",
-        "--zero_init",
-        "0",
-    ]
+    steps = (
+        "--max_steps 3 --eval_interval 3 --total_batch_size 64 --recipe modern --optimizer adamw "
+        "--max_lr 1e-2 --zero_init 0"
+    ).split()
     single_metrics = run(data_dir, tmp_path / "single", *steps, "--val_steps", "4")
     fsdp_metrics = torchrun(data_dir, tmp_path / "fsdp", *steps, "--parallel", "fsdp")
     assert_same_training(single_metrics, fsdp_metrics)
@@ -333,12 +310,18 @@ def test_model_sizes_take_gpt3_table_2_1_batch_and_lr_and_gpt2_keeps_todays_defa
     assert (cpu.model, cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.total_batch_size) == ("mini", 4, 4, 64, 1024)
 
 
-def test_an_unknown_model_or_parallel_is_refused(capsys, data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "flag, value, choices",
+    [
+        ("--model", "gpt5", "'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'tiny', 'mini'"),
+        ("--parallel", "zero", "'ddp', 'fsdp'"),
+    ],
+)
+def test_an_unknown_model_or_parallel_is_refused_when_the_flags_are_parsed(capsys, flag, value, choices):
     with pytest.raises(SystemExit) as exit_info:
-        train_gpt2.parse_config(["--model", "gpt5"])
-    assert exit_info.value.code == 2 and "argument --model: choose from gpt2, gpt2-medium" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--parallel zero: choose ddp or fsdp"):
-        run(data_dir, tmp_path / "log", "--parallel", "zero")
+        train_gpt2.parse_config([flag, value])
+    message = f"argument {flag}: invalid choice: '{value}' (choose from {choices})"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ---- the memory planner ----

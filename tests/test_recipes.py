@@ -74,20 +74,7 @@ def test_recipe_modern_turns_every_switch_on_and_a_flag_still_turns_one_off():
 
 def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
     cfg = train_gpt2.parse_config(
-        [
-            "--lr_schedule",
-            "wsd",
-            "--max_steps",
-            "100",
-            "--warmup_steps",
-            "10",
-            "--max_lr",
-            "1.0",
-            "--min_lr_ratio",
-            "0.0",
-            "--decay_frac",
-            "0.4",
-        ]
+        "--lr_schedule wsd --max_steps 100 --warmup_steps 10 --max_lr 1.0 --min_lr_ratio 0.0 --decay_frac 0.4".split()
     )
     lrs = [optim.get_lr(step, cfg) for step in range(101)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warmup
@@ -95,19 +82,23 @@ def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
     assert lrs[60:] == pytest.approx([1 - (s - 60) / 40 for s in range(60, 101)])  # straight down to 0 at 100
 
 
-def test_unknown_choices_and_muon_under_fsdp_are_refused_before_training():
+def test_unknown_choices_and_muon_under_fsdp_are_refused_before_training(capsys):
+    for flag, value, choices in (
+        ("--optimizer", "sgd", "'adamw', 'muon'"),
+        ("--lr_schedule", "linear", "'cosine', 'wsd'"),
+        ("--recipe", "speedrun", "'gpt2', 'modern'"),
+    ):
+        with pytest.raises(SystemExit):
+            train_gpt2.parse_config([flag, value])
+        assert f"argument {flag}: invalid choice: '{value}' (choose from {choices})" in capsys.readouterr().err
     config = GPTConfig()
     for flags, message in (
-        (["--optimizer", "sgd"], "--optimizer sgd: choose adamw or muon"),
-        (["--lr_schedule", "linear"], "--lr_schedule linear: choose cosine or wsd"),
         (["--optimizer", "muon", "--parallel", "fsdp"], "Newton-Schulz"),
         (["--optimizer", "muon", "--muon_lr", "0"], "would never move the blocks' matrices"),
         (["--head_lr", "1e-3"], "--head_lr is for an untied output layer"),
     ):
         with pytest.raises(UserError, match=message):
             train_gpt2.check_config(train_gpt2.parse_config(flags), config, world_size=2)
-    with pytest.raises(SystemExit):
-        train_gpt2.parse_config(["--recipe", "speedrun"])
 
 
 # ---- each switch ----

@@ -26,36 +26,11 @@ from errors import UserError
 from training_log import LOGGER_NAME, read_log, read_metrics
 
 # A 2-layer model on (2, 16) batches; 64 tokens per step = 2 micro-steps on one process.
-TINY = [
-    "--n_layer",
-    "2",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "32",
-    "--batch_size",
-    "2",
-    "--seq_len",
-    "16",
-    "--total_batch_size",
-    "64",
-    "--warmup_steps",
-    "2",
-    "--max_lr",
-    "1e-2",
-    "--val_steps",
-    "2",
-    "--eval_tasks",
-    "",
-    "--sample_interval",
-    "0",
-    "--device",
-    "cpu",
-    "--compile",
-    "0",
-    "--dtype",
-    "float32",
-]
+TINY = (
+    "--n_layer 2 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 16 --total_batch_size 64 "
+    "--warmup_steps 2 --max_lr 1e-2 --val_steps 2 --eval_tasks= --sample_interval 0 --device cpu "
+    "--compile 0 --dtype float32"
+).split()
 
 
 def write_shards(data_dir, tokens_per_shard=4096, train_shards=2, seed=0):
