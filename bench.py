@@ -272,6 +272,18 @@ def rss_mb(field):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if field == "VmHWM" else None
 
 
+class FixedBatch:
+    """The same (x, y) at every next_batch(), as a loader gives them to train_gpt2.train_step."""
+
+    pads_rows = False
+
+    def __init__(self, x, y):
+        self.x, self.y, self.last_batch_tokens = x, y, x.numel()
+
+    def next_batch(self):
+        return self.x, self.y
+
+
 def synchronize(device):
     """The GPU runs behind the Python loop: wait for it before reading the clock."""
     import torch
@@ -324,7 +336,7 @@ class TrainStepTiming:
     tokens_per_s: float
     mfu: float  # or None where the peak FLOPS is unknown (CPU, MPS, float32)
     peak_memory_MiB: float  # what PyTorch allocated on a GPU; elsewhere the whole process's peak RSS
-    warmup_steps: list  # (loss, grad norm, finite) of each untimed step
+    warmup_steps: list  # (loss, grad norm, finite, tokens) of each untimed step
     timed_steps: list  # ... and of each timed one
 
 
@@ -361,9 +373,10 @@ def time_train_step(
         torch.cuda.reset_peak_memory_stats(device)
 
     run = Run(recipe, DistInfo.single(device), precision, log=None, tokenizer=None)
+    loader = FixedBatch(x, y)
 
     def step():
-        return train_step(run, train_model, model, optimizer, lambda: (x, y), micro_steps)
+        return train_step(run, train_model, model, optimizer, loader, micro_steps)
 
     warmup_steps = [step() for _ in range(warmup)]
     synchronize(device)
@@ -619,7 +632,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     run = Run(recipe, dist_info, precision, log=None, tokenizer=None)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(run, train_model, model, optimizer, lambda: (x, x), 1)
+        train_step(run, train_model, model, optimizer, FixedBatch(x, x), 1)
 
     def mine(t):  # this rank's bytes of t
         return (t.to_local() if isinstance(t, DTensor) else t).nbytes

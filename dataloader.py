@@ -42,6 +42,8 @@ class DataLoaderLite:
     first time the shard is read: an id the model has no embedding row for is a clear error, not a
     crash deep in the embedding (or a CUDA device-side assert)."""
 
+    pads_rows = False  # every token of a batch is real: last_batch_tokens is always B * T
+
     def __init__(
         self,
         B,
@@ -102,6 +104,10 @@ class DataLoaderLite:
     def epoch(self):
         """Full passes over the split that all ranks together have completed (0 during the first)."""
         return self.position // self.windows_per_epoch
+
+    @property
+    def last_batch_tokens(self):
+        return self.B * self.T
 
     def next_batch(self):
         window = self.position + self.process_rank

@@ -106,6 +106,8 @@ class RowLoader:
     epoch a new seeded permutation of the rows when shuffled), rank r of W taking batch s*W + r at
     its s-th call; the position is one integer, so resuming is exact on any number of processes."""
 
+    pads_rows = True  # last_batch_tokens: the real tokens of the last batch, its padding left out
+
     def __init__(self, rows, B, process_rank=0, num_processes=1, shuffle=False, seed=0, device="cpu", pad_id=0):
         self.rows, self.B, self.T = rows, B, max(len(x) for x, _ in rows)  # T: the longest row
         self.process_rank, self.num_processes = process_rank, num_processes
@@ -113,6 +115,7 @@ class RowLoader:
         lengths = np.array([len(x) for x, _ in rows])
         self.fingerprint = hashlib.sha256(lengths.tobytes() + np.array([x[-1] for x, _ in rows]).tobytes()).hexdigest()
         self._order_epoch = self._order = None
+        self.last_batch_tokens = 0
         self.reset()
 
     def reset(self):
@@ -141,6 +144,7 @@ class RowLoader:
         y = torch.full((self.B, L), -1, dtype=torch.long)
         for b, (xs, ys) in enumerate(batch):
             x[b, : len(xs)], y[b, : len(ys)] = torch.tensor(xs), torch.tensor(ys)
+        self.last_batch_tokens = sum(len(xs) for xs, _ in batch)
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self):

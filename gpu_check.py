@@ -419,7 +419,7 @@ def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_st
         "mfu": run.mfu,  # None: fp32, CPU
         "loss_first": run.warmup_steps[0][0],
         "loss_last": run.timed_steps[-1][0],
-        "all_finite": all(finite for _, _, finite in run.timed_steps),
+        "all_finite": all(finite for _, _, finite, _ in run.timed_steps),
     }
     if device.startswith("cuda"):
         figures["peak_memory_GiB"] = run.peak_memory_MiB / 2**10

@@ -276,23 +276,26 @@ class Run:
     tokenizer: object
 
 
-def train_step(run, train_model, model, optimizer, next_batch, grad_accum_steps):
+def train_step(run, train_model, model, optimizer, loader, grad_accum_steps):
     """One optimizer step: grad_accum_steps micro-steps of forward and backward, the clip, the update.
-    Returns the loss (mean over micro-steps and processes), the gradient norm before clipping, and
-    whether both were finite (False: the update was skipped, the weights are unchanged)."""
+    Returns the loss (mean over micro-steps and processes), the gradient norm before clipping,
+    whether both were finite (False: the update was skipped, the weights are unchanged), and the real
+    tokens of the step over all processes (fewer than the token slots where rows are padded)."""
     precision, world_size = run.precision, run.dist.world_size
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    sums = torch.zeros(2, device=next(model.parameters()).device)  # the loss, the real tokens
     for micro_step in range(grad_accum_steps):
-        x, y = next_batch()  # (B, T), (B, T)
+        x, y = loader.next_batch()  # (B, T), (B, T)
         with grad_sync(train_model, micro_step == grad_accum_steps - 1):
             with precision.autocast():
                 _, loss = train_model(x, y)
             # .grad accumulates a sum over micro-steps; dividing each loss makes it the mean
             loss = loss / grad_accum_steps
-            loss_sum += loss.detach()
+            sums[0] += loss.detach()
+            sums[1] += loader.last_batch_tokens
             precision.scaler.scale(loss).backward()
-    loss = device.all_reduce_sum(loss_sum, world_size).item() / world_size  # the mean over processes
+    loss_sum, tokens = device.all_reduce_sum(sums, world_size).tolist()  # one collective for both
+    loss = loss_sum / world_size  # the mean over processes
     precision.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip).item()
     # With fp16 an inf norm is an overflow: the scaler skips that update itself and lowers its scale.
@@ -300,7 +303,7 @@ def train_step(run, train_model, model, optimizer, next_batch, grad_accum_steps)
     if finite:
         precision.scaler.step(optimizer)
     precision.scaler.update()
-    return loss, grad_norm, finite
+    return loss, grad_norm, finite, round(tokens)
 
 
 def count_nonfinite(run, nonfinite_skips, step, loss, grad_norm):
@@ -339,9 +342,9 @@ class StopOnSignal:
 @torch.no_grad()
 def evaluate(run, job, step, model, eval_tasks, token_bytes):
     """Validation loss (mean over job.val_steps batches on every process) and bits per byte, then each
-    eval task. Bits per byte compare tokenizers, loss per token cannot: the summed loss of the target
-    tokens in bits (/ ln 2) over the UTF-8 bytes they stand for (token_bytes: (vocab_size,), 0 for
-    special tokens)."""
+    eval task: returns {"val": {"loss", "bpb"}, task name: its results}. Bits per byte compare
+    tokenizers, loss per token cannot: the summed loss of the target tokens in bits (/ ln 2) over the
+    UTF-8 bytes they stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
     model.eval()
     job.val_loader.reset()  # the same batches every time, so the numbers are comparable
     dtype = device.sum_dtype(run.dist.device)
@@ -359,6 +362,7 @@ def evaluate(run, job, step, model, eval_tasks, token_bytes):
     message = f"step {step:5d} | val loss {val_loss:.4f} | val bits per byte {bpb:.4f}"
     log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
     training_log.log_record(run.log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
+    figures = {"val": {"loss": val_loss, "bpb": bpb}}
     for task, examples in eval_tasks:
         results = scoring.evaluate(
             task, model, examples, run.tokenizer, run.dist, run.precision, progress=run.dist.is_master
@@ -367,8 +371,9 @@ def evaluate(run, job, step, model, eval_tasks, token_bytes):
         training_log.log_record(
             run.log, message, scoring.log_line(task, step, results), step=step, kind=task.name, **results
         )
+        figures[task.name] = results
     model.train()
-    return {"step": step, "loss": val_loss, "bpb": bpb}
+    return figures
 
 
 @torch.no_grad()
@@ -423,7 +428,9 @@ class Job:
 
     tokenizer: object
     model_config: GPTConfig
-    train_loader: object  # next_batch() -> (x, y), reset(), epoch, state_dict(), load_state_dict()
+    # next_batch() -> (x, y), last_batch_tokens (the real ones), pads_rows, reset(), epoch, state_dict(),
+    # load_state_dict()
+    train_loader: object
     val_loader: object
     val_steps: int  # batches per process of each validation loss
     make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
@@ -476,6 +483,14 @@ def train(cfg, dist_info, job):
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
     log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master)  # takes the folder's lock first
+    if start_step == cfg.max_steps:  # a finished run, started again (`make demo` twice): nothing to redo
+        return training_log.log_complete(log, cfg, resumed["path"])
+    if cfg.warmup_steps >= cfg.max_steps:
+        log.warning(
+            f"--warmup_steps {cfg.warmup_steps} >= --max_steps {cfg.max_steps}: the LR never reaches --max_lr "
+            f"{cfg.max_lr:g} (it ends at {job.get_lr(cfg.max_steps - 1):.3g}) and never decays; pass --warmup_steps "
+            f"below {cfg.max_steps} (a few % of it)"
+        )
     for reason in resumed["passed_over"] if resumed else []:
         log.warning(f"{reason}: resuming from an older checkpoint")
     if dist_info.is_master and resumed:
@@ -517,48 +532,40 @@ def train(cfg, dist_info, job):
         cfg.max_steps,
         start_step,
     )
-    training_log.log_run_summary(run, model, compiled, grad_accum_steps, start_step)
+    training_log.log_run_summary(run, job.train_loader.pads_rows, model, compiled, grad_accum_steps, start_step)
     if resumed:
         resume.restore_rng(resumed, dist_info)  # last, after everything that draws at startup
     del resumed  # the optimizer state inside is a second copy of it
 
+    started, final = time.perf_counter(), {}
     with StopOnSignal() as signals:
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
             whole = fsdp.whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
             if evaluating:
-                loop["last_val"] = evaluate(run, job, step, whole, eval_tasks, token_bytes)
+                final = evaluate(run, job, step, whole, eval_tasks, token_bytes)
+                loop["last_val"] = {"step": step, **final["val"]}
             if dist_info.is_master and sampling:
                 sample(run, step, whole)
             del whole
             if step == cfg.max_steps:
+                training_log.log_run_end(run, step - start_step, time.perf_counter() - started, final)
                 break
 
             t0 = time.perf_counter()
             lr = job.get_lr(step)
             optim.set_lr(optimizer, lr)
-            loss, grad_norm, finite = train_step(
-                run, train_model, model, optimizer, job.train_loader.next_batch, grad_accum_steps
+            loss, grad_norm, finite, tokens = train_step(
+                run, train_model, model, optimizer, job.train_loader, grad_accum_steps
             )
             if not finite:
                 loop["nonfinite_skips"] = count_nonfinite(run, loop["nonfinite_skips"], step, loss, grad_norm)
             if dist_info.device_type == "cuda":
                 torch.cuda.synchronize()  # the step is queued, not done, until the GPU catches up
-            speed = timer.measure(step, time.perf_counter() - t0)
-            show = step % cfg.log_interval == 0 or step + 1 == cfg.max_steps
-            training_log.log_train_step(
-                log,
-                step,
-                cfg.max_steps,
-                loss,
-                lr,
-                grad_norm,
-                speed,
-                show,
-                nonfinite_skips=loop["nonfinite_skips"],
-                epoch=job.train_loader.epoch,
-            )
+            speed = timer.measure(step, time.perf_counter() - t0, tokens)
+            figures = dict(loss=loss, lr=lr, grad_norm=grad_norm, **speed, nonfinite_skips=loop["nonfinite_skips"])
+            training_log.log_train_step(run, step, {**figures, "epoch": job.train_loader.epoch})
 
             # every process must stop after the same step, even if only one of them got the signal
             stopping = device.any_process(signals.requested, dist_info.device, dist_info.world_size)

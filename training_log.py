@@ -53,7 +53,7 @@ def format_results(name, results):
     return " ".join([name] + [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()])
 
 
-def log_run_summary(run, model, compiled, grad_accum_steps, start_step):
+def log_run_summary(run, padded, model, compiled, grad_accum_steps, start_step):
     """The setup and the values derived from it, once at the start; and where every value that differs
     from its default came from (cfg.sources: a preset, the model table, the recipe, or a flag)."""
     cfg, precision, world_size = run.cfg, run.precision, run.dist.world_size
@@ -72,8 +72,9 @@ def log_run_summary(run, model, compiled, grad_accum_steps, start_step):
         f"recipe: {', '.join(switches) or 'GPT-2'}; {optimizer}\n"
         f"model: {model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{model.flops_per_token(T) / 1e9:.3f} GFLOP per token (training)\n"
-        f"batch: {cfg.total_batch_size:,} tokens per step = batch_size {B} x seq_len {T} x {world_size} process(es) "
-        f"x grad_accum_steps {grad_accum_steps}\n"
+        f"batch: {cfg.total_batch_size:,} {'token slots' if padded else 'tokens'} per step = batch_size {B} x "
+        f"seq_len {T} x {world_size} process(es) x grad_accum_steps {grad_accum_steps}"
+        f"{' (rows are padded: each step line counts its real tokens)' if padded else ''}\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
         f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then {decay} to {cfg.max_lr * cfg.min_lr_ratio:g}\n"
         f"not the defaults: {changed or 'none'}",
@@ -86,39 +87,69 @@ def log_run_summary(run, model, compiled, grad_accum_steps, start_step):
     )
 
 
-class StepTimer:
-    """Speed of the training steps: tokens/s, MFU (model FLOPs utilisation: useful FLOPs per second
-    over the hardware's peak) and the time left, from a moving average of the step time."""
+def log_run_end(run, steps, seconds, results):
+    """The last lines of a run: how long it took, its final numbers, where its files are."""
+    numbers = "; ".join(format_results(name, figures) for name, figures in results.items()) or "no evaluation"
+    log_record(
+        run.log,
+        f"done: {steps} step(s) in {timedelta(seconds=round(seconds))}; {numbers}\n"
+        f"checkpoints, log.txt and metrics.jsonl are in {run.cfg.log_dir} (plot: python plot.py {run.cfg.log_dir})",
+        step=run.cfg.max_steps,
+        kind="end",
+        seconds=seconds,
+    )
 
-    def __init__(self, tokens_per_step, flops_per_token, peak_flops, max_steps, start_step):
-        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+
+class StepTimer:
+    """Speed of the training steps: tokens/s and MFU (model FLOPs utilisation: useful FLOPs per second
+    over the hardware's peak), both from the real tokens of the step (fine-tuning's padding is not
+    work), and the time left, from a moving average of the step time."""
+
+    def __init__(self, token_slots_per_step, flops_per_token, peak_flops, max_steps, start_step):
+        self.token_slots, self.flops_per_token, self.peak_flops = token_slots_per_step, flops_per_token, peak_flops
         self.max_steps, self.start_step = max_steps, start_step
         self.ema = None
 
-    def measure(self, step, seconds):
-        """The figures of the step that took `seconds`, for the log."""
-        # the first step of a process compiles and warms up: leave it out of the time estimate
-        first = self.ema is None or step == self.start_step + 1
-        self.ema = seconds if first else 0.9 * self.ema + 0.1 * seconds
-        tokens_per_sec = self.tokens_per_step / seconds
+    def measure(self, step, seconds, tokens):
+        """The figures of the step that took `seconds` and trained on `tokens` real tokens, for the log."""
+        tokens_per_sec = tokens / seconds
         mfu = self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None
-        eta = timedelta(seconds=round(self.ema * (self.max_steps - step - 1)))
-        return {"dt_ms": seconds * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "eta_s": eta.total_seconds()}
+        padding = 1 - tokens / self.token_slots
+        figures = {"dt_ms": seconds * 1000, "tokens": tokens, "padding": padding, "tokens_per_sec": tokens_per_sec}
+        figures.update(mfu=mfu, eta_s=None)
+        # The first step of a process compiles and warms up: no estimate from it, and the average
+        # starts afresh at the second.
+        if step > self.start_step:
+            self.ema = seconds if step == self.start_step + 1 else 0.9 * self.ema + 0.1 * seconds
+            figures["eta_s"] = round(self.ema * (self.max_steps - step - 1))
+        return figures
 
 
-def log_train_step(log, step, max_steps, loss, lr, grad_norm, speed, show, **extra):
-    """One training step: the full record to metrics.jsonl and log.txt, and to the console when `show`."""
-    mfu = f"{speed['mfu']:.1%}" if speed["mfu"] else "n/a"
+def log_train_step(run, step, figures):
+    """One training step: the full record to metrics.jsonl and log.txt, and every --log_interval-th
+    one (and the last) to the console. figures: loss, lr, grad_norm, StepTimer's, and the rest."""
+    max_steps = run.cfg.max_steps
+    mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "n/a"
+    padding = f" ({figures['padding']:.0%} padding)" if figures["padding"] > 0 else ""
+    eta = timedelta(seconds=figures["eta_s"]) if figures["eta_s"] is not None else "after this step"
     message = (
-        f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | "
-        f"{speed['dt_ms']:.1f} ms | {speed['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
-        f"eta {timedelta(seconds=speed['eta_s'])}"
+        f"step {step:5d}/{max_steps} | loss {figures['loss']:.6f} | lr {figures['lr']:.4e} | "
+        f"norm {figures['grad_norm']:.4f} | {figures['dt_ms']:.1f} ms | {figures['tokens_per_sec']:,.0f} tok/s"
+        f"{padding} | mfu {mfu} | eta {eta}"
     )
-    metrics = dict(
-        step=step, kind="train", loss=loss, lr=lr, grad_norm=grad_norm, **speed, **extra, graphs=graphs_compiled()
+    metrics = dict(step=step, kind="train", **figures, graphs=graphs_compiled())
+    extra = {"metrics": metrics, "log_line": f"{step} train {figures['loss']:.6f}"}
+    show = step % run.cfg.log_interval == 0 or step + 1 == max_steps
+    run.log.log(logging.INFO if show else QUIET, message, extra=extra)
+
+
+def log_complete(log, cfg, path):
+    """A run started again after it finished: say so, and where its results are."""
+    log.info(
+        f"the run in {cfg.log_dir} is complete: {path} is step {cfg.max_steps} of --max_steps {cfg.max_steps}, "
+        f"and its final evaluation is in log.txt and metrics.jsonl. Nothing to do: raise --max_steps to train on, "
+        f"or pass a new --log_dir to start another run"
     )
-    fields = {"metrics": metrics, "log_line": f"{step} train {loss:.6f}"}
-    log.log(logging.INFO if show else QUIET, message, extra=fields)
 
 
 def read_log(path):
