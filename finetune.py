@@ -5,6 +5,8 @@ pretraining on your own text, with train_gpt2.py's training loop.
     python finetune.py --init log/model_19073.pt --data_files chats.jsonl --log_dir log/sft
     python finetune.py --init gpt2 --data_files alpaca.json --lora_rank 8 --log_dir log/sft_lora
     python finetune.py --init log/demo/model_01500.pt --data_files input.txt --log_dir log/shakespeare
+    python finetune.py --preset cpu --init log/demo/model_01500.pt --data_files data/capitals.jsonl \
+        --log_dir log/demo_sft                                # the demo model (make demo) learns to chat, on a CPU
     python sample.py --checkpoint log/sft/model_00500.pt ...   # or python chat.py --checkpoint ...
 
 --init: a train_gpt2.py checkpoint, a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / ... (OpenAI's
@@ -169,12 +171,33 @@ class RowLoader:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-FINETUNE_PRESETS = {"sft": {}}  # defaults, as train_gpt2.PRESETS (flags still win)
+# Defaults, as train_gpt2.PRESETS (flags given still win). "cpu": a small model (the demo's, 4 x 64)
+# on a small chat set (data/capitals.jsonl) in minutes: the base recipe's LR of 1e-4 and rows of 512
+# token slots leave such a model unable to learn the format in hundreds of steps (docs/benchmarks.md,
+# "Fine-tuning the demo model").
+FINETUNE_PRESETS = {
+    "sft": {},
+    "cpu": dict(
+        batch_size=16,
+        seq_len=64,
+        total_batch_size=1024,
+        max_lr=3e-3,
+        warmup_steps=10,
+        max_steps=300,
+        eval_interval=50,
+        ckpt_interval=100,
+        log_interval=25,
+    ),
+}
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    preset: str = flag("sft", "a set of defaults: sft (FINETUNE_PRESETS)", choices=tuple(FINETUNE_PRESETS))
+    preset: str = flag(
+        "sft",
+        "a set of defaults: sft (models of GPT-2's size) or cpu (a small model in minutes)",
+        choices=tuple(FINETUNE_PRESETS),
+    )
     # what to start from, and the data
     init: str = flag(
         None, "base weights: a train_gpt2.py checkpoint, a Hugging Face GPT-2 folder, or gpt2, gpt2-medium..."

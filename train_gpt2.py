@@ -482,9 +482,9 @@ def train(cfg, dist_info, job):
             f"{resumed['path']} is at step {start_step}, past --max_steps {cfg.max_steps}: nothing to train. "
             f"Raise --max_steps to train longer, or pass a new --log_dir to start afresh"
         )
-    log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master)  # takes the folder's lock first
     if start_step == cfg.max_steps:  # a finished run, started again (`make demo` twice): nothing to redo
-        return training_log.log_complete(log, cfg, resumed["path"])
+        return training_log.say_complete(cfg, resumed["path"], dist_info.is_master)
+    log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master)  # takes the folder's lock first
     if cfg.warmup_steps >= cfg.max_steps:
         log.warning(
             f"--warmup_steps {cfg.warmup_steps} >= --max_steps {cfg.max_steps}: the LR never reaches --max_lr "

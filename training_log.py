@@ -143,13 +143,15 @@ def log_train_step(run, step, figures):
     run.log.log(logging.INFO if show else QUIET, message, extra=extra)
 
 
-def log_complete(log, cfg, path):
-    """A run started again after it finished: say so, and where its results are."""
-    log.info(
-        f"the run in {cfg.log_dir} is complete: {path} is step {cfg.max_steps} of --max_steps {cfg.max_steps}, "
-        f"and its final evaluation is in log.txt and metrics.jsonl. Nothing to do: raise --max_steps to train on, "
-        f"or pass a new --log_dir to start another run"
-    )
+def say_complete(cfg, path, is_master):
+    """A run started again after it finished: say so and where its results are, and touch no file (the
+    log's records of the last step must stay)."""
+    if is_master:
+        print(
+            f"the run in {cfg.log_dir} is complete: {path} is step {cfg.max_steps} of --max_steps {cfg.max_steps}, "
+            f"and its final evaluation is in log.txt and metrics.jsonl. Nothing to do: raise --max_steps to train "
+            f"on, or pass a new --log_dir to start another run"
+        )
 
 
 def read_log(path):

@@ -345,3 +345,35 @@ def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat
     train = lambda ms: [m["loss"] for m in ms if m["kind"] == "train"]  # noqa: E731
     assert len(train(one)) == 3
     assert train(two) == pytest.approx(train(one), abs=1e-5)
+
+
+def test_row_batches_count_their_real_tokens_not_the_padding():
+    rows = [([1] * n, [1] * n) for n in (3, 5, 7, 2)]
+    loader = finetune.RowLoader(rows, B=2)
+    assert loader.pads_rows
+    x, _ = loader.next_batch()
+    assert x.shape == (2, 7) and loader.last_batch_tokens == 3 + 5  # 7 slots a row (the longest row)
+    loader.next_batch()
+    assert loader.last_batch_tokens == 7 + 2
+
+
+def test_fine_tuning_reports_real_tokens_and_the_padding_share(chat_data, base_checkpoint, tmp_path, capsys):
+    log_dir = tmp_path / "sft"
+    finetune.main(
+        [
+            "--init",
+            base_checkpoint,
+            "--data_files",
+            str(chat_data),
+            "--log_dir",
+            str(log_dir),
+            "--max_steps",
+            "2",
+            *FLAGS,
+        ]
+    )
+    assert "128 token slots per step" in capsys.readouterr().out
+    train = [m for m in read_metrics(log_dir / "metrics.jsonl") if m["kind"] == "train"]
+    for m in train:  # 4 rows of at most 32 slots x 1 process x 1 micro-step = 128 slots
+        assert 0 < m["tokens"] < 128 and m["padding"] == pytest.approx(1 - m["tokens"] / 128)
+        assert m["tokens_per_sec"] == pytest.approx(m["tokens"] / (m["dt_ms"] / 1000))

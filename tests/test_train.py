@@ -541,3 +541,41 @@ def test_bench_train_reports_speed_and_memory_of_the_training_step():
     assert results["tokens_per_sec"] == pytest.approx(2 * 16 / (results["ms_per_step"] / 1000))
     assert results["mfu"] == "n/a" and results["compiled"] is False and results["dtype"] == "float32"
     assert results["peak_memory_MiB"] > 0
+
+
+# ---- what a run says at its start and end ----
+
+
+def test_a_run_ends_with_its_time_final_numbers_and_files_and_a_second_start_redoes_nothing(data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    first = run(data_dir, log_dir, "--max_steps", "2")
+    out = capsys.readouterr().out
+    final = [m for m in first if m["kind"] == "val"][-1]
+    assert final["step"] == 2
+    assert re.search(rf"done: 2 step\(s\) in 0:00:\d\d; val loss {final['loss']:.4f} bpb {final['bpb']:.4f}", out)
+    assert f"checkpoints, log.txt and metrics.jsonl are in {log_dir}" in out
+    log_txt = (log_dir / "log.txt").read_text()
+    again = run(data_dir, log_dir, "--max_steps", "2")
+    assert f"the run in {log_dir} is complete" in capsys.readouterr().out
+    assert again == first and (log_dir / "log.txt").read_text() == log_txt  # nothing evaluated or written again
+
+
+def test_the_first_step_of_a_process_gives_no_eta(data_dir, tmp_path):
+    """Step 0 includes the warm-up (and compilation on a GPU): an ETA from it would be far too long."""
+    train = [m for m in run(data_dir, tmp_path / "log", "--max_steps", "3") if m["kind"] == "train"]
+    assert train[0]["eta_s"] is None and all(m["eta_s"] is not None for m in train[1:])
+    assert train[-1]["eta_s"] == 0
+
+
+def test_a_warmup_as_long_as_the_run_is_said_at_start(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path / "log", "--max_steps", "2", "--warmup_steps", "5")
+    captured = capsys.readouterr()
+    assert "--warmup_steps 5 >= --max_steps 2: the LR never reaches --max_lr 0.01 (it ends at 0.004)" in (
+        captured.out + captured.err
+    )
+
+
+def test_pretraining_steps_count_every_token_as_real(data_dir, tmp_path):
+    train = [m for m in run(data_dir, tmp_path / "log", "--max_steps", "2") if m["kind"] == "train"]
+    assert [(m["tokens"], m["padding"]) for m in train] == [(64, 0), (64, 0)]
+    assert all(m["tokens_per_sec"] == pytest.approx(64 / (m["dt_ms"] / 1000)) for m in train)
