@@ -37,31 +37,9 @@ RECIPE_RUNS = {
 }
 # The CPU ablation's model and batch: 4 layers of width 128, micro-batches of 8 x 128 tokens, 2,048
 # tokens per step; val every 25 steps on the same 24 x 1,024 tokens.
-ABLATION_MODEL = (
-    "--n_layer",
-    "4",
-    "--n_head",
-    "4",
-    "--n_embd",
-    "128",
-    "--batch_size",
-    "8",
-    "--seq_len",
-    "128",
-    "--total_batch_size",
-    "2048",
-    "--eval_interval",
-    "25",
-    "--val_steps",
-    "24",
-    "--eval_tasks",
-    "",
-    "--sample_interval",
-    "0",
-    "--ckpt_interval",
-    "0",
-    "--log_interval",
-    "50",
+ABLATION_MODEL = tuple(
+    "--n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --seq_len 128 --total_batch_size 2048 --eval_interval 25 "
+    "--val_steps 24 --eval_tasks= --sample_interval 0 --ckpt_interval 0 --log_interval 50".split()
 )
 # GPT-2's recipe at this size: the best of the max_lr values tried (docs/benchmarks.md, "Recipes")
 GPT2_LR = 1e-3
