@@ -131,7 +131,7 @@ def log_train_step(run, step, figures):
     max_steps = run.cfg.max_steps
     mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "n/a"
     padding = f" ({figures['padding']:.0%} padding)" if figures["padding"] > 0 else ""
-    eta = timedelta(seconds=figures["eta_s"]) if figures["eta_s"] is not None else "after this step"
+    eta = timedelta(seconds=figures["eta_s"]) if figures["eta_s"] is not None else "n/a (first step)"
     message = (
         f"step {step:5d}/{max_steps} | loss {figures['loss']:.6f} | lr {figures['lr']:.4e} | "
         f"norm {figures['grad_norm']:.4f} | {figures['dt_ms']:.1f} ms | {figures['tokens_per_sec']:,.0f} tok/s"
