@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from bench import FixedBatch, median, print_results, synchronize
+from bench import FixedBatchJob, median, print_results, synchronize
 from errors import UserError, exit_on_error
 
 # Each run's train_gpt2.py flags: one change at a time on top of GPT-2's recipe, then all of them
@@ -158,7 +158,7 @@ def step_times(args, runs):
         x = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len), device=device)  # (B, T)
         micro_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
         run = Run(cfg, DistInfo.single(device), precision, log=None, tokenizer=None)
-        steps[name] = functools.partial(train_step, run, model, model, optimizer, FixedBatch(x, x), micro_steps)
+        steps[name] = functools.partial(train_step, run, FixedBatchJob(x, x), model, model, optimizer, micro_steps)
     times = {name: [] for name in steps}
     for turn in range(args.time_steps + 1):  # turn 0 warms up
         for name, step in steps.items():

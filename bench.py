@@ -272,13 +272,17 @@ def rss_mb(field):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if field == "VmHWM" else None
 
 
-class FixedBatch:
-    """The same (x, y) at every next_batch(), as a loader gives them to train_gpt2.train_step."""
+class FixedBatchJob:
+    """What train_gpt2.train_step reads of a Job, for timing it: a train_loader that gives the same
+    (x, y) at every next_batch() (this object itself), and the loss (next-token prediction)."""
 
     pads_rows = False
 
     def __init__(self, x, y):
+        from train_gpt2 import lm_loss
+
         self.x, self.y, self.last_batch_tokens = x, y, x.numel()
+        self.train_loader, self.loss = self, lm_loss
 
     def next_batch(self):
         return self.x, self.y
@@ -336,7 +340,7 @@ class TrainStepTiming:
     tokens_per_s: float
     mfu: float  # or None where the peak FLOPS is unknown (CPU, MPS, float32)
     peak_memory_MiB: float  # what PyTorch allocated on a GPU; elsewhere the whole process's peak RSS
-    warmup_steps: list  # (loss, grad norm, finite, tokens) of each untimed step
+    warmup_steps: list  # train_gpt2.StepResult of each untimed step
     timed_steps: list  # ... and of each timed one
 
 
@@ -373,10 +377,10 @@ def time_train_step(
         torch.cuda.reset_peak_memory_stats(device)
 
     run = Run(recipe, DistInfo.single(device), precision, log=None, tokenizer=None)
-    loader = FixedBatch(x, y)
+    job = FixedBatchJob(x, y)
 
     def step():
-        return train_step(run, train_model, model, optimizer, loader, micro_steps)
+        return train_step(run, job, train_model, model, optimizer, micro_steps)
 
     warmup_steps = [step() for _ in range(warmup)]
     synchronize(device)
@@ -632,7 +636,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     run = Run(recipe, dist_info, precision, log=None, tokenizer=None)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(run, train_model, model, optimizer, FixedBatch(x, x), 1)
+        train_step(run, FixedBatchJob(x, x), train_model, model, optimizer, 1)
 
     def mine(t):  # this rank's bytes of t
         return (t.to_local() if isinstance(t, DTensor) else t).nbytes

@@ -377,9 +377,9 @@ def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_st
         "ms_per_micro_step": run.seconds_per_step / micro_steps * 1000,
         "tokens_per_s": run.tokens_per_s,
         "mfu": run.mfu,  # None: fp32, CPU
-        "loss_first": run.warmup_steps[0][0],
-        "loss_last": run.timed_steps[-1][0],
-        "all_finite": all(finite for _, _, finite, _ in run.timed_steps),
+        "loss_first": run.warmup_steps[0].loss,
+        "loss_last": run.timed_steps[-1].loss,
+        "all_finite": all(step.finite for step in run.timed_steps),
     }
     if device.startswith("cuda"):
         figures["peak_memory_GiB"] = run.peak_memory_MiB / 2**10

@@ -276,26 +276,43 @@ class Run:
     tokenizer: object
 
 
-def train_step(run, train_model, model, optimizer, loader, grad_accum_steps):
-    """One optimizer step: grad_accum_steps micro-steps of forward and backward, the clip, the update.
-    Returns the loss (mean over micro-steps and processes), the gradient norm before clipping,
-    whether both were finite (False: the update was skipped, the weights are unchanged), and the real
-    tokens of the step over all processes (fewer than the token slots where rows are padded)."""
+def lm_loss(model, batch):
+    """Next-token prediction: the mean cross-entropy over the targets of batch = (x, y), each (B, T);
+    no other figures. Pretraining's and fine-tuning's loss; dpo.py and rl.py bring their own."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, {}
+
+
+@dataclass
+class StepResult:
+    loss: float  # the mean over micro-steps and processes
+    grad_norm: float  # before clipping
+    finite: bool  # False: the loss or the norm was inf/nan and the update was skipped
+    tokens: int  # the real tokens of the step, all processes (fewer than the token slots where rows are padded)
+    figures: dict  # the job's loss's own figures (DPO's rewards, ...), means like the loss
+
+
+def train_step(run, job, train_model, model, optimizer, grad_accum_steps):
+    """One optimizer step: grad_accum_steps micro-steps of forward and backward on batches of
+    job.train_loader with job.loss, the clip, the update."""
     precision, world_size = run.precision, run.dist.world_size
     optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(2, device=next(model.parameters()).device)  # the loss, the real tokens
+    sums = None  # the loss, the real tokens, then the loss's own figures
     for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()  # (B, T), (B, T)
+        batch = job.train_loader.next_batch()  # pretraining and fine-tuning: x, y (B, T) each
         with grad_sync(train_model, micro_step == grad_accum_steps - 1):
             with precision.autocast():
-                _, loss = train_model(x, y)
+                loss, figures = job.loss(train_model, batch)
             # .grad accumulates a sum over micro-steps; dividing each loss makes it the mean
             loss = loss / grad_accum_steps
-            sums[0] += loss.detach()
-            sums[1] += loader.last_batch_tokens
+            tokens = loss.new_tensor(float(job.train_loader.last_batch_tokens))
+            own = [v.detach().float() / grad_accum_steps for v in figures.values()]
+            values = torch.stack([loss.detach().float(), tokens.float(), *own])
+            sums = values if sums is None else sums + values
             precision.scaler.scale(loss).backward()
-    loss_sum, tokens = device.all_reduce_sum(sums, world_size).tolist()  # one collective for both
-    loss = loss_sum / world_size  # the mean over processes
+    sums = device.all_reduce_sum(sums, world_size).tolist()  # one collective for all of them
+    loss, tokens, means = sums[0] / world_size, round(sums[1]), [v / world_size for v in sums[2:]]
     precision.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip).item()
     # With fp16 an inf norm is an overflow: the scaler skips that update itself and lowers its scale.
@@ -303,11 +320,12 @@ def train_step(run, train_model, model, optimizer, loader, grad_accum_steps):
     if finite:
         precision.scaler.step(optimizer)
     precision.scaler.update()
-    return loss, grad_norm, finite, round(tokens)
+    return StepResult(loss, grad_norm, finite, tokens, dict(zip(figures, means)))
 
 
-def count_nonfinite(run, nonfinite_skips, step, loss, grad_norm):
+def count_nonfinite(run, nonfinite_skips, step, result):
     """A skipped update: allowed up to --max_nonfinite_skips times, then training stops."""
+    loss, grad_norm = result.loss, result.grad_norm
     nonfinite_skips += 1
     if nonfinite_skips > run.cfg.max_nonfinite_skips:
         last_saved = resume.newest_checkpoint(run.cfg.log_dir)
@@ -340,29 +358,16 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def evaluate(run, job, step, model, eval_tasks, token_bytes):
-    """Validation loss (mean over job.val_steps batches on every process) and bits per byte, then each
-    eval task: returns {"val": {"loss", "bpb"}, task name: its results}. Bits per byte compare
-    tokenizers, loss per token cannot: the summed loss of the target tokens in bits (/ ln 2) over the
-    UTF-8 bytes they stand for (token_bytes: (vocab_size,), 0 for special tokens)."""
+def evaluate(run, job, step, model, eval_tasks):
+    """The job's validation (the val loss and bits per byte, unless the job has its own), then each
+    eval task: returns {"val": {figure: value}, task name: its results}, all of them logged."""
     model.eval()
-    job.val_loader.reset()  # the same batches every time, so the numbers are comparable
-    dtype = device.sum_dtype(run.dist.device)
-    sums = torch.zeros(3, dtype=dtype, device=run.dist.device)  # summed loss (nats), targets, their bytes
-    for _ in range(job.val_steps):
-        x, y = job.val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
-        with run.precision.autocast():
-            _, loss = model(x, y)  # the mean over the targets
-        is_target = y >= 0
-        n = is_target.sum()  # a tensor on the device: no wait for the GPU inside the loop
-        sums += torch.stack([loss.to(dtype) * n, n.to(dtype), token_bytes[y[is_target]].sum().to(dtype)])
-    loss_sum, n_targets, bytes_sum = device.all_reduce_sum(sums, run.dist.world_size).tolist()
-    val_loss = loss_sum / n_targets
-    bpb = loss_sum / (math.log(2) * bytes_sum)
-    message = f"step {step:5d} | val loss {val_loss:.4f} | val bits per byte {bpb:.4f}"
-    log_lines = f"{step} val {val_loss:.4f}\n{step} val_bpb {bpb:.4f}"
-    training_log.log_record(run.log, message, log_lines, step=step, kind="val", loss=val_loss, bpb=bpb)
-    figures = {"val": {"loss": val_loss, "bpb": bpb}}
+    val = job.validate(run, model) if job.validate else val_loss(run, job, model)
+    names = {"loss": "loss", "bpb": "bits per byte"}  # how the console names a figure
+    message = f"step {step:5d} | " + " | ".join(f"val {names.get(k, k)} {v:.4f}" for k, v in val.items())
+    log_lines = "\n".join(f"{step} val{'' if k == 'loss' else '_' + k} {v:.4f}" for k, v in val.items())
+    training_log.log_record(run.log, message, log_lines, step=step, kind="val", **val)
+    figures = {"val": val}
     for task, examples in eval_tasks:
         results = scoring.evaluate(
             task, model, examples, run.tokenizer, run.dist, run.precision, progress=run.dist.is_master
@@ -374,6 +379,25 @@ def evaluate(run, job, step, model, eval_tasks, token_bytes):
         figures[task.name] = results
     model.train()
     return figures
+
+
+def val_loss(run, job, model):
+    """The mean loss over job.val_steps batches of every process, and bits per byte. Bits per byte
+    compare tokenizers, loss per token cannot: the summed loss of the target tokens in bits (/ ln 2)
+    over the UTF-8 bytes they stand for (0 for special tokens)."""
+    token_bytes = torch.tensor(run.tokenizer.token_bytes(), device=run.dist.device)  # (vocab_size,)
+    job.val_loader.reset()  # the same batches every time, so the numbers are comparable
+    dtype = device.sum_dtype(run.dist.device)
+    sums = torch.zeros(3, dtype=dtype, device=run.dist.device)  # summed loss (nats), targets, their bytes
+    for _ in range(job.val_steps):
+        x, y = job.val_loader.next_batch()  # (B, T), (B, T); -1 marks a position that is no target (fine-tuning)
+        with run.precision.autocast():
+            _, loss = model(x, y)  # the mean over the targets
+        is_target = y >= 0
+        n = is_target.sum()  # a tensor on the device: no wait for the GPU inside the loop
+        sums += torch.stack([loss.to(dtype) * n, n.to(dtype), token_bytes[y[is_target]].sum().to(dtype)])
+    loss_sum, n_targets, bytes_sum = device.all_reduce_sum(sums, run.dist.world_size).tolist()
+    return {"loss": loss_sum / n_targets, "bpb": loss_sum / (math.log(2) * bytes_sum)}
 
 
 @torch.no_grad()
@@ -436,6 +460,8 @@ class Job:
     make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
     get_lr: Callable  # step -> learning rate
     checkpoint_extra: dict = field(default_factory=dict)  # more keys for every checkpoint (finetune: the base)
+    loss: Callable = lm_loss  # (model, batch) -> (loss, {figure: tensor}): what the step minimises
+    validate: Callable = None  # (run, model) -> {figure: value}, instead of the val loss (val_loss)
 
 
 def pretraining_job(cfg, dist_info):
@@ -524,7 +550,6 @@ def train(cfg, dist_info, job):
     compiled = train_model is not model
     if dist_info.world_size > 1 and not sharded:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device_type == "cuda" else None)
-    token_bytes = torch.tensor(job.tokenizer.token_bytes(), device=dist_info.device)  # (vocab_size,): bytes per token
     timer = training_log.StepTimer(
         cfg.total_batch_size,
         model.flops_per_token(T),
@@ -544,7 +569,7 @@ def train(cfg, dist_info, job):
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
             whole = fsdp.whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
             if evaluating:
-                final = evaluate(run, job, step, whole, eval_tasks, token_bytes)
+                final = evaluate(run, job, step, whole, eval_tasks)
                 loop["last_val"] = {"step": step, **final["val"]}
             if dist_info.is_master and sampling:
                 sample(run, step, whole)
@@ -556,16 +581,15 @@ def train(cfg, dist_info, job):
             t0 = time.perf_counter()
             lr = job.get_lr(step)
             optim.set_lr(optimizer, lr)
-            loss, grad_norm, finite, tokens = train_step(
-                run, train_model, model, optimizer, job.train_loader, grad_accum_steps
-            )
-            if not finite:
-                loop["nonfinite_skips"] = count_nonfinite(run, loop["nonfinite_skips"], step, loss, grad_norm)
+            result = train_step(run, job, train_model, model, optimizer, grad_accum_steps)
+            if not result.finite:
+                loop["nonfinite_skips"] = count_nonfinite(run, loop["nonfinite_skips"], step, result)
             if dist_info.device_type == "cuda":
                 torch.cuda.synchronize()  # the step is queued, not done, until the GPU catches up
-            speed = timer.measure(step, time.perf_counter() - t0, tokens)
-            figures = dict(loss=loss, lr=lr, grad_norm=grad_norm, **speed, nonfinite_skips=loop["nonfinite_skips"])
-            training_log.log_train_step(run, step, {**figures, "epoch": job.train_loader.epoch})
+            speed = timer.measure(step, time.perf_counter() - t0, result.tokens)
+            figures = dict(loss=result.loss, lr=lr, grad_norm=result.grad_norm, **result.figures, **speed)
+            figures.update(nonfinite_skips=loop["nonfinite_skips"], epoch=job.train_loader.epoch)
+            training_log.log_train_step(run, step, figures, shown=tuple(result.figures))
 
             # every process must stop after the same step, even if only one of them got the signal
             stopping = device.any_process(signals.requested, dist_info.device, dist_info.world_size)

@@ -125,16 +125,18 @@ class StepTimer:
         return figures
 
 
-def log_train_step(run, step, figures):
+def log_train_step(run, step, figures, shown=()):
     """One training step: the full record to metrics.jsonl and log.txt, and every --log_interval-th
-    one (and the last) to the console. figures: loss, lr, grad_norm, StepTimer's, and the rest."""
+    one (and the last) to the console. figures: loss, lr, grad_norm, StepTimer's, and the rest, of
+    which those named in `shown` (the job's own: DPO's rewards, ...) go on the console line too."""
     max_steps = run.cfg.max_steps
     mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "n/a"
     padding = f" ({figures['padding']:.0%} padding)" if figures["padding"] > 0 else ""
     eta = timedelta(seconds=figures["eta_s"]) if figures["eta_s"] is not None else "n/a (first step)"
     message = (
         f"step {step:5d}/{max_steps} | loss {figures['loss']:.6f} | lr {figures['lr']:.4e} | "
-        f"norm {figures['grad_norm']:.4f} | {figures['dt_ms']:.1f} ms | {figures['tokens_per_sec']:,.0f} tok/s"
+        + "".join(f"{name} {figures[name]:.4f} | " for name in shown)
+        + f"norm {figures['grad_norm']:.4f} | {figures['dt_ms']:.1f} ms | {figures['tokens_per_sec']:,.0f} tok/s"
         f"{padding} | mfu {mfu} | eta {eta}"
     )
     metrics = dict(step=step, kind="train", **figures, graphs=graphs_compiled())
