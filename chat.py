@@ -9,7 +9,8 @@ Talk to a chat model fine-tuned with finetune.py: in the terminal, or in a brows
 
 In the terminal, each reply streams as it is generated; /reset starts a new conversation, /quit (or
 Ctrl-D) leaves, Ctrl-C stops the reply being written and the conversation goes on. A reply ends at
-<|end|> (or any other special token, which is never printed), or after --max_new_tokens. When the
+<|end|> (or any other special token, which is never printed), or after --max_new_tokens, marked
+" [cut at --max_new_tokens N]" (on stderr with --prompt, so that stdout is the reply alone). When the
 conversation no longer fits in the model's context with room for a reply, its oldest turns are dropped
 (the system message stays) and chat.py says so.
 
@@ -23,7 +24,9 @@ import asyncio
 import contextlib
 import html
 import json
+import math
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -33,9 +36,10 @@ import torch
 
 from chat_template import check_conversation, render_prompt
 from checkpoint import add_model_args
+from config import bounded
 from device import add_device_args, pick_device, setup_precision
 from errors import UserError, exit_on_error
-from generate import KVCache, check_sampling_args, generate_stream
+from generate import KVCache, generate_stream
 from sample import load_sampling_model, text_chunks
 
 
@@ -53,32 +57,44 @@ class Chat:
     def forget(self):
         self.cache, self.cached_ids = None, []  # one KVCache per layer; the ids of the positions it holds
         self.reused = 0  # positions of the last prompt that came from the cache
+        self.finish_reason = None  # how the last reply ended: "stop" (a special token), "length" (max_new_tokens)
 
     def fit(self, messages, max_new_tokens):
-        """(messages, dropped): the conversation without its `dropped` oldest turns, as few as it takes
-        for its prompt and a reply of max_new_tokens to fit in the model's context. The system message
-        stays; turns go in pairs (a user's message and its reply), so the user still speaks first."""
+        """(messages, dropped): the conversation (ending with the user's turn) without its `dropped` oldest
+        turns, as few as it takes for its prompt and a reply of max_new_tokens to fit in the model's
+        context. The system message stays; turns go in pairs (a user's message and its reply), so the
+        user still speaks first."""
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
-        room = self.block_size - max_new_tokens
-        dropped = 0
-        while len(render_prompt(system + turns[dropped:], self.tokenizer)) > room:
-            if dropped + 1 >= len(turns):  # only the newest message is left, and alone it is too long
-                need = len(render_prompt(system + turns[-1:], self.tokenizer)) + max_new_tokens
-                raise UserError(
-                    f"the message is too long: it and {'the system message and ' if system else ''}room for a reply "
-                    f"of {max_new_tokens} tokens need {need} tokens, the model's context holds {self.block_size}: "
-                    "shorten it (or ask for a shorter reply)"
-                )
-            dropped += 2
+        room = self.block_size - max_new_tokens - len(render_prompt(system, self.tokenizer))
+        # Each message is encoded on its own, between its opener and <|end|>, so a prompt's length is the
+        # sum of its messages'. Count from the newest back, each message encoded once, and stop at the
+        # first that does not fit: a long conversation costs what the context holds, not what was sent.
+        empty = len(render_prompt([], self.tokenizer))  # <|endoftext|> ... <|assistant|>
+        dropped, used = len(turns), 0  # turns[dropped:] fit, in `used` tokens
+        for i in range(len(turns) - 1, -1, -1):
+            used += len(render_prompt([turns[i]], self.tokenizer)) - empty
+            if used > room:
+                break
+            if turns[i]["role"] == "user":  # what is kept starts with a user's message
+                dropped = i
+        if dropped == len(turns):  # not even the newest message fits
+            need = len(render_prompt(system + turns[-1:], self.tokenizer)) + max_new_tokens
+            raise UserError(
+                f"the message is too long: it and {'the system message and ' if system else ''}room for a reply "
+                f"of {max_new_tokens} tokens need {need} tokens, the model's context holds {self.block_size}: "
+                "shorten it (or ask for a shorter reply)"
+            )
         return system + turns[dropped:], dropped
 
     def reply(self, messages, max_new_tokens, **sampling):
         """The assistant's reply to messages (a conversation that ends with the user's turn and fits,
         see fit), as text chunks, each yielded as soon as its token is sampled (a chunk can be "": a
-        character split over two tokens waits for the second). sampling: generate_stream's arguments."""
+        character split over two tokens waits for the second). sampling: generate_stream's arguments.
+        Once it has ended, finish_reason says how (None if it was stopped)."""
         prompt = render_prompt(messages, self.tokenizer)
         sampled = []  # every token, the one that ended the reply too: the cache may hold all but the last
+        self.finish_reason = None
 
         def tokens():
             for next_id in generate_stream(
@@ -86,8 +102,10 @@ class Chat:
             ):
                 sampled.append(next_id.item())
                 if sampled[-1] in self.stops:
+                    self.finish_reason = "stop"
                     return
                 yield sampled[-1]
+            self.finish_reason = "length"  # fit left room for max_new_tokens: the stream ends only there
 
         try:
             yield from text_chunks(tokens(), self.tokenizer, stop=())
@@ -121,6 +139,65 @@ class Chat:
         return self.cache
 
 
+# ---- a reply's settings, from the flags or from a request: checked in one place ----
+
+# Above 0, a temperature or a top_p under 0.001 gives the greedy reply but for near-ties, and far under it
+# sampling fails on nan: float32 turns the logits divided by a temperature of 1e-37 into inf, and rounds a
+# top_p of 1e-46 to 0, which keeps no token. temperature=0 asks for the greedy reply outright.
+SMALLEST = 0.001
+# Each setting: the kind of value it takes, whether a value of that kind is in range, the range in words.
+SETTINGS = {
+    "max_new_tokens": ("an integer", lambda n: n >= 1, "at least 1"),
+    "temperature": ("a number", lambda t: t == 0 or t >= SMALLEST, f"0 (the most likely token) or at least {SMALLEST}"),
+    "top_k": ("an integer", lambda k: k >= 1, "at least 1"),
+    "top_p": ("a number", lambda p: SMALLEST <= p <= 1, f"from {SMALLEST} to 1 (1 keeps every token)"),
+    "seed": ("an integer", lambda s: 0 <= s < 2**64, "from 0 to 2**64 - 1"),  # torch.Generator's seeds
+}
+
+
+def is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to JSON
+
+
+def is_number(value):
+    """A finite int or float: JSON's NaN and Infinity parse as floats, and 1e999 as inf."""
+    if not (is_integer(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float, 10**400
+        return False
+
+
+def shown(value):
+    """value as JSON, short, for a message: a list or an object only by its kind (it may be huge)."""
+    if isinstance(value, list | dict):
+        return "a list" if isinstance(value, list) else "an object"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_settings(settings, most_new_tokens=None):
+    """The settings of a reply ({name: value} for each of SETTINGS; top_k and top_p may be None, no
+    limit), with temperature and top_p as floats; UserError for the first that cannot generate, of the
+    wrong kind (a bool is not a number), not finite, or out of range. most_new_tokens: the server's cap."""
+    for name, (kind, in_range, limits) in SETTINGS.items():
+        value = settings[name]
+        if value is None and name in ("top_k", "top_p"):
+            continue
+        if not (is_integer(value) if kind == "an integer" else is_number(value)):
+            raise UserError(f"{name}={shown(value)}: must be {kind}")
+        if not in_range(value):
+            raise UserError(f"{name}={shown(value)}: must be {limits}")
+    if most_new_tokens is not None and settings["max_new_tokens"] > most_new_tokens:
+        raise UserError(
+            f"max_new_tokens={settings['max_new_tokens']}: this server writes at most "
+            f"{most_new_tokens} tokens per reply (--max_new_tokens)"
+        )
+    as_float = {name: float(settings[name]) for name in ("temperature", "top_p") if settings[name] is not None}
+    return {**settings, **as_float}  # a temperature of 10**300 as an int would overflow torch's int64
+
+
 def sampling_settings(args, device):
     """generate_stream's sampling arguments from the flags; the generator is seeded once, so a whole
     conversation (the same messages, the same flags) replays the same."""
@@ -131,21 +208,24 @@ def sampling_settings(args, device):
 # ---- the terminal ----
 
 
-def say(chat, messages, max_new_tokens, sampling):
+def say(chat, messages, max_new_tokens, sampling, marks=None):
     """Print the reply to messages as it streams, and return its text. Ctrl-C stops it (what was
-    printed stays the reply, marked [stopped] on screen)."""
+    printed stays the reply, marked [stopped] on screen); a reply cut at max_new_tokens is marked
+    too. marks: the file the marks go to (None: stdout, with the reply)."""
     chunks = chat.reply(messages, max_new_tokens, **sampling)
-    shown = []
+    printed = []
     try:
         for chunk in chunks:
             print(chunk, end="", flush=True)
-            shown.append(chunk)
+            printed.append(chunk)
+        if chat.finish_reason == "length":
+            print(f" [cut at --max_new_tokens {max_new_tokens}]", end="", file=marks or sys.stdout, flush=True)
     except KeyboardInterrupt:
-        print(" [stopped]", end="")
+        print(" [stopped]", end="", file=marks or sys.stdout)
     finally:
         chunks.close()
     print()
-    return "".join(shown)
+    return "".join(printed)
 
 
 def chat_loop(chat, system, max_new_tokens, sampling):
@@ -250,12 +330,40 @@ def serve(app, sock):
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
-def read_request(body, args):
-    """The conversation and the sampling settings of a request to /api/chat, checked against the
-    server's limits: UserError says what is wrong, and the page shows it."""
+REQUEST_FIELDS = ("messages", "stream", *SETTINGS)
+
+
+async def read_body(request, limit):
+    """The bytes of a request's body, or None if there are more than limit: it is read no further."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def read_request(data, args, block_size):
+    """(messages, settings, stream) of a request to /api/chat (its body's bytes), every field checked
+    here, against the server's limits; a field that is null or left out takes the server's flag.
+    UserError says what is wrong, and the page shows it."""
+    try:
+        body = json.loads(data)
+    except ValueError as e:
+        raise UserError(f"the request body is not JSON: {e}") from None
+    except RecursionError:
+        raise UserError("the request body is JSON nested too deep") from None
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise UserError("send a JSON object whose `messages` is the conversation so far, ending with the user's turn")
+    unknown = [name for name in body if name not in REQUEST_FIELDS]
+    if unknown:
+        raise UserError(f"no field {shown(unknown[0])}: a request has {', '.join(REQUEST_FIELDS)}")
     messages = body["messages"]
+    if len(messages) > block_size:
+        raise UserError(
+            f"a conversation of {len(messages):,} messages: this server takes at most {block_size:,} (each "
+            f"message takes 2 or more of the model's {block_size:,} tokens of context): leave out the oldest"
+        )
     if args.system and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
         messages = [{"role": "system", "content": args.system}] + messages
     # check_conversation wants a conversation the assistant speaks in: the reply about to be written
@@ -268,20 +376,11 @@ def read_request(body, args):
                 f"a message of {len(message['content']):,} characters: this server takes at most "
                 f"{args.max_message_chars:,} (--max_message_chars)"
             )
-    settings = {}
-    kinds = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
-    for name, kind in kinds.items():
-        value = body.get(name, getattr(args, name))
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind | int)):
-            raise UserError(f"{name}={json.dumps(value)}: must be {'an integer' if kind is int else 'a number'}")
-        settings[name] = value
-    if settings["max_new_tokens"] > args.max_new_tokens:
-        raise UserError(
-            f"max_new_tokens={settings['max_new_tokens']}: this server writes at most "
-            f"{args.max_new_tokens} tokens per reply (--max_new_tokens)"
-        )
-    check_sampling_args(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"])
-    return messages, settings
+    stream = True if body.get("stream") is None else body["stream"]
+    if not isinstance(stream, bool):
+        raise UserError(f"stream={shown(stream)}: must be true or false")
+    settings = {name: getattr(args, name) if body.get(name) is None else body[name] for name in SETTINGS}
+    return messages, check_settings(settings, most_new_tokens=args.max_new_tokens), stream
 
 
 async def reply_events(chat, lock, messages, settings, dropped, precision, device):
@@ -315,7 +414,7 @@ async def reply_events(chat, lock, messages, settings, dropped, precision, devic
                     if chunk:
                         reply.append(chunk)
                         put({"text": chunk})
-                put({"done": True, "reply": "".join(reply), "dropped": dropped})
+                put({"done": True, "reply": "".join(reply), "dropped": dropped, "finish_reason": chat.finish_reason})
         except Exception as e:  # a bug: its traceback for the server's terminal, one line for the page
             traceback.print_exc()
             put({"error": f"the reply failed: {type(e).__name__}: {e}"})
@@ -366,25 +465,32 @@ def make_app(chat, args, precision, device, page, name):
     def index():
         return HTMLResponse(page)
 
+    def read_and_fit(data):
+        messages, settings, stream = read_request(data, args, chat.block_size)
+        messages, dropped = chat.fit(messages, settings["max_new_tokens"])
+        return messages, settings, stream, dropped
+
     @app.post("/api/chat")
     async def api_chat(request: Request):
+        data = await read_body(request, args.max_request_bytes)
+        if data is None:
+            limit = args.max_request_bytes
+            error = f"a request of more than {limit:,} bytes: this server reads at most {limit:,} (--max_request_bytes)"
+            return JSONResponse({"error": error}, status_code=413)
         try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise UserError("the request body is not JSON") from None
-            messages, settings = read_request(body, args)
-            messages, dropped = chat.fit(messages, settings["max_new_tokens"])
+            # parsing, checking and fitting a conversation take CPU time: in a thread, as the reply is
+            # written, so that the event loop goes on serving the other clients meanwhile
+            messages, settings, stream, dropped = await asyncio.to_thread(read_and_fit, data)
         except UserError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         events = reply_events(chat, lock, messages, settings, dropped, precision, device)
-        if body.get("stream", True):
+        if stream:
             return StreamingResponse(server_sent(events), media_type="text/event-stream")
         async for event in events:
             if "error" in event:
                 return JSONResponse(event, status_code=500)
             if event.get("done"):
-                return {"reply": event["reply"], "dropped": dropped}
+                return {name: event[name] for name in ("reply", "dropped", "finish_reason")}
 
     return app
 
@@ -401,7 +507,7 @@ def parse_args(argv=None):
     mode.add_argument("--web", action="store_true", help="serve the chat page and its API instead of the terminal")
     mode.add_argument(
         "--bench",
-        type=int,
+        type=bounded(int, 1, None),
         metavar="TURNS",
         default=None,
         help="time to first token over a scripted conversation of TURNS turns, cache reused and not",
@@ -430,12 +536,19 @@ def parse_args(argv=None):
     add_device_args(parser)
     web = parser.add_argument_group("--web")
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network, take care)")
-    web.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free one)")
+    web.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to serve on (0: any free one)")
     web.add_argument(
         "--max_message_chars",
-        type=int,
+        type=bounded(int, 1, None),
         default=4000,
         help="longest user or system message the server takes, in characters",
+    )
+    # GPT-2's context of 1,024 tokens holds some 4 KB of English: 256 KiB is room for 60 such conversations
+    web.add_argument(
+        "--max_request_bytes",
+        type=bounded(int, 1, None),
+        default=2**18,
+        help="largest request body the server reads, in bytes (more: HTTP 413)",
     )
     return parser.parse_args(argv)
 
@@ -443,7 +556,10 @@ def parse_args(argv=None):
 @exit_on_error
 def main(argv=None):
     args = parse_args(argv)
-    check_sampling_args(args.max_new_tokens or 1, args.temperature, args.top_k, args.top_p)
+    flags = {name: getattr(args, name) for name in SETTINGS}
+    if args.max_new_tokens is None:
+        flags["max_new_tokens"] = 1  # its default waits for the model's context
+    check_settings(flags)
     page = read_page(PAGE_FILE) if args.web else None  # a missing page fails now too, not after loading
     sock = listen(args.host, args.port) if args.web else None  # a port in use fails now, not after loading
     device = pick_device(args.device, local_rank=0)
@@ -473,7 +589,7 @@ def main(argv=None):
             return bench(chat, system, args.bench, args.max_new_tokens, args, device)
         if args.prompt is not None:
             messages, _ = chat.fit(system + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
-            return say(chat, messages, args.max_new_tokens, sampling_settings(args, device))
+            return say(chat, messages, args.max_new_tokens, sampling_settings(args, device), marks=sys.stderr)
         print(
             f"chat.py: {args.checkpoint or args.model} ({model.num_params() / 1e6:.1f}M parameters, a context of "
             f"{chat.block_size} tokens). /reset starts over, /quit leaves, Ctrl-C stops a reply."
