@@ -47,6 +47,11 @@ def hellaswag_dir():
 
 
 @pytest.fixture
+def gsm8k_dir():
+    return data_path("GSM8K_DIR", "gsm8k")
+
+
+@pytest.fixture
 def lambada_dir():
     return data_path("LAMBADA_DIR", "lambada")
 
