@@ -22,6 +22,7 @@ which chat.py imports too: training and inference can never disagree on it.
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,22 +287,54 @@ def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):
     return tokenized
 
 
-def finetuning_job(cfg, dist_info):
-    """The Job of train_gpt2.train: the base model (with LoRA adapters if asked), the rows, the schedule."""
+@dataclass
+class Base:
+    """The weights fine-tuning (and dpo.py, rl.py) start from, and what their checkpoints record of them."""
+
+    tokenizer: object
+    model: object  # a GPT on the CPU, without adapters yet
+    make_model: Callable  # () -> the model on the device, with LoRA adapters if asked (Job.make_model)
+    record: dict  # init (path, fingerprint), lora and template: every checkpoint's, checked at resume
+
+
+def load_base(cfg, dist_info, is_chat):
+    """--init as a Base: its tokenizer (gpt2-chat for chat data on GPT-2's BPE), the model, checked
+    against the flags before any data work."""
     if not cfg.init:
         raise UserError("--init: pass the weights to start from (a checkpoint, a Hugging Face folder, or gpt2)")
+    tokenizer = checkpoint.checkpoint_tokenizer(cfg.init) if os.path.isfile(cfg.init) else get_tokenizer(GPT2)
+    if is_chat and tokenizer.name == GPT2:
+        tokenizer = get_tokenizer(GPT2_CHAT)  # the chat tokens, in rows GPT-2's padded embedding has
+    model = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
+    check_config(cfg, model.config, dist_info.world_size)
+    targets = cfg.lora_targets.split(",")
+    if cfg.lora_rank:
+        lora_layers(model, targets)  # an unknown target is an error before any data work
+
+    def make_model():  # called once, after the seed is set: LoRA's A matrices are random
+        if cfg.lora_rank:
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets)
+        return model.to(dist_info.device)
+
+    record = {
+        "init": {
+            "path": os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init,
+            "fingerprint": checkpoint.fingerprint(model),
+        },
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets} if cfg.lora_rank else None,
+        "template": chat_template(tokenizer) if is_chat else None,
+    }
+    return Base(tokenizer, model, make_model, record)
+
+
+def finetuning_job(cfg, dist_info):
+    """The Job of train_gpt2.train: the base model (with LoRA adapters if asked), the rows, the schedule."""
     if bool(cfg.data_files) == bool(cfg.dataset):
         raise UserError("pass the data with --data_files (local files) or --dataset (a Hugging Face id), one of them")
     rows = read_rows(cfg.data_files, cfg.dataset, cfg)
     is_chat = any(conversation_of(row) is not None for row in rows)
-    tokenizer = checkpoint.checkpoint_tokenizer(cfg.init) if os.path.isfile(cfg.init) else get_tokenizer(GPT2)
-    if is_chat and tokenizer.name == GPT2:
-        tokenizer = get_tokenizer(GPT2_CHAT)  # the chat tokens, in rows GPT-2's padded embedding has
-    base = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
-    base_fingerprint = checkpoint.fingerprint(base)
-    check_config(cfg, base.config, dist_info.world_size)
-    if cfg.lora_rank:
-        lora_layers(base, cfg.lora_targets.split(","))  # an unknown target is an error before any data work
+    base = load_base(cfg, dist_info, is_chat)
+    tokenizer = base.tokenizer
 
     train_rows = tokenized_rows(rows, is_chat, tokenizer, cfg.seq_len, "training data")
     if cfg.val_files:
@@ -341,28 +374,15 @@ def finetuning_job(cfg, dist_info):
     train_loader = RowLoader(train_rows, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_loader = RowLoader(val_rows, cfg.batch_size, **loader_args)
 
-    def make_model():  # called once, after the seed is set: LoRA's A matrices are random
-        if cfg.lora_rank:
-            apply_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-        return base.to(dist_info.device)
-
-    init_path = os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init
-    init = {"path": init_path, "fingerprint": base_fingerprint}
-    lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
-    extra = {
-        "init": init,
-        "lora": lora if cfg.lora_rank else None,
-        "template": chat_template(tokenizer) if is_chat else None,
-    }
     return Job(
         tokenizer,
-        base.config,
+        base.model.config,
         train_loader,
         val_loader,
         val_steps,
-        make_model,
+        base.make_model,
         get_lr=lambda step: sft_lr(step, cfg),
-        checkpoint_extra=extra,
+        checkpoint_extra=base.record,
     )
 
 
