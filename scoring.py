@@ -249,7 +249,11 @@ def eval_parser(description):
         help="the task's data file, or the folder holding it (default: $HELLASWAG_DIR etc., else download)",
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        help="examples per forward pass (default: 1 on a CPU, where batching is slower, 16 on a GPU)",
+    )
     # float32 by default: the reference figures (on CUDA its matmuls run in TF32, as in training)
     add_device_args(parser, dtype="float32")
     return parser
@@ -262,6 +266,13 @@ def positive_int(text):
     return value
 
 
+def default_batch_size(device_type):
+    """Examples per forward pass when --batch_size is not given. On a CPU one: the logits of a
+    16-example batch are over a gigabyte, and one example per forward ran 1.5x faster
+    (docs/benchmarks.md); on a GPU, batching pays."""
+    return 1 if device_type == "cpu" else 16
+
+
 def run_eval(task, args):
     """The whole command line run: examples, model, scores; rank 0 prints the figures."""
     dist = setup_distributed(args.device)  # the same checks and torchrun setup as train_gpt2.py
@@ -270,7 +281,8 @@ def run_eval(task, args):
         precision = setup_precision(args.dtype, dist.device_type)
         examples = task.load(args.data_file, args.limit)  # before the model: a data problem shows up in a second
         model, tokenizer = load_model(args, dist.device)
-        results = evaluate(task, model, examples, tokenizer, dist, precision, args.batch_size, dist.is_master)
+        batch_size = args.batch_size or default_batch_size(dist.device_type)
+        results = evaluate(task, model, examples, tokenizer, dist, precision, batch_size, dist.is_master)
         if dist.is_master:
             print(format_results(task.name, results))
         finished = True
