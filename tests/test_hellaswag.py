@@ -353,6 +353,13 @@ def test_cli_scores_one_example_per_forward_on_a_cpu_unless_told(
     assert [scoring.default_batch_size(device) for device in ("cpu", "cuda", "mps")] == [1, 16, 16]
 
 
+def test_evaluate_without_a_batch_size_takes_the_device_s_as_training_s_evaluation_does(oracle, monkeypatch):
+    model, examples, _ = oracle
+    seen = forward_widths(monkeypatch)
+    scoring.evaluate(HELLASWAG, model, examples[:2], get_tokenizer())  # train_gpt2.py passes no batch_size
+    assert seen == [4, 4]
+
+
 def test_cli_help_says_the_batch_size_depends_on_the_device(capsys):
     with pytest.raises(SystemExit):
         hellaswag.main(["--help"])
