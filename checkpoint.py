@@ -63,9 +63,14 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 def load_error(e):
     """What went wrong reading a file with torch.load, without torch's advice to load it with
     weights_only=False: that would run whatever code the file holds."""
-    if "weights_only" in str(e):
-        return "it holds Python objects other than tensors, numbers and containers, which are never loaded here"
-    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    text = str(e)
+    if "weights_only" in text:
+        # A class or function pickled by name ("unsupported GLOBAL"): loading it would run its code. Else
+        # torch's error sits in the middle of its advice: no pickle torch wrote, or a damaged one.
+        if "global" in text.lower() or "WeightsUnpickler error:" not in text:
+            return "it holds Python objects other than tensors, numbers and containers, which are never loaded here"
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first_line = (text.strip().splitlines() or [""])[0][:200]
     return f"not a file written by torch.save, or a damaged one ({type(e).__name__}: {first_line})"
 
 

@@ -41,9 +41,24 @@ class RunsCode:
 def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
     path = str(tmp_path / "evil.pt")
     torch.save({"model": RunsCode()}, path)
-    with pytest.raises(UserError, match=f"cannot read checkpoint {path}"):
+    with pytest.raises(UserError) as error:
         ck.load_checkpoint(path)
     assert not os.path.exists("/tmp/checkpoint_test_code_ran")
+    assert str(error.value) == (
+        f"cannot read checkpoint {path}: it holds Python objects other than tensors, numbers and containers, "
+        "which are never loaded here"
+    )
+
+
+def test_a_damaged_file_is_called_damaged_not_a_file_of_python_objects(tmp_path):
+    path = tmp_path / "model_00010.pt"
+    path.write_bytes(b"not a checkpoint")  # torch reads it as a pickle: 'n' (110) is no pickle opcode
+    with pytest.raises(UserError) as error:
+        ck.load_checkpoint(str(path))
+    assert str(error.value) == (
+        f"cannot read checkpoint {path}: not a file written by torch.save, or a damaged one "
+        "(UnpicklingError: Unsupported operand 110)"
+    )
 
 
 def test_load_maps_tensors_to_the_cpu_and_allows_only_weights(tmp_path, monkeypatch):
