@@ -10,8 +10,10 @@ import torch
 import checkpoint as ck
 import export
 import resume
+import sample
 from errors import UserError
 from generate import generate
+from lora import LoRALinear, apply_lora
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)
@@ -172,3 +174,45 @@ def test_export_writes_gpt2_tokenizer_files_so_a_pipeline_generates_offline(tmp_
     prompt = gpt2_tokenizer.encode("Hello, I'm a language model,")
     expected = generate(model, torch.tensor([prompt]), 5, temperature=0)[0].tolist()  # our greedy decoding
     assert out == gpt2_tokenizer.decode(expected)
+
+
+def lora_checkpoint(tmp_path):
+    """(adapters' checkpoint, base file): a LoRA checkpoint as finetune.py writes it, its base named
+    by absolute path (finetune.py's --init) with its fingerprint."""
+    torch.manual_seed(0)
+    base_path = str(tmp_path / "base.pt")
+    ck.save_checkpoint(base_path, ck.model_checkpoint(GPT(TINY)))
+    base = ck.load_init(base_path)
+    extra = {"init": {"path": base_path, "fingerprint": ck.fingerprint(base)}}
+    extra["lora"] = {"rank": 2, "alpha": 4.0, "targets": ["attn", "mlp"]}
+    path = str(tmp_path / "model_00010.pt")
+    ck.save_checkpoint(path, {**ck.model_checkpoint(apply_lora(base, 2, 4.0, ["attn", "mlp"])), **extra})
+    return path, base_path
+
+
+def test_lora_adapters_whose_base_is_gone_say_so_to_someone_who_never_passed_init(tmp_path):
+    path, base_path = lora_checkpoint(tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in ck.model_from_checkpoint(path).modules())  # merged
+    os.remove(base_path)
+    message = (
+        f"{path} holds LoRA adapters for the base weights in {base_path}, which is no longer there: restore it, "
+        "or fine-tune again from a base that exists"
+    )
+    with pytest.raises(UserError) as error:
+        ck.model_from_checkpoint(path)
+    assert str(error.value) == message
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", path])
+    assert exit_info.value.code == f"error: {message}"
+
+
+def test_lora_adapters_whose_base_cannot_be_read_name_it_as_their_base(tmp_path):
+    path, base_path = lora_checkpoint(tmp_path)
+    with open(base_path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", path])
+    assert str(exit_info.value).startswith(
+        f"error: {path} holds LoRA adapters for the base weights in {base_path}, which cannot be loaded: "
+        f"cannot read checkpoint {base_path}: not a file written by torch.save"
+    )
