@@ -67,9 +67,10 @@ def hf_names(model):
     return [(k, k.endswith(conv1d)) for k in model.state_dict() if k != "lm_head.weight"]
 
 
-def save_pretrained(model, out_dir):
+def save_pretrained(model, out_dir, stop_ids=None):
     """Write model as a Hugging Face GPT2LMHeadModel folder, for tools that expect that
-    format (the EleutherAI evaluation harness, transformers' generate, ...)."""
+    format (the EleutherAI evaluation harness, transformers' generate, ...). stop_ids: the tokens
+    that end generation (default: <|endoftext|>; a chat model's replies end at <|end|>)."""
     cfg = model.config
     if not cfg.is_gpt2:
         # No transformers architecture has this combination (Llama has RoPE and RMSNorm, but a SwiGLU
@@ -92,6 +93,8 @@ def save_pretrained(model, out_dir):
             src = ours[name][: cfg.vocab_size] if name == "transformer.wte.weight" else ours[name]
             theirs[name].copy_(src.t() if transposed else src)
     hf_model.tie_weights()
+    if stop_ids:
+        hf_model.generation_config.eos_token_id = list(stop_ids)
     hf_model.save_pretrained(out_dir)
 
 
@@ -103,11 +106,13 @@ GPT2_FILES = {
 }
 
 
-def save_hf_tokenizer(tokenizer, out_dir):
+def save_hf_tokenizer(tokenizer, out_dir, chat_template=None):
     """Write tokenizer's files into a Hugging Face model folder, so that
     `transformers.pipeline("text-generation", model=out_dir)` works offline. Only GPT-2's BPE: a
     trained tokenizer has no Hugging Face form here (UserError), and the model folder stays without one.
-    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer."""
+    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer.
+    chat_template: the Jinja template tokenizer.apply_chat_template renders conversations with
+    (chat_template.JINJA_TEMPLATE, for a chat fine-tuned model)."""
     if tokenizer.name not in (GPT2, GPT2_CHAT):
         raise UserError(
             f"the model folder {out_dir} was written without tokenizer files: exporting a trained tokenizer "
@@ -136,5 +141,7 @@ def save_hf_tokenizer(tokenizer, out_dir):
         }
         for text, i in tokenizer.special_tokens.items()
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
