@@ -16,7 +16,7 @@ from chat_template import JINJA_TEMPLATE, chat_template, chat_tokens
 from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from errors import UserError, exit_on_error
 from files import describe_os_error
-from hf import save_hf_tokenizer, save_pretrained
+from hf import save_hf_tokenizer, save_pretrained, save_stop_ids
 
 
 def exported_chat_template(path, tokenizer):
@@ -46,12 +46,14 @@ def main(argv=None):
     if os.path.exists(args.hf_dir) and not os.path.isdir(args.hf_dir):
         raise UserError(f"--hf_dir {args.hf_dir} is a file: pass a folder (new, or one to overwrite)")
     try:
-        save_pretrained(model, args.hf_dir, stop_ids=[chat_tokens(tokenizer)[1], tokenizer.eot] if chat else None)
+        save_pretrained(model, args.hf_dir)
     except OSError as e:  # a read-only or full disk
         raise UserError(f"could not write {args.hf_dir}: {describe_os_error(e)}") from e
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):  # transformers logs some failures and returns
         raise UserError(f"writing {args.hf_dir} failed: it holds no config.json afterwards")
     save_hf_tokenizer(tokenizer, args.hf_dir, chat)
+    if chat:
+        save_stop_ids(args.hf_dir, [chat_tokens(tokenizer)[1], tokenizer.eot])  # a reply ends at <|end|>
     print(f"wrote {args.hf_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.hf_dir!r})")
 
 

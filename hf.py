@@ -67,10 +67,9 @@ def hf_names(model):
     return [(k, k.endswith(conv1d)) for k in model.state_dict() if k != "lm_head.weight"]
 
 
-def save_pretrained(model, out_dir, stop_ids=None):
+def save_pretrained(model, out_dir):
     """Write model as a Hugging Face GPT2LMHeadModel folder, for tools that expect that
-    format (the EleutherAI evaluation harness, transformers' generate, ...). stop_ids: the tokens
-    that end generation (default: <|endoftext|>; a chat model's replies end at <|end|>)."""
+    format (the EleutherAI evaluation harness, transformers' generate, ...)."""
     cfg = model.config
     if not cfg.is_gpt2:
         # No transformers architecture has this combination (Llama has RoPE and RMSNorm, but a SwiGLU
@@ -93,9 +92,17 @@ def save_pretrained(model, out_dir, stop_ids=None):
             src = ours[name][: cfg.vocab_size] if name == "transformer.wte.weight" else ours[name]
             theirs[name].copy_(src.t() if transposed else src)
     hf_model.tie_weights()
-    if stop_ids:
-        hf_model.generation_config.eos_token_id = list(stop_ids)
     hf_model.save_pretrained(out_dir)
+
+
+def save_stop_ids(out_dir, stop_ids):
+    """The tokens that end generation in a Hugging Face model folder (generation_config.json's
+    eos_token_id; <|endoftext|> alone by default): a chat model's replies end at <|end|>."""
+    from transformers import GenerationConfig
+
+    generation_config = GenerationConfig.from_pretrained(out_dir)
+    generation_config.eos_token_id = list(stop_ids)
+    generation_config.save_pretrained(out_dir)
 
 
 # GPT-2's two BPE files as OpenAI published them: Hugging Face's GPT2Tokenizer reads them as vocab.json and
