@@ -269,7 +269,10 @@ def planned_dtype(requested):
         dtype = setup_precision("auto", "cuda").dtype
         return dtype, f"{str(dtype).removeprefix('torch.')} (--dtype auto on this GPU)"
     if requested == "auto":
-        return torch.bfloat16, "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes"
+        return (
+            torch.bfloat16,
+            "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes (--dtype auto, no GPU here)",
+        )
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if requested not in dtypes:
         raise UserError(f"--dtype {requested}: choose auto, bfloat16, float16, float32")

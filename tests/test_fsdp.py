@@ -488,7 +488,7 @@ def test_plan_header_names_the_precision_this_gpu_would_train_in(capsys, monkeyp
         monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # the CPU's stays
     else:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        header = "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes"
+        header = "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes (--dtype auto, no GPU here)"
     text = plan(capsys, "--model", "gpt2", "--gpu_memory", "16")
     assert text.splitlines()[0] == (
         f"memory per GPU: 124.5M parameters, batch_size 64 x seq_len 1024, 1 process(es), 16 GiB GPUs; {header}"
