@@ -7,10 +7,12 @@ Library code (model, data loader, checkpoints, evaluations) raises UserError wit
 says what is wrong and how to fix it; it never exits the process, so other code (tests, notebooks,
 bench.py) can catch it. Each script's main() runs under `exit_on_error`, which turns a UserError
 into the one-line `error: ...` exit, and Ctrl-C into the one line `interrupted` (exit code 130, as
-a shell reports a program SIGINT ended). Anything else is a bug and keeps its traceback.
+a shell reports a program SIGINT ended); output cut short by its reader (`| head`) ends quietly.
+Anything else is a bug and keeps its traceback.
 """
 
 import functools
+import os
 import sys
 
 
@@ -33,5 +35,10 @@ def exit_on_error(main):
             sys.stdout.flush()  # the text printed so far, then the reason it stops
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except BrokenPipeError:
+            # stdout's reader has gone (`python sample.py | head`): stop quietly, as Unix tools do. Point
+            # stdout at /dev/null first, or Python's own flush at exit would fail again and print that.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None  # 128 + SIGPIPE
 
     return wrapper

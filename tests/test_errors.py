@@ -73,6 +73,15 @@ def test_sigint_ends_a_real_sample_py_with_one_line(tmp_path):
     assert (process.returncode, stderr) == (130, "interrupted\n")
 
 
+def test_a_reader_that_stops_reading_ends_a_script_quietly():
+    """`python train_gpt2.py --plan ... | head -1`: the pipe closes before the plan is printed."""
+    command = [sys.executable, str(REPO / "train_gpt2.py"), "--plan", "--model", "gpt2", "--gpu_memory", "16"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the plan is printed: Python and torch take a second to start
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (141, "")
+
+
 def test_train_gpt2_first_ctrl_c_saves_and_stops_the_second_stops_at_once(data_dir, tmp_path, capsys):  # noqa: F811
     """train_gpt2.py's own SIGINT handler (StopOnSignal) comes first: one Ctrl-C stops after the step
     with a checkpoint; a second one raises KeyboardInterrupt, which exit_on_error ends in one line."""
