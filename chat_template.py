@@ -2,6 +2,7 @@
 The chat template: how a conversation becomes token ids, and which of those ids the model learns to say.
 finetune.py trains on render_conversation and chat.py prompts with render_prompt, so training and
 inference can never disagree on the template. It needs only a tokenizer (no torch, no training code).
+JINJA_TEMPLATE is the same format for Hugging Face's tokenizer.apply_chat_template (export.py).
 """
 
 # Four special tokens mark the turns (tokenizer.CHAT_TOKENS; with GPT-2's BPE they take ids 50,257-50,260,
@@ -67,3 +68,27 @@ def chat_template(tokenizer):
     is refused."""
     openers, end = chat_tokens(tokenizer)
     return {"name": "chat-v1", "openers": openers, "end": end}
+
+
+# The same format as a Jinja template, the form Hugging Face tokenizers read from tokenizer_config.json
+# ("chat_template"; export.py writes it for chat fine-tuned checkpoints). Given the same messages,
+# tokenizer.apply_chat_template renders the ids of render_conversation, and with add_generation_prompt
+# those of render_prompt (tests/test_checkpoint.py checks both). Only the text is rendered here, and
+# Hugging Face's tokenizer reads the special tokens' text as those tokens, where encode() reads a
+# message's text as plain text: so a message holding a special token's text is refused, rather than
+# rendered as other ids than training saw.
+JINJA_TEMPLATE = """<|endoftext|>
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('a role is system, user or assistant, not ' + message['role']) }}
+    {%- endif %}
+    {%- for special in ['<|endoftext|>', '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'] %}
+        {%- if special in message['content'] %}
+            {{- raise_exception('a message holds the text of the special token ' + special) }}
+        {%- endif %}
+    {%- endfor %}
+    {{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|assistant|>' }}
+{%- endif %}"""

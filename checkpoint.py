@@ -63,9 +63,14 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 def load_error(e):
     """What went wrong reading a file with torch.load, without torch's advice to load it with
     weights_only=False: that would run whatever code the file holds."""
-    if "weights_only" in str(e):
-        return "it holds Python objects other than tensors, numbers and containers, which are never loaded here"
-    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    text = str(e)
+    if "weights_only" in text:
+        # A class or function pickled by name ("unsupported GLOBAL"): loading it would run its code. Else
+        # torch's error sits in the middle of its advice: no pickle torch wrote, or a damaged one.
+        if "global" in text.lower() or "WeightsUnpickler error:" not in text:
+            return "it holds Python objects other than tensors, numbers and containers, which are never loaded here"
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first_line = (text.strip().splitlines() or [""])[0][:200]
     return f"not a file written by torch.save, or a damaged one ({type(e).__name__}: {first_line})"
 
 
@@ -122,7 +127,7 @@ def model_from_checkpoint(path, device="cpu"):
         model = GPT(config)
         load_weights(model, checkpoint["model"], path)
         return model.to(device)
-    base = load_init(checkpoint["init"]["path"], config.vocab_size)
+    base = load_lora_base(path, checkpoint["init"]["path"], config.vocab_size)
     if fingerprint(base) != checkpoint["init"]["fingerprint"]:
         raise UserError(
             f"{path} holds LoRA adapters for the weights in {checkpoint['init']['path']}, which have changed since "
@@ -131,6 +136,18 @@ def model_from_checkpoint(path, device="cpu"):
     model = apply_lora(base, lora["rank"], lora["alpha"], lora["targets"])
     load_weights(model, checkpoint["model"], path)
     return merge_lora(model).to(device)
+
+
+def load_lora_base(path, init, vocab_size):
+    """The base weights of the LoRA checkpoint in path: load_init(init), its errors told as the
+    adapters' base, which the person loading path may never have named (finetune.py's --init did)."""
+    held = f"{path} holds LoRA adapters for the base weights in {init}"
+    if os.path.isabs(init) and not os.path.exists(init):  # finetune.py records a file or folder by its absolute path
+        raise UserError(f"{held}, which is no longer there: restore it, or fine-tune again from a base that exists")
+    try:
+        return load_init(init, vocab_size)
+    except UserError as e:
+        raise UserError(f"{held}, which cannot be loaded: {e}")
 
 
 def load_init(init, vocab_size=None):

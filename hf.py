@@ -95,6 +95,16 @@ def save_pretrained(model, out_dir):
     hf_model.save_pretrained(out_dir)
 
 
+def save_stop_ids(out_dir, stop_ids):
+    """The tokens that end generation in a Hugging Face model folder (generation_config.json's
+    eos_token_id; <|endoftext|> alone by default): a chat model's replies end at <|end|>."""
+    from transformers import GenerationConfig
+
+    generation_config = GenerationConfig.from_pretrained(out_dir)
+    generation_config.eos_token_id = list(stop_ids)
+    generation_config.save_pretrained(out_dir)
+
+
 # GPT-2's two BPE files as OpenAI published them: Hugging Face's GPT2Tokenizer reads them as vocab.json and
 # merges.txt.
 GPT2_FILES = {
@@ -103,11 +113,13 @@ GPT2_FILES = {
 }
 
 
-def save_hf_tokenizer(tokenizer, out_dir):
+def save_hf_tokenizer(tokenizer, out_dir, chat_template=None):
     """Write tokenizer's files into a Hugging Face model folder, so that
     `transformers.pipeline("text-generation", model=out_dir)` works offline. Only GPT-2's BPE: a
     trained tokenizer has no Hugging Face form here (UserError), and the model folder stays without one.
-    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer."""
+    gpt2-chat's chat tokens become the added tokens 50,257-50,260 of Hugging Face's GPT2Tokenizer.
+    chat_template: the Jinja template tokenizer.apply_chat_template renders conversations with
+    (chat_template.JINJA_TEMPLATE, for a chat fine-tuned model)."""
     if tokenizer.name not in (GPT2, GPT2_CHAT):
         raise UserError(
             f"the model folder {out_dir} was written without tokenizer files: exporting a trained tokenizer "
@@ -136,5 +148,7 @@ def save_hf_tokenizer(tokenizer, out_dir):
         }
         for text, i in tokenizer.special_tokens.items()
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)

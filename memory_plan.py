@@ -1,16 +1,19 @@
 """
 How much memory training takes on each GPU (train_gpt2.py --plan): weights, gradients, AdamW's
 state, activations and logits, under DDP or FSDP, with or without activation checkpointing, counted
-from the shapes, and the largest batch size that fits.
+from the shapes, the largest batch size that fits, and a verdict: whether the flags fit, and if not,
+the one command line that does.
 
-    report, problem = plan_report(GPTConfig(), 64, 1024, 2**19, 8, torch.bfloat16, 40, ("ddp", False))
+    print(plan_report(GPTConfig(), 64, 1024, 2**19, 8, torch.bfloat16, 40, ("ddp", False)))
 """
 
 import functools
-from dataclasses import asdict
+import shlex
+from dataclasses import asdict, fields
 
 import torch
 
+from device import setup_precision
 from errors import UserError
 from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from tokenizer import GPT2, get_tokenizer
@@ -101,24 +104,65 @@ def memory_plan(
     }
 
 
-# What --plan compares: (--parallel, --activation_checkpointing)
+# What --plan compares: (--parallel, --activation_checkpointing), the cheaper ways first
 PLAN_COLUMNS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
 # Kept back from the GPU's memory for the CUDA context, the caching allocator's fragmentation and the
 # temporaries not counted (a rule of thumb, not measured here: this machine has no GPU)
 GPU_RESERVE = 0.10
+# --plan's own flags, left out of the command it advises
+PLAN_FLAGS = ("plan", "gpu_memory", "nproc", "parallel", "activation_checkpointing", "batch_size")
 
 
 def plan_flags(parallel, checkpointing):
     return f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}"
 
 
+def launcher(nproc):
+    """How to start nproc training processes: python alone, torchrun on one machine of up to 8 GPUs,
+    or torchrun on each of several machines (the README's table of launches)."""
+    if nproc == 1:
+        return "python"
+    if nproc <= 8:
+        return f"torchrun --standalone --nproc_per_node={nproc}"
+    nodes, per_node = (nproc // 8, 8) if nproc % 8 == 0 else ("<machines>", f"<{nproc} / machines>")
+    return (
+        f"torchrun --nnodes={nodes} --node_rank=<this machine's, from 0> --nproc_per_node={per_node} "
+        "--rdzv_backend=c10d --rdzv_endpoint=<host of machine 0>:29500 --rdzv_id=gpt2"
+    )
+
+
+def run_command(flags, parallel, checkpointing, batch_size, nproc):
+    """The command line that trains with flags (the others given to --plan) and this way of fitting."""
+    words = [
+        launcher(nproc),
+        "train_gpt2.py",
+        *flags,
+        plan_flags(parallel, checkpointing),
+        f"--batch_size {batch_size}",
+    ]
+    return " ".join(words)
+
+
 def plan_report(
-    config, batch_size, seq_len, total_batch_size, world_size, dtype, gpu_gib, chosen, reshard_after_forward=True
+    config,
+    batch_size,
+    seq_len,
+    total_batch_size,
+    world_size,
+    dtype,
+    gpu_gib,
+    chosen,
+    reshard_after_forward=True,
+    flags=(),
+    dtype_name=None,
 ):
-    """(text, problem): what train_gpt2.py --plan prints, GiB per GPU of each part of memory_plan for
-    ddp and fsdp with and without activation checkpointing and the largest --batch_size that fits in
-    gpu_gib GiB (0: unknown); and, if chosen (the flags' parallel and checkpointing) does not fit
-    even batch_size 1, what to do instead (else None)."""
+    """What train_gpt2.py --plan prints: GiB per GPU of each part of memory_plan for ddp and fsdp with
+    and without activation checkpointing, the largest --batch_size of each that fits in gpu_gib GiB
+    (0: unknown), and the verdict on chosen (the flags' parallel and checkpointing) at batch_size:
+    it fits or not, and the command line that runs (flags: the other flags, for that command).
+
+    A batch size is advised only if it divides the step (total_batch_size = batch_size x seq_len x
+    world_size x accumulation steps): train_gpt2.py refuses any other."""
     usable = gpu_gib * 2**30 * (1 - GPU_RESERVE)
 
     def plan_at(parallel, checkpointing, B, N=world_size):
@@ -135,20 +179,23 @@ def plan_report(
             grad_accum_steps=2 if accumulating else 1,
         )
 
+    def gib(parallel, checkpointing, B, N=world_size):
+        return sum(plan_at(parallel, checkpointing, B, N).values()) / 2**30
+
     def largest(parallel, checkpointing, N=world_size):
-        """The largest batch_size that fits, the largest of those that divides total_batch_size."""
-        limit = max(1, total_batch_size // (seq_len * N))  # more would be more than one step's tokens
-        fits = [B for B in range(1, limit + 1) if sum(plan_at(parallel, checkpointing, B, N).values()) <= usable]
-        divides = [B for B in fits if total_batch_size % (B * seq_len * N) == 0]
-        return max(fits, default=0), max(divides, default=0)
+        """The largest batch_size that fits and divides total_batch_size into whole micro-steps (0: none)."""
+        micro_steps = total_batch_size // (seq_len * N)  # at batch_size 1; more would be more than a step
+        sizes = [B for B in range(1, micro_steps + 1) if total_batch_size % (B * seq_len * N) == 0]
+        return max((B for B in sizes if gib(parallel, checkpointing, B, N) * 2**30 <= usable), default=0)
 
     names = [p + (" +ckpt" if c else "") for p, c in PLAN_COLUMNS]
     plans = [plan_at(p, c, batch_size) for p, c in PLAN_COLUMNS]
     P = parameter_counts(config)[0]
     lines = [
         f"memory per GPU: {P / 1e6:.1f}M parameters, batch_size {batch_size} x seq_len {seq_len}, "
-        f"{str(dtype).removeprefix('torch.')}, {world_size} process(es)"
-        + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else ""),
+        f"{world_size} process(es)"
+        + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else "")
+        + f"; {dtype_name or str(dtype).removeprefix('torch.')}",
         f"{'GiB':<20}" + "".join(f"{name:>12}" for name in names),
     ]
     for part in plans[0]:
@@ -160,29 +207,76 @@ def plan_report(
             "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)"
         )
     if not gpu_gib:
-        lines.append("the largest batch_size that fits: pass --gpu_memory GiB")
-        return "\n".join(lines), None
+        lines.append("verdict: none without the GPUs' memory (no GPU here): pass --gpu_memory GiB")
+        return "\n".join(lines)
     fits = [largest(p, c) for p, c in PLAN_COLUMNS]
-    lines.append(f"{'largest batch_size':<20}" + "".join(f"{f'{a} ({d})':>12}" for a, d in fits))
+    lines.append(f"{'largest batch_size':<20}" + "".join(f"{B:>12}" for B in fits))
     lines.append(
-        f"  (in brackets: the largest that divides --total_batch_size {total_batch_size}; "
+        f"  (that divides --total_batch_size {total_batch_size} into whole micro-steps; "
         f"{GPU_RESERVE:.0%} of the GPU kept back)"
     )
-    if fits[PLAN_COLUMNS.index(chosen)][0] == 0:
-        ways = [f"{plan_flags(*column)} (fits batch_size {a})" for column, (a, _) in zip(PLAN_COLUMNS, fits) if a]
-        if not ways:  # then sharded over more processes
-            more = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest("fsdp", True, N)[0]), 0)
-            if more:
-                fit = largest("fsdp", True, more)[0]
-                ways.append(f"{plan_flags('fsdp', True)} over {more} processes (fits batch_size {fit})")
-        ways += ["a shorter --seq_len", "a smaller model"]
-        need = sum(plan_at(*chosen, 1).values()) / 2**30
-        problem = (
-            f"{plan_flags(*chosen)} needs {need:.2f} GiB per GPU at batch_size 1, more than a {gpu_gib:g} GiB GPU "
-            f"holds ({1 - GPU_RESERVE:.0%} of it): try {'; or '.join(ways)}"
+    holds = f"the {usable / 2**30:.2f} GiB usable of a {gpu_gib:g} GiB GPU"
+    need = gib(*chosen, batch_size)
+    if need * 2**30 <= usable:
+        more = fits[PLAN_COLUMNS.index(chosen)]
+        lines.append(
+            f"verdict: fits, {need:.2f} GiB per GPU of {holds}"
+            + (f" (batch_size {more} fits too: fewer micro-steps)" if more > batch_size else "")
+            + "; run:"
         )
-        return "\n".join(lines), problem
-    return "\n".join(lines), None
+        lines.append(f"  {run_command(flags, *chosen, batch_size, world_size)}")
+        return "\n".join(lines)
+    lines.append(
+        f"verdict: does not fit, {plan_flags(*chosen)} at batch_size {batch_size} needs {need:.2f} GiB per GPU, "
+        f"more than {holds}"
+    )
+    way, N = chosen, world_size
+    if fits[PLAN_COLUMNS.index(chosen)]:
+        B = fits[PLAN_COLUMNS.index(chosen)]
+        advice = f"batch_size {B} (gradient accumulation keeps the {total_batch_size}-token step) fits"
+    elif any(fits):  # the way that fits the largest batch_size (the fewest micro-steps), the cheapest on ties
+        way, B = max(zip(PLAN_COLUMNS, fits), key=lambda column: column[1])
+        advice = f"{plan_flags(*way)} fits batch_size {B}"
+    else:  # sharded over more processes
+        way = ("fsdp", True)
+        N = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest(*way, N)), 0)
+        if not N:
+            lines.append("  nothing fits on up to 1024 GPUs: try a shorter --seq_len or a smaller --model")
+            return "\n".join(lines)
+        B = largest(*way, N)
+        advice = f"nothing fits on {world_size} GPU(s); {plan_flags(*way)} over {N} GPUs fits batch_size {B}"
+    lines.append(f"  {advice}, {gib(*way, B, N):.2f} GiB per GPU; run:")
+    lines.append(f"  {run_command(flags, *way, B, N)}")
+    return "\n".join(lines)
+
+
+def command_flags(cfg):
+    """The flags given on the command line (cfg.sources), but --plan's own, as command-line text."""
+    words = []
+    for f in fields(cfg):
+        if cfg.sources.get(f.name) != "flag" or f.name in PLAN_FLAGS:
+            continue
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, list) else [int(value) if isinstance(value, bool) else value]
+        words += [f"--{f.name}", *(shlex.quote(str(v)) for v in values)]
+    return words
+
+
+def planned_dtype(requested):
+    """(dtype, its name in the header): what training would compute in. --dtype auto is what
+    device.setup_precision picks on this machine's GPU; without one, bf16, as fp16 takes the same bytes."""
+    if requested == "auto" and torch.cuda.is_available():
+        dtype = setup_precision("auto", "cuda").dtype
+        return dtype, f"{str(dtype).removeprefix('torch.')} (--dtype auto on this GPU)"
+    if requested == "auto":
+        return (
+            torch.bfloat16,
+            "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes (--dtype auto, no GPU here)",
+        )
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if requested not in dtypes:
+        raise UserError(f"--dtype {requested}: choose auto, bfloat16, float16, float32")
+    return dtypes[requested], requested
 
 
 def planned_vocab_size(tokenizer_name):
@@ -192,24 +286,22 @@ def planned_vocab_size(tokenizer_name):
 
 
 def print_plan(cfg, model_config, world_size):
-    """train_gpt2.py --plan: plan_report for these flags, planned for GPUs (--dtype auto means bf16 here)."""
+    """train_gpt2.py --plan: plan_report for these flags. It answers (exit 0) whether or not they fit."""
     gpu_memory = cfg.gpu_memory or (
         torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
     )
-    dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if cfg.dtype not in dtype:
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, bfloat16, float16, float32")
-    report, problem = plan_report(
+    dtype, dtype_name = planned_dtype(cfg.dtype)
+    report = plan_report(
         model_config,
         cfg.batch_size,
         cfg.seq_len,
         cfg.total_batch_size,
         world_size,
-        dtype[cfg.dtype],
+        dtype,
         gpu_memory,
         (cfg.parallel, cfg.activation_checkpointing),
         cfg.reshard_after_forward,
+        command_flags(cfg),
+        dtype_name,
     )
     print(report)
-    if problem:
-        raise UserError(problem)

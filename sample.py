@@ -3,16 +3,18 @@ Sample text from a GPT-2, a training checkpoint or OpenAI's weights, streamed as
 
     python sample.py --checkpoint log/model_19073.pt --prompt "Hello, I'm a language model," --num_samples 4
     python sample.py --model gpt2 --prompt_file prompt.txt --temperature 0.8 --top_p 0.95 --seed 7
-    python sample.py --model path/to/hf_folder --temperature 0 --stop $'\\n\\n'    # greedy, up to a blank line
+    python sample.py --model path/to/hf_folder --temperature 0 --stop $'\\n\\n'  # greedy (1 sample), up to a blank line
 
 Each sample is printed token by token, one sample after the other; --no_stream generates them all as
-one batch (faster on a GPU) and prints them at the end. A sample ends at <|endoftext|>, at a --stop
-string, or after --max_new_tokens. The sampling itself (KV cache, temperature, top-k, top-p) is
-model.py's GPT.generate_stream, the function the training samples use too.
+one batch (faster on a GPU) and prints them at the end. Greedy decoding (--temperature 0) gives the
+same text every time, so it prints one sample unless --num_samples asks for more. A sample ends at
+<|endoftext|>, at a --stop string, or after --max_new_tokens. The sampling itself (KV cache,
+temperature, top-k, top-p) is model.py's GPT.generate_stream, the function the training samples use too.
 """
 
 import argparse
 import codecs
+import sys
 
 import torch
 
@@ -72,7 +74,11 @@ def parse_args(argv=None):
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=SAMPLE_PROMPT, help=f"the text to continue (default: {SAMPLE_PROMPT!r})")
     prompt.add_argument("--prompt_file", help="read the prompt from this file, newlines and all")
-    parser.add_argument("--num_samples", type=int, default=4, help="completions of the prompt")
+    parser.add_argument(
+        "--num_samples",
+        type=int,
+        help="completions of the prompt (default: 4; 1 with --temperature 0, as greedy ones are all the same)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per completion, at most")
     parser.add_argument(
         "--temperature",
@@ -144,6 +150,10 @@ def text_chunks(tokens, tokenizer, stop):
 @exit_on_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.num_samples is None:
+        args.num_samples = 1 if args.temperature == 0 else 4
+    elif args.num_samples > 1 and args.temperature == 0:
+        print(f"note: --temperature 0 is greedy: the {args.num_samples} samples will be identical", file=sys.stderr)
     if args.num_samples < 1:
         raise UserError(f"--num_samples {args.num_samples}: ask for at least 1")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)

@@ -114,9 +114,20 @@ def batch_totals(sum_loss, n_tokens, greedy, labels):
     return {name: figure.sum() for name, figure in per_example.items()}
 
 
-def score_examples(model, examples, render, tokenizer, dist, precision=None, batch_size=16, progress=False, desc=None):
-    """Score examples, batch_size examples per forward pass; returns the totals of batch_totals
-    summed over all ranks, as floats. Every rank must call it, even one with no examples."""
+def default_batch_size(device_type):
+    """Examples per forward pass when --batch_size is not given. On a CPU one: the logits of a
+    16-example batch are over a gigabyte, and one example per forward ran 1.5x faster
+    (docs/benchmarks.md); on a GPU, batching pays."""
+    return 1 if device_type == "cpu" else 16
+
+
+def score_examples(
+    model, examples, render, tokenizer, dist, precision=None, batch_size=None, progress=False, desc=None
+):
+    """Score examples, batch_size examples per forward pass (default: default_batch_size of the
+    device); returns the totals of batch_totals summed over all ranks, as floats. Every rank must
+    call it, even one with no examples."""
+    batch_size = batch_size or default_batch_size(dist.device_type)
     model = unwrap(model)  # uncompiled: every batch has a new shape, and recompiling each costs more than it saves
     rendered = [render(example, tokenizer) for example in examples[dist.rank :: dist.world_size]]
     # Longest first: neighbours in a batch have similar lengths, so little of it is padding, and a
@@ -143,7 +154,7 @@ def score_examples(model, examples, render, tokenizer, dist, precision=None, bat
     return totals
 
 
-def evaluate(task, model, examples, tokenizer, dist=None, precision=None, batch_size=16, progress=False):
+def evaluate(task, model, examples, tokenizer, dist=None, precision=None, batch_size=None, progress=False):
     """task.summarize of the scores of examples: a flat dict of figures, the same on every rank.
     dist says on which device and rank to score (default: one process, on the CPU)."""
     dist = dist or DistInfo.single("cpu")
@@ -249,7 +260,11 @@ def eval_parser(description):
         help="the task's data file, or the folder holding it (default: $HELLASWAG_DIR etc., else download)",
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first LIMIT examples")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        help="examples per forward pass (default: 1 on a CPU, where batching is slower, 16 on a GPU)",
+    )
     # float32 by default: the reference figures (on CUDA its matmuls run in TF32, as in training)
     add_device_args(parser, dtype="float32")
     return parser

@@ -1,7 +1,12 @@
-"""Tests for checkpoint.py: atomic writes, safe loading, prefixes, RNG state, finding and pruning."""
+"""Tests for checkpoint.py (atomic writes, safe loading, prefixes, RNG state, finding and pruning, LoRA bases)
+and export.py (Hugging Face folders, with the chat template of a chat fine-tuned model)."""
 
+import itertools
+import json
 import os
 import random
+import re
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -10,9 +15,13 @@ import torch
 import checkpoint as ck
 import export
 import resume
+import sample
+from chat_template import chat_template, render_conversation, render_prompt
 from errors import UserError
-from generate import generate
+from generate import generate, generate_stream
+from lora import LoRALinear, apply_lora
 from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)
 
@@ -41,9 +50,24 @@ class RunsCode:
 def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
     path = str(tmp_path / "evil.pt")
     torch.save({"model": RunsCode()}, path)
-    with pytest.raises(UserError, match=f"cannot read checkpoint {path}"):
+    with pytest.raises(UserError) as error:
         ck.load_checkpoint(path)
     assert not os.path.exists("/tmp/checkpoint_test_code_ran")
+    assert str(error.value) == (
+        f"cannot read checkpoint {path}: it holds Python objects other than tensors, numbers and containers, "
+        "which are never loaded here"
+    )
+
+
+def test_a_damaged_file_is_called_damaged_not_a_file_of_python_objects(tmp_path):
+    path = tmp_path / "model_00010.pt"
+    path.write_bytes(b"not a checkpoint")  # torch reads it as a pickle: 'n' (110) is no pickle opcode
+    with pytest.raises(UserError) as error:
+        ck.load_checkpoint(str(path))
+    assert str(error.value) == (
+        f"cannot read checkpoint {path}: not a file written by torch.save, or a damaged one "
+        "(UnpicklingError: Unsupported operand 110)"
+    )
 
 
 def test_load_maps_tensors_to_the_cpu_and_allows_only_weights(tmp_path, monkeypatch):
@@ -157,3 +181,126 @@ def test_export_writes_gpt2_tokenizer_files_so_a_pipeline_generates_offline(tmp_
     prompt = gpt2_tokenizer.encode("Hello, I'm a language model,")
     expected = generate(model, torch.tensor([prompt]), 5, temperature=0)[0].tolist()  # our greedy decoding
     assert out == gpt2_tokenizer.decode(expected)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": " Two  spaces,\ta tab\nand a blank line\n\n🙂 café"},
+        {"role": "assistant", "content": "Noted. "},
+    ],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "<|end of a line|> is not a token"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_export(tmp_path_factory):
+    """(Hugging Face folder, our tokenizer, our model): a tiny chat fine-tuned checkpoint, exported."""
+    pytest.importorskip("transformers")
+    tokenizer = get_tokenizer("gpt2-chat")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=8)).eval()
+    folder = tmp_path_factory.mktemp("chat")
+    path = str(folder / "model_00100.pt")  # as finetune.py writes it: the chat format under "template"
+    ck.save_checkpoint(path, {**ck.model_checkpoint(model, tokenizer), "template": chat_template(tokenizer)})
+    export.main([path, "--hf_dir", str(folder / "hf")])
+    return str(folder / "hf"), tokenizer, model
+
+
+def chat_ids(hf_tokenizer, messages, **kwargs):
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return ids["input_ids"] if isinstance(ids, Mapping) else ids  # a BatchEncoding from transformers 5
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_exported_chat_template_renders_the_ids_of_render_prompt_and_render_conversation(chat_export, messages):
+    """transformers' own AutoTokenizer on the exported folder, against chat_template.py's renderings."""
+    import transformers
+
+    hf_dir, tokenizer, _ = chat_export
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert chat_ids(hf_tokenizer, messages, add_generation_prompt=True) == render_prompt(messages, tokenizer)
+    assert chat_ids(hf_tokenizer, messages) == render_conversation(messages, tokenizer)[0]
+
+
+def test_exported_chat_template_refuses_what_it_would_render_otherwise(chat_export):
+    """Hugging Face's tokenizer reads "<|end|>" in a message as the token, encode() as text: refused."""
+    import transformers
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(chat_export[0])
+    for content, message in [
+        ("say <|end|> now", "a message holds the text of the special token <|end|>"),
+        ("<|endoftext|>", "a message holds the text of the special token <|endoftext|>"),
+    ]:
+        with pytest.raises(Exception, match=re.escape(message)):
+            chat_ids(hf_tokenizer, [{"role": "user", "content": content}])
+    with pytest.raises(Exception, match="a role is system, user or assistant, not tool"):
+        chat_ids(hf_tokenizer, [{"role": "tool", "content": "42"}])
+
+
+def test_exported_chat_model_answers_messages_in_a_pipeline_as_our_generation_does(chat_export):
+    """pipeline("text-generation") given messages: our prompt, our greedy tokens, up to <|end|>."""
+    import transformers
+
+    hf_dir, tokenizer, model = chat_export
+    messages = CONVERSATIONS[1][:4]
+    pipeline = transformers.pipeline("text-generation", model=hf_dir, device="cpu")
+    reply = pipeline(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]
+    end = tokenizer.special("<|end|>")
+    steps = generate_stream(model, [render_prompt(messages, tokenizer)], 6, temperature=0, eot=end)
+    ids = list(itertools.takewhile(lambda token: token not in (end, tokenizer.eot), (t.item() for t in steps)))
+    assert reply == {"role": "assistant", "content": tokenizer.decode(ids)}
+    assert transformers.GenerationConfig.from_pretrained(hf_dir).eos_token_id == [end, tokenizer.eot]
+
+
+def test_a_checkpoint_that_was_not_chat_fine_tuned_exports_no_chat_template(tmp_path):
+    path = str(tmp_path / "model_00010.pt")
+    ck.save_checkpoint(path, ck.model_checkpoint(GPT(TINY), get_tokenizer("gpt2")))
+    export.main([path, "--hf_dir", str(tmp_path / "hf")])
+    with open(tmp_path / "hf" / "tokenizer_config.json") as f:
+        assert "chat_template" not in json.load(f)
+
+
+def lora_checkpoint(tmp_path):
+    """(adapters' checkpoint, base file): a LoRA checkpoint as finetune.py writes it, its base named
+    by absolute path (finetune.py's --init) with its fingerprint."""
+    torch.manual_seed(0)
+    base_path = str(tmp_path / "base.pt")
+    ck.save_checkpoint(base_path, ck.model_checkpoint(GPT(TINY)))
+    base = ck.load_init(base_path)
+    extra = {"init": {"path": base_path, "fingerprint": ck.fingerprint(base)}}
+    extra["lora"] = {"rank": 2, "alpha": 4.0, "targets": ["attn", "mlp"]}
+    path = str(tmp_path / "model_00010.pt")
+    ck.save_checkpoint(path, {**ck.model_checkpoint(apply_lora(base, 2, 4.0, ["attn", "mlp"])), **extra})
+    return path, base_path
+
+
+def test_lora_adapters_whose_base_is_gone_say_so_to_someone_who_never_passed_init(tmp_path):
+    path, base_path = lora_checkpoint(tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in ck.model_from_checkpoint(path).modules())  # merged
+    os.remove(base_path)
+    message = (
+        f"{path} holds LoRA adapters for the base weights in {base_path}, which is no longer there: restore it, "
+        "or fine-tune again from a base that exists"
+    )
+    with pytest.raises(UserError) as error:
+        ck.model_from_checkpoint(path)
+    assert str(error.value) == message
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", path])
+    assert exit_info.value.code == f"error: {message}"
+
+
+def test_lora_adapters_whose_base_cannot_be_read_name_it_as_their_base(tmp_path):
+    path, base_path = lora_checkpoint(tmp_path)
+    with open(base_path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", path])
+    assert str(exit_info.value).startswith(
+        f"error: {path} holds LoRA adapters for the base weights in {base_path}, which cannot be loaded: "
+        f"cannot read checkpoint {base_path}: not a file written by torch.save"
+    )

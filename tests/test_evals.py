@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_hellaswag import row_scores_one_at_a_time, score, tiny_model
+from test_hellaswag import forward_widths, row_scores_one_at_a_time, score, tiny_model
 
 import evals
 from checkpoint import model_checkpoint, save_checkpoint
@@ -233,3 +233,10 @@ def test_cli_runs_lambada_and_storycloze(lambada_dir, passages, tmp_path, monkey
     evals.main()
     expected = score(model, evals.TASKS["storycloze"].load(csv_path, None), evals.TASKS["storycloze"], batch_size=2)
     assert capsys.readouterr().out.strip() == f"storycloze acc {expected['acc']:.4f} count 4"
+
+
+def test_cli_batch_size_default_is_the_device_s_as_in_hellaswag(lambada_dir, tmp_path, monkeypatch, capsys):
+    save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(tiny_model()))
+    widths = forward_widths(monkeypatch)
+    evals.main(["lambada", "--checkpoint", str(tmp_path / "tiny.pt"), "--limit", "3", "--data_file", str(lambada_dir)])
+    assert widths == [1, 1, 1] and capsys.readouterr().out.endswith("count 3\n")  # one passage per forward on a CPU

@@ -361,7 +361,7 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
         ]
     )
     text = capsys.readouterr().out
-    assert "1557.7M parameters, batch_size 4 x seq_len 1024, bfloat16, 8 process(es), 80 GiB GPUs" in text
+    assert "1557.7M parameters, batch_size 4 x seq_len 1024, 8 process(es), 80 GiB GPUs; bf16, or fp16" in text
     rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
     ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (AdamW)"])
     assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
@@ -372,15 +372,113 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
     assert plan["weights"] + plan["gradients"] + plan["optimizer (AdamW)"] == pytest.approx(16 * P, rel=1e-3)
 
 
-def test_plan_with_a_gpu_too_small_for_batch_size_1_says_what_would_fit(capsys):
-    with pytest.raises(
-        SystemExit,
-        match=r"error: --parallel ddp --activation_checkpointing 0 needs 35\.\d\d GiB per "
-        r"GPU at batch_size 1, more than a 16 GiB GPU holds \(90% of it\): try --parallel fsdp "
-        r"--activation_checkpointing 1 over 4 processes \(fits batch_size \d+\)",
-    ):
-        train_gpt2.main(["--plan", "--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16"])
-    assert "largest batch_size" in capsys.readouterr().out  # the table came first
+def plan(capsys, *flags):
+    """The text train_gpt2.py --plan prints; it returns normally (exit code 0) whatever its verdict."""
+    assert train_gpt2.main(["--plan", *flags]) is None
+    return capsys.readouterr().out
+
+
+def advised_command(text):
+    """(processes, flags of train_gpt2.py) of the command line the plan's verdict ends with."""
+    words = text.splitlines()[-1].split()
+    nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
+    return nproc, words[words.index("train_gpt2.py") + 1 :]
+
+
+@pytest.mark.parametrize(
+    "flags, verdict, command",
+    [
+        (  # the newcomer's case: batch_size 6 would fit, but 1048576 is no multiple of 6 x 1024 x 8
+            ["--model", "gpt2-xl", "--nproc", "8", "--gpu_memory", "16"],
+            "--parallel fsdp --activation_checkpointing 1 fits batch_size 4, 12.46 GiB per GPU; run:",
+            "torchrun --standalone --nproc_per_node=8 train_gpt2.py --model gpt2-xl --parallel fsdp "
+            "--activation_checkpointing 1 --batch_size 4",
+        ),
+        (  # 66 GiB on a 16 GiB card: the same way, a smaller batch
+            ["--model", "gpt2", "--gpu_memory", "16"],
+            "batch_size 8 (gradient accumulation keeps the 524288-token step) fits, 10.03 GiB per GPU; run:",
+            "python train_gpt2.py --parallel ddp --activation_checkpointing 0 --batch_size 8",
+        ),
+        (  # nothing fits on 2: more processes
+            ["--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16", "--dtype", "float16"],
+            "nothing fits on 2 GPU(s); --parallel fsdp --activation_checkpointing 1 over 4 GPUs fits batch_size 2, "
+            "13.62 GiB per GPU; run:",
+            "torchrun --standalone --nproc_per_node=4 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
+            "--activation_checkpointing 1 --batch_size 2",
+        ),
+    ],
+)
+def test_plan_that_does_not_fit_advises_one_command_that_train_gpt2_accepts_and_that_fits(
+    capsys, flags, verdict, command
+):
+    text = plan(capsys, *flags)
+    assert "verdict: does not fit, --parallel ddp --activation_checkpointing 0 at batch_size " in text
+    assert text.splitlines()[-2:] == [f"  {verdict}", f"  {command}"]
+    # the oracle: train_gpt2.py's own checks accept the command (batch_size divides the step) ...
+    nproc, command_flags = advised_command(text)
+    cfg = train_gpt2.parse_config(command_flags)
+    train_gpt2.check_config(cfg, train_gpt2.make_model_config(cfg, 50257), nproc)
+    # ... and planned again, it fits
+    gpu_memory = flags[flags.index("--gpu_memory") + 1]
+    replanned = plan(capsys, *command_flags, "--nproc", str(nproc), "--gpu_memory", gpu_memory)
+    assert "verdict: fits, " in replanned and replanned.splitlines()[-1] == f"  {command}"
+
+
+def test_plan_advises_only_batch_sizes_that_divide_the_step():
+    """batch_size 6 fits gpt2-xl under fsdp +ckpt on 8 x 16 GiB, but 2**20 tokens are no multiple of
+    6 x 1024 x 8: the table's largest batch_size is 4."""
+    report = memory_plan.plan_report(
+        GPTConfig.from_name("gpt2-xl"), 64, 1024, 2**20, 8, torch.bfloat16, 16, ("fsdp", True)
+    )
+    row = next(line for line in report.splitlines() if line.startswith("largest batch_size"))
+    assert row.split()[2:] == ["0", "0", "1", "4"]
+    usable = 16 * 2**30 * (1 - memory_plan.GPU_RESERVE)
+    six = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 6, 1024, 8, torch.bfloat16, "fsdp", True, True, 2)
+    assert sum(six.values()) <= usable  # 6 would fit: it is left out because it does not divide
+
+
+def test_plan_that_fits_says_so_and_prints_the_command(capsys):
+    text = plan(capsys, "--model", "gpt2", "--batch_size", "4", "--gpu_memory", "16", "--dtype", "float32")
+    assert text.splitlines()[-2:] == [
+        "verdict: fits, 7.20 GiB per GPU of the 14.40 GiB usable of a 16 GiB GPU (batch_size 8 fits too: fewer "
+        "micro-steps); run:",
+        "  python train_gpt2.py --dtype float32 --parallel ddp --activation_checkpointing 0 --batch_size 4",
+    ]
+
+
+def test_plan_without_any_way_that_fits_or_the_gpu_memory_still_states_its_verdict(capsys):
+    text = plan(capsys, "--model", "gpt2-xl", "--nproc", "4", "--gpu_memory", "0.5")
+    assert text.splitlines()[-1] == "  nothing fits on up to 1024 GPUs: try a shorter --seq_len or a smaller --model"
+    text = plan(capsys, "--model", "gpt2")  # no GPU here, none named
+    assert text.splitlines()[-1] == "verdict: none without the GPUs' memory (no GPU here): pass --gpu_memory GiB"
+
+
+def test_plan_beyond_one_machine_launches_torchrun_on_each():
+    assert memory_plan.launcher(16) == (
+        "torchrun --nnodes=2 --node_rank=<this machine's, from 0> --nproc_per_node=8 --rdzv_backend=c10d "
+        "--rdzv_endpoint=<host of machine 0>:29500 --rdzv_id=gpt2"
+    )
+    assert memory_plan.launcher(1) == "python"
+
+
+@pytest.mark.parametrize(
+    "capability, header",
+    [((7, 0), "float16 (--dtype auto on this GPU)"), ((8, 0), "bfloat16 (--dtype auto on this GPU)"), (None, None)],
+)
+def test_plan_header_names_the_precision_this_gpu_would_train_in(capsys, monkeypatch, capability, header):
+    """--dtype auto: what device.setup_precision picks on this GPU (fp16 on a V100, compute capability
+    7.0); with no GPU, the plan says bf16 and fp16 weigh the same."""
+    if capability:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+        monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # the CPU's stays
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        header = "bf16, or fp16 on GPUs without bf16 (V100, T4): the same bytes (--dtype auto, no GPU here)"
+    text = plan(capsys, "--model", "gpt2", "--gpu_memory", "16")
+    assert text.splitlines()[0] == (
+        f"memory per GPU: 124.5M parameters, batch_size 64 x seq_len 1024, 1 process(es), 16 GiB GPUs; {header}"
+    )
 
 
 # ---- fine-tuning (finetune.py runs train_gpt2.py's loop) ----

@@ -327,6 +327,45 @@ def test_cli_prints_acc_acc_norm_and_count(oracle, hellaswag_dir, tmp_path, monk
     assert capsys.readouterr().out.strip() == line == "hellaswag acc 0.2500 acc_norm 0.5833 count 12"
 
 
+def forward_widths(monkeypatch):
+    """The rows of every forward pass scoring.score_batch makes from now on."""
+    widths, score_batch = [], scoring.score_batch
+
+    def recording(model, tokens, *args):
+        widths.append(len(tokens))
+        return score_batch(model, tokens, *args)
+
+    monkeypatch.setattr(scoring, "score_batch", recording)
+    return widths
+
+
+@pytest.mark.parametrize("flags, widths", [([], [4, 4, 4]), (["--batch_size", "2"], [8, 4])])
+def test_cli_scores_one_example_per_forward_on_a_cpu_unless_told(
+    oracle, hellaswag_dir, tmp_path, monkeypatch, capsys, flags, widths
+):
+    """4 rows per example: batch 1 by default on the CPU (16 would be slower there); --batch_size wins."""
+    save_checkpoint(tmp_path / "tiny.pt", model_checkpoint(oracle[0]))
+    seen = forward_widths(monkeypatch)
+    hellaswag.main(
+        ["--checkpoint", str(tmp_path / "tiny.pt"), "--limit", "3", "--data_file", str(hellaswag_dir), *flags]
+    )
+    assert seen == widths and capsys.readouterr().out.endswith("count 3\n")
+    assert [scoring.default_batch_size(device) for device in ("cpu", "cuda", "mps")] == [1, 16, 16]
+
+
+def test_evaluate_without_a_batch_size_takes_the_device_s_as_training_s_evaluation_does(oracle, monkeypatch):
+    model, examples, _ = oracle
+    seen = forward_widths(monkeypatch)
+    scoring.evaluate(HELLASWAG, model, examples[:2], get_tokenizer())  # train_gpt2.py passes no batch_size
+    assert seen == [4, 4]
+
+
+def test_cli_help_says_the_batch_size_depends_on_the_device(capsys):
+    with pytest.raises(SystemExit):
+        hellaswag.main(["--help"])
+    assert "(default: 1 on a CPU, where batching is slower, 16 on a GPU)" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -354,6 +354,27 @@ def test_cli_greedy_stops_at_a_stop_string(tiny_checkpoint, tokenizer, capsys):
     assert capsys.readouterr().out == f"--- sample 1/1\nThe{greedy[: greedy.index(stop)]}\n"
 
 
+@pytest.mark.parametrize("flags, samples", [([], 1), (["--num_samples", "3"], 3), (["--no_stream"], 1)])
+def test_cli_greedy_prints_one_sample_unless_told(tiny_checkpoint, tokenizer, capsys, flags, samples):
+    """The README's greedy line (--temperature 0, no --num_samples): one sample, not four identical
+    ones; asked for three, three, and a note on stderr that they are the same."""
+    path, model = tiny_checkpoint
+    sample.main(["--checkpoint", path, "--prompt", "The", "--max_new_tokens", "8", "--temperature", "0", *flags])
+    greedy = tokenizer.decode(generate(model, torch.tensor([tokenizer.encode("The")]), 8, temperature=0)[0].tolist())
+    out, err = capsys.readouterr()
+    assert out == "".join(f"--- sample {i + 1}/{samples}\n{greedy}\n" for i in range(samples))
+    note = "note: --temperature 0 is greedy: the 3 samples will be identical\n"
+    assert err == (note if samples > 1 else "")
+
+
+def test_cli_help_says_greedy_prints_one_sample(capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "(default: 4; 1 with --temperature 0, as greedy ones are all the same)" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -127,8 +127,9 @@ def test_the_log_rewrite_at_resume_is_atomic(data_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed after writing the new log, before it took the old one's name
 
     monkeypatch.setattr(files.os, "replace", killed_before_rename)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:  # errors.exit_on_error: the one line `interrupted`
         run(data_dir, log_dir, "--max_steps", "2")
+    assert exit_info.value.code == 130
     monkeypatch.setattr(files.os, "replace", real_replace)
     assert (log_dir / "metrics.jsonl").read_bytes() == before
     assert not [p for p in os.listdir(log_dir) if p.endswith(".tmp")]
