@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from chat_template import render_prompt
+from chat_template import check_conversation, render_prompt
 from checkpoint import add_model_args
 from device import (
     DistInfo,
@@ -115,6 +115,43 @@ def gsm8k_results(totals, num_samples, sampled):
     return results | {"count": n}
 
 
+# ---- your own rows: a prompt and the answer, checked by a verifier ------------------------------
+def exact_match(reply, answer):
+    """The reply, stripped of the whitespace around it, is the answer."""
+    return reply.strip() == answer.strip()
+
+
+def contains_answer(reply, answer):
+    """The answer appears in the reply."""
+    return answer.strip() in reply
+
+
+VERIFIERS = {"exact": exact_match, "contains": contains_answer}
+
+
+def rows_problem(row):
+    if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
+        return 'each row needs "messages" (the prompt: a conversation ending with a user turn) and an "answer" text'
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return '"messages" must be a non-empty list of {role, content} ending with a user turn'
+    problem = check_conversation([*messages, {"role": "assistant", "content": row["answer"]}])
+    return problem or (None if messages[-1].get("role") == "user" else "the prompt must end with a user turn")
+
+
+def rows_prompt(example, tokenizer, chat):
+    """The conversation so far, then <|assistant|> (a chat model only: rows are conversations)."""
+    return render_prompt(example["messages"], tokenizer)
+
+
+def gsm8k_check(reply, example, match):
+    return gsm8k_correct(reply, example["answer"])
+
+
+def rows_check(reply, example, match):
+    return VERIFIERS[match](reply, example["answer"])
+
+
 # ---- multiple choice: ARC and MMLU as one kind of task -----------------------------------------
 def choice_totals(predictions, answers, num_choices):
     """[count, correct, sum of chance-corrected scores] of examples, from the predicted and right
@@ -177,6 +214,42 @@ def mmlu_example(row):
     return {"question": row["question"], "choices": row["choices"], "answer": row["answer"]}
 
 
+# ---- prompts: the chat template, or a plain one for a base model -------------------------------
+def has_chat_tokens(tokenizer):
+    return "<|assistant|>" in tokenizer.special_tokens
+
+
+def choice_question(example):
+    """The question and its lettered choices, one per line."""
+    lines = [example["question"], *(f"{letter}. {text}" for letter, text in zip(LETTERS, example["choices"]))]
+    return "\n".join(lines)
+
+
+def gsm8k_prompt(example, tokenizer, chat):
+    """The ids the model replies to: the question as the user's turn, or "Question: ...\\nAnswer:"."""
+    if chat:
+        return render_prompt([{"role": "user", "content": example["question"]}], tokenizer)
+    return [tokenizer.eot, *tokenizer.encode(f"Question: {example['question']}\nAnswer:")]
+
+
+def choice_prompt(example, tokenizer, chat):
+    """The ids after which the model's first token is its answer. With the chat template:
+        <|endoftext|><|user|>Which is a mammal?\nA. trout\nB. whale\nAnswer with the letter.<|end|><|assistant|>
+    and the answer is "B"; a base model's, after "Question: ...\nAnswer:", is " B"."""
+    if chat:
+        question = choice_question(example) + "\nAnswer with the letter."
+        return render_prompt([{"role": "user", "content": question}], tokenizer)
+    return [tokenizer.eot, *tokenizer.encode(f"Question: {choice_question(example)}\nAnswer:")]
+
+
+def letter_ids(tokenizer, chat):
+    """The token of each letter as the reply's first token: "A" after <|assistant|>, " A" after "Answer:"."""
+    ids = [tokenizer.encode(letter if chat else " " + letter) for letter in LETTERS]
+    if any(len(i) != 1 for i in ids):
+        raise UserError(f"the {tokenizer.name} tokenizer splits the letters A-J: multiple choice needs one token each")
+    return [i[0] for i in ids]
+
+
 @dataclass(frozen=True)
 class ChatTask:
     name: str
@@ -187,14 +260,18 @@ class ChatTask:
     rows: dict  # {split: rows}: a copy with another count is truncated or another file
     problem: Callable  # (row) -> what is wrong with it, or None
     example: Callable  # (row) -> the example the evaluation uses
+    prompt: Callable = None  # generate: (example, tokenizer, chat) -> the ids the model replies to
+    check: Callable = None  # generate: (reply, example, match) -> whether the reply is right
 
 
 # fmt: off
 TASKS = {
     "gsm8k": ChatTask(
         "gsm8k", "generate", ("openai/gsm8k", "main"), "GSM8K_DIR", "{split}.jsonl",
-        {"train": 7473, "test": 1319}, gsm8k_problem, dict,
+        {"train": 7473, "test": 1319}, gsm8k_problem, dict, gsm8k_prompt, gsm8k_check,
     ),
+    # your own rows, {"messages": [...a prompt...], "answer": "..."}, from --data_file only
+    "rows": ChatTask("rows", "generate", None, None, None, {}, rows_problem, dict, rows_prompt, rows_check),
     "arc_easy": ChatTask(
         "arc_easy", "choice", ("allenai/ai2_arc", "ARC-Easy"), "ARC_DIR", "arc_easy_{split}.jsonl",
         {"train": 2251, "validation": 570, "test": 2376}, arc_problem, arc_example,
@@ -252,6 +329,10 @@ def load_examples(name, data_path=None, limit=None, split="test"):
     """The first `limit` examples of task `name`'s split, from data_path, $GSM8K_DIR (etc.), or the hub.
     GSM8K's are its rows ({"question", "answer"}); multiple choice ones {"question", "choices", "answer"}."""
     task = TASKS[name]
+    if task.hub is None:  # your own rows: a file, and no count to expect
+        if data_path is None or not os.path.isfile(data_path):
+            raise UserError(f"--task {name} reads your rows from a file: pass --data_file ROWS.jsonl (not {data_path})")
+        return [task.example(row) for row in read_jsonl(data_path, task.problem)[:limit]]
     if split not in task.rows:
         raise UserError(f"{name} has no split {split!r}: choose {', '.join(task.rows)}")
     filename = task.filename.format(split=split)
@@ -267,42 +348,6 @@ def load_examples(name, data_path=None, limit=None, split="test"):
     return [task.example(row) for row in rows[:limit]]
 
 
-# ---- prompts: the chat template, or a plain one for a base model -------------------------------
-def has_chat_tokens(tokenizer):
-    return "<|assistant|>" in tokenizer.special_tokens
-
-
-def choice_question(example):
-    """The question and its lettered choices, one per line."""
-    lines = [example["question"], *(f"{letter}. {text}" for letter, text in zip(LETTERS, example["choices"]))]
-    return "\n".join(lines)
-
-
-def gsm8k_prompt(example, tokenizer, chat):
-    """The ids the model replies to: the question as the user's turn, or "Question: ...\\nAnswer:"."""
-    if chat:
-        return render_prompt([{"role": "user", "content": example["question"]}], tokenizer)
-    return [tokenizer.eot, *tokenizer.encode(f"Question: {example['question']}\nAnswer:")]
-
-
-def choice_prompt(example, tokenizer, chat):
-    """The ids after which the model's first token is its answer. With the chat template:
-        <|endoftext|><|user|>Which is a mammal?\nA. trout\nB. whale\nAnswer with the letter.<|end|><|assistant|>
-    and the answer is "B"; a base model's, after "Question: ...\nAnswer:", is " B"."""
-    if chat:
-        question = choice_question(example) + "\nAnswer with the letter."
-        return render_prompt([{"role": "user", "content": question}], tokenizer)
-    return [tokenizer.eot, *tokenizer.encode(f"Question: {choice_question(example)}\nAnswer:")]
-
-
-def letter_ids(tokenizer, chat):
-    """The token of each letter as the reply's first token: "A" after <|assistant|>, " A" after "Answer:"."""
-    ids = [tokenizer.encode(letter if chat else " " + letter) for letter in LETTERS]
-    if any(len(i) != 1 for i in ids):
-        raise UserError(f"the {tokenizer.name} tokenizer splits the letters A-J: multiple choice needs one token each")
-    return [i[0] for i in ids]
-
-
 # ---- evaluation: sharded over ranks, batched, totals all-reduced -------------------------------
 @dataclass
 class EvalSettings:
@@ -311,6 +356,7 @@ class EvalSettings:
     temperature: float = 0.0  # 0: greedy, one reply per problem
     batch_size: int = 8  # rows generated (or scored) at once
     seed: int = 1337  # of the sampling; rank r uses seed + r
+    match: str = "exact"  # your rows: how a reply is checked against the answer (VERIFIERS)
 
 
 def check_settings(settings):
@@ -359,13 +405,13 @@ def generate_replies(model, tokenizer, prompts, settings, device, precision=None
     return replies
 
 
-def gsm8k_scores(model, tokenizer, examples, settings, device, precision=None, progress=False):
+def reply_scores(task, model, tokenizer, examples, settings, device, precision=None, progress=False):
     """How many of each problem's settings.num_samples replies are right: a list, one count per example."""
     chat = has_chat_tokens(tokenizer)
     k = settings.num_samples
-    prompts = [gsm8k_prompt(example, tokenizer, chat) for example in examples for _ in range(k)]
-    replies = generate_replies(model, tokenizer, prompts, settings, device, precision, progress, "gsm8k")
-    right = [gsm8k_correct(reply, examples[i // k]["answer"]) for i, reply in enumerate(replies)]
+    prompts = [task.prompt(example, tokenizer, chat) for example in examples for _ in range(k)]
+    replies = generate_replies(model, tokenizer, prompts, settings, device, precision, progress, task.name)
+    right = [task.check(reply, examples[i // k], settings.match) for i, reply in enumerate(replies)]
     return [sum(right[i * k : (i + 1) * k]) for i in range(len(examples))]
 
 
@@ -406,7 +452,7 @@ def evaluate(name, model, tokenizer, examples, dist=None, precision=None, settin
     if task.kind == "generate":
         # each rank samples its own replies: the same seed on every rank would draw the same randomness
         seeded = replace(settings, seed=settings.seed + dist.rank)
-        counts = gsm8k_scores(model, tokenizer, mine, seeded, dist.device, precision, progress)
+        counts = reply_scores(task, model, tokenizer, mine, seeded, dist.device, precision, progress)
         totals = gsm8k_totals(counts, settings.num_samples)
     else:
         predictions = choice_predictions(model, tokenizer, mine, settings, dist.device, precision, progress, name)
@@ -451,6 +497,12 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="tokens per GSM8K reply, at most")
     parser.add_argument("--batch_size", type=positive_int, help="rows per batch (default: 64 on CUDA, else 8)")
     parser.add_argument("--seed", type=int, default=1337, help="of the sampling (rank r uses seed + r)")
+    parser.add_argument(
+        "--match",
+        choices=tuple(VERIFIERS),
+        default="exact",
+        help="--task rows: a reply is right if it is the answer (exact) or contains it",
+    )
     add_device_args(parser)
     return parser.parse_args(argv)
 
@@ -463,7 +515,7 @@ def main(argv=None):
         raise UserError(f"--data_file {args.data_file}: with several tasks, pass a folder holding each task's file")
     dist = setup_distributed(args.device)  # the same checks and torchrun setup as train_gpt2.py
     batch_size = args.batch_size or (64 if dist.device_type == "cuda" else 8)
-    settings = EvalSettings(args.max_new_tokens, args.num_samples, args.temperature, batch_size, args.seed)
+    settings = EvalSettings(args.max_new_tokens, args.num_samples, args.temperature, batch_size, args.seed, args.match)
     finished = False
     try:
         check_settings(settings)

@@ -14,6 +14,8 @@ import torch
 
 import chat_eval
 import checkpoint as ck
+import toy_tasks
+from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -215,6 +217,32 @@ def test_sampled_replies_give_pass_at_1_and_pass_at_k(gsm8k_dir, tiny_checkpoint
     assert sum(call["rows"] for call in calls) == 20 and {call["temperature"] for call in calls} == {1.0}
 
 
+@pytest.mark.parametrize(
+    "match, right", [("exact", [True, False, False, True]), ("contains", [True, True, False, True])]
+)
+def test_your_own_rows_are_checked_exactly_or_by_containing_the_answer(
+    tiny_checkpoint, tokenizer, tmp_path, monkeypatch, capsys, match, right
+):
+    rows = toy_tasks.addition_files()["prompts.jsonl"][:4]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    texts = [rows[0]["answer"], f"It is {rows[1]['answer']}.", "no idea", f"  {rows[3]['answer']}\n"]
+    replies = {row["messages"][0]["content"]: iter([tokenizer.encode(text)]) for row, text in zip(rows, texts)}
+    stream, _ = scripted_stream(tokenizer, replies)
+    monkeypatch.setattr(chat_eval, "generate_stream", stream)
+    flags = ["--checkpoint", tiny_checkpoint, "--task", "rows", "--data_file", str(tmp_path / "rows.jsonl")]
+    chat_eval.main([*flags, "--match", match, "--device", "cpu"])
+    acc = sum(right) / 4
+    assert last_line(capsys) == f"rows greedy_acc {acc:.4f} stderr {math.sqrt(acc * (1 - acc) / 4):.4f} count 4"
+
+
+def test_rows_without_an_answer_or_a_user_prompt_are_named(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match='rows.jsonl, line 1: each row needs "messages"'):
+        chat_eval.load_examples("rows", str(tmp_path / "rows.jsonl"))
+    with pytest.raises(UserError, match="--task rows reads your rows from a file: pass --data_file ROWS.jsonl"):
+        chat_eval.load_examples("rows", None)
+
+
 # ---- generation and multiple choice on a real (tiny, random) model -----------------------------
 def greedy_reply_one_at_a_time(model, prompt, max_new_tokens, specials):
     """The oracle: forward over the whole sequence at each step, no cache, no padding, no batch."""
@@ -345,8 +373,9 @@ def fail(argv):
 
 def test_bad_flags_and_missing_data_are_one_line_errors(tiny_checkpoint, gsm8k_dir, tmp_path, monkeypatch):
     model = ["--checkpoint", tiny_checkpoint, "--device", "cpu"]
-    assert "--task hellaswag: choose one or more (comma-separated) of gsm8k, arc_easy, arc_challenge, mmlu" in fail(
-        [*model, "--task", "hellaswag"]
+    assert (
+        "--task hellaswag: choose one or more (comma-separated) of gsm8k, rows, arc_easy, arc_challenge, mmlu"
+        in fail([*model, "--task", "hellaswag"])
     )
     missing = fail([*model, "--task", "gsm8k", "--data_file", str(tmp_path)])
     assert f"--data_file={tmp_path}: no {tmp_path / 'test.jsonl'}" in missing
