@@ -19,7 +19,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Local files when FINEWEB_DATA_FILES is set, otherwise FineWeb-Edu streamed from the hub.
 FINEWEB_SOURCE = $(if $(FINEWEB_DATA_FILES),--data_files $(FINEWEB_DATA_FILES),--streaming)
 
-.PHONY: demo demo-tokenizer test setup
+.PHONY: demo demo-tokenizer demo-chat test setup
 
 setup: $(VENV)/.runtime-installed
 
@@ -45,6 +45,11 @@ demo-tokenizer: $(VENV)/.runtime-installed
 	$(PY) fineweb.py $(FINEWEB_SOURCE) --tokenizer $(DEMO_DIR)_tok/tokenizer --data_dir $(DEMO_DIR)_tok/data --shard_size 1e6 --max_tokens 3e6
 	$(PY) train_gpt2.py --preset cpu --data_dir $(DEMO_DIR)_tok/data --log_dir $(DEMO_DIR)_tok
 	$(PY) plot.py $(DEMO_DIR)_tok
+
+# The demo model taught to chat (after make demo): data/capitals.jsonl, about a minute on a CPU.
+demo-chat: $(VENV)/.runtime-installed
+	$(PY) finetune.py --preset cpu --init $(DEMO_DIR)/model_01500.pt --data_files data/capitals.jsonl --log_dir $(DEMO_DIR)_sft
+	$(PY) chat.py --checkpoint $(DEMO_DIR)_sft/model_00300.pt --prompt "Capital of Japan?"
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q --durations=10

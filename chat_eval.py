@@ -141,6 +141,8 @@ def rows_problem(row):
 
 def rows_prompt(example, tokenizer, chat):
     """The conversation so far, then <|assistant|> (a chat model only: rows are conversations)."""
+    if not chat:
+        raise UserError(f"--task rows asks a chat model: the {tokenizer.name} tokenizer has no chat tokens")
     return render_prompt(example["messages"], tokenizer)
 
 
