@@ -15,6 +15,7 @@ per-step losses bit-identical to a run that was never interrupted. SIGTERM or Ct
 finishes the current step, writes a checkpoint and exits cleanly.
 """
 
+import importlib.util
 import math
 import os
 import signal
@@ -181,6 +182,7 @@ class TrainConfig:
     num_samples: int = flag(4, "completions of the prompt per sample", low=1)
     sample_prompt: str = flag("Hello, I'm a language model,", "the prompt of the samples (build-nanogpt's)")
     sample_tokens: int = flag(32, "tokens per completion", low=1)
+    wandb_project: str = flag("", "log every metrics.jsonl record to this Weights & Biases project too ('': off)")
     log_interval: int = flag(1, "print every N-th training step (log.txt and metrics.jsonl get every step)", low=1)
     # checkpoints
     ckpt_interval: int = flag(5000, "steps between checkpoints (0: only the one always written at the end)", low=0)
@@ -440,6 +442,8 @@ def check_config(cfg, model_config, world_size):
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
             "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
         )
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -510,7 +514,8 @@ def train(cfg, dist_info, job):
         )
     if start_step == cfg.max_steps:  # a finished run, started again (`make demo` twice): nothing to redo
         return training_log.say_complete(cfg, resumed["path"], dist_info.is_master)
-    log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master)  # takes the folder's lock first
+    # takes the folder's lock first
+    log = training_log.setup_logging(cfg.log_dir, start_step, dist_info.is_master, cfg.wandb_project)
     if cfg.warmup_steps >= cfg.max_steps:
         log.warning(
             f"--warmup_steps {cfg.warmup_steps} >= --max_steps {cfg.max_steps}: the LR never reaches --max_lr "

@@ -255,6 +255,27 @@ def keep_steps_before(path, start_step, step_of, log):
     atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
+class WandbHandler(logging.Handler):
+    """The records of metrics.jsonl, the same dicts, to a Weights & Biases run as well (--wandb_project).
+    wandb is not a requirement: it is imported here, when asked for. WANDB_MODE=offline keeps the run on
+    disk (`wandb sync` later)."""
+
+    def __init__(self, project, name, config):
+        super().__init__()
+        import wandb  # train_gpt2.check_config made sure it is there
+
+        self.run = wandb.init(project=project, name=name, config=config)
+
+    def emit(self, record):
+        metrics = getattr(record, "metrics", None)
+        if metrics:
+            self.run.log(metrics)
+
+    def close(self):
+        self.run.finish()
+        super().close()
+
+
 def close_logging():
     """Detach and close the run's handlers (and so its files)."""
     log = logging.getLogger(LOGGER_NAME)
@@ -263,7 +284,7 @@ def close_logging():
         handler.close()
 
 
-def setup_logging(log_dir, start_step, is_master):
+def setup_logging(log_dir, start_step, is_master, wandb_project=""):
     """The run's logger. Calling it again (a second run in one process, as the tests do) starts afresh."""
     close_logging()
     log = logging.getLogger(LOGGER_NAME)
@@ -292,6 +313,8 @@ def setup_logging(log_dir, start_step, is_master):
         path = os.path.join(log_dir, name)
         keep_steps_before(path, start_step, step_of, log)
         log.addHandler(LineFileHandler(path, format_line))
+    if wandb_project:
+        log.addHandler(WandbHandler(wandb_project, os.path.basename(os.path.abspath(log_dir)), {"log_dir": log_dir}))
     return log
 
 

@@ -4,6 +4,8 @@ Training runs in-process through train_gpt2.main(argv) on a tiny model; only the
 processes (torchrun, gloo on CPU).
 """
 
+import importlib.util
+import json
 import logging
 import math
 import os
@@ -11,6 +13,8 @@ import re
 import signal
 import subprocess
 import sys
+import types
+from importlib.machinery import ModuleSpec
 
 import numpy as np
 import pytest
@@ -579,3 +583,29 @@ def test_pretraining_steps_count_every_token_as_real(data_dir, tmp_path):
     train = [m for m in run(data_dir, tmp_path / "log", "--max_steps", "2") if m["kind"] == "train"]
     assert [(m["tokens"], m["padding"]) for m in train] == [(64, 0), (64, 0)]
     assert all(m["tokens_per_sec"] == pytest.approx(64 / (m["dt_ms"] / 1000)) for m in train)
+
+
+def test_wandb_gets_the_records_of_metrics_jsonl(data_dir, tmp_path, monkeypatch):
+    logged, calls = [], []
+
+    class FakeRun:
+        def log(self, metrics):
+            logged.append(json.loads(json.dumps(metrics)))  # as metrics.jsonl holds it
+
+        def finish(self):
+            calls.append("finish")
+
+    wandb = types.ModuleType("wandb")  # a stand-in: wandb is not a requirement of the repository
+    wandb.__spec__, wandb.init = ModuleSpec("wandb", None), lambda **kwargs: calls.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    metrics = run(data_dir, tmp_path / "log", "--max_steps", "2", "--wandb_project", "gpt2-test")
+    assert logged == metrics and len(metrics) > 4
+    assert calls[0]["project"] == "gpt2-test" and calls[0]["name"] == "log" and calls[-1] == "finish"
+
+
+def test_wandb_asked_for_but_missing_is_one_message(data_dir, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
+    with pytest.raises(SystemExit, match="--wandb_project needs the wandb package: pip install wandb"):
+        run(data_dir, tmp_path / "log", "--max_steps", "1", "--wandb_project", "x")
+    assert not (tmp_path / "log").exists()  # refused before anything is written
