@@ -624,6 +624,8 @@ def launch(cfg, make_job):
         raise
     finally:
         training_log.close_logging()
+        if finished and dist_info.world_size > 1:
+            device.end_finished_rank()  # never returns: see there
         device.teardown_distributed(finished)
 
 
