@@ -19,7 +19,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Local files when FINEWEB_DATA_FILES is set, otherwise FineWeb-Edu streamed from the hub.
 FINEWEB_SOURCE = $(if $(FINEWEB_DATA_FILES),--data_files $(FINEWEB_DATA_FILES),--streaming)
 
-.PHONY: demo demo-tokenizer demo-chat test setup
+.PHONY: demo demo-tokenizer demo-chat pipeline test setup
 
 setup: $(VENV)/.runtime-installed
 
@@ -50,6 +50,11 @@ demo-tokenizer: $(VENV)/.runtime-installed
 demo-chat: $(VENV)/.runtime-installed
 	$(PY) finetune.py --preset cpu --init $(DEMO_DIR)/model_01500.pt --data_files data/capitals.jsonl --log_dir $(DEMO_DIR)_sft
 	$(PY) chat.py --checkpoint $(DEMO_DIR)_sft/model_00300.pt --prompt "Capital of Japan?"
+
+# The whole pipeline (pipeline.py): tokenizer -> shards -> pretraining -> SFT -> DPO and RL -> chat
+# evaluations -> log/pipeline/report.md. PIPELINE_FLAGS passes more flags, e.g. --preset gpu.
+pipeline: $(VENV)/.runtime-installed
+	$(PY) pipeline.py $(PIPELINE_FLAGS)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q --durations=10

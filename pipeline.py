@@ -157,6 +157,13 @@ def command(run, stage):
     return [*flags, *run.extra.get(stage, [])]
 
 
+def finished_training(log_dir):
+    """Whether a training run in log_dir reached its last step (its metrics.jsonl has the end record):
+    a run stopped by SIGTERM exits 0 too, with a checkpoint to continue from."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    return os.path.exists(path) and any(m["kind"] == "end" for m in read_metrics(path))
+
+
 def launcher(run, stage):
     """python, or torchrun for the training stages on several GPUs."""
     nproc = PRESETS[run.preset]["nproc"]
@@ -221,6 +228,10 @@ def run_stage(run, stage, state):
             raise UserError(
                 f"the {stage} stage failed (exit {result.returncode}): see its output above; run the "
                 f"same command again to continue from where it stopped"
+            )
+        if stage in ("pretrain", *CHAT_STAGES) and not finished_training(run.path(stage)):
+            raise UserError(
+                f"the {stage} stage stopped before its last step (a signal?): run the same command again to continue it"
             )
     state[stage]["seconds"] = time.perf_counter() - started  # of the run that finished it
     save_state(run, state)
