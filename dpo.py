@@ -19,8 +19,10 @@ preference formats:
     {"prompt": "2 + 3?", "chosen": "5", "rejected": "6"}              the prompt as one user turn
     {"chosen": [..., {"role": "assistant", ...}], "rejected": [...]}  the prompt is what both share before the reply
 
-The flags are finetune.py's (--lora_rank, --val_fraction / --val_files, --dtype, ...) with DPO's
-defaults, and --beta, --rpo_alpha; --batch_size counts pairs. The checkpoints are finetune.py's.
+The reference model is --init itself: its log-probs of every pair are computed once, before training,
+and kept with the pairs (with LoRA the model at step 0 is --init, so this is "the adapters off"). The
+flags are finetune.py's (--lora_rank, --val_fraction / --val_files, --dtype, ...) with DPO's defaults,
+and --beta, --rpo_alpha; --batch_size counts pairs. The checkpoints are finetune.py's.
 """
 
 # The loss of one pair: x the prompt, y+ the chosen reply, y- the rejected one, pi the model being
@@ -31,9 +33,9 @@ defaults, and --beta, --rpo_alpha; --batch_size counts pairs. The checkpoints ar
 #     loss = -log sigmoid(reward(y+) - reward(y-))                   ln 2 = 0.6931 at step 0, where pi = ref
 #
 # The DPO paper shows that this is RLHF's objective (maximise a reward, minus beta x the KL divergence
-# from ref) with the reward model solved away: no reward model, no sampling, just two forward passes
-# per pair. beta sets how far pi may move from ref. The gradient, -beta * sigmoid(-margin) for
-# log pi(y+|x) and the opposite for log pi(y-|x), is largest for pairs the model still gets wrong.
+# from ref) with the reward model solved away: no reward model, no sampling, just the log-probs of
+# two replies per pair. beta sets how far pi may move from ref. The gradient, -beta * sigmoid(-margin)
+# for log pi(y+|x) and the opposite for log pi(y-|x), is largest for pairs the model still gets wrong.
 # Nothing in it keeps log pi(y+|x) itself from falling (both may fall, the rejected one faster):
 # --rpo_alpha adds alpha x the chosen reply's mean per-token NLL (RPO, Pang et al. 2024), which does.
 #
@@ -272,8 +274,12 @@ def validate(run, model, batches, pad_id):
 
 
 # ---- the run -----------------------------------------------------------------------------------
-# Defaults, as finetune.FINETUNE_PRESETS (flags given still win). "cpu": the toy task of toy_tasks.py
-# (rows of ~15 tokens) on the demo's model size, in a minute or two on a CPU.
+# Defaults, as finetune.FINETUNE_PRESETS (flags given still win). "cpu": toy_tasks.py's pairs (rows of
+# ~12 tokens) on the demo's model size after finetune.py --preset cpu, a few minutes on 2 CPU cores.
+# With RPO's term: in those pairs the rejected answer is always the right one + 1, and plain DPO
+# learns "say a smaller number": its greedy replies said a + b - 1 or - 2, right on 2 of the 80
+# training sums (3 at --max_lr 3e-5), from 33 after fine-tuning, with a preference accuracy of 1.0 all
+# the same. The NLL of the chosen replies anchors them: 73 of 80 right (held-out sums: 15 of 20, from 10).
 DPO_PRESETS = {
     "dpo": {},
     "cpu": dict(
@@ -281,6 +287,7 @@ DPO_PRESETS = {
         seq_len=32,
         total_batch_size=512,  # 16 pairs per step, one micro-step
         max_lr=1e-4,
+        rpo_alpha=1.0,
         warmup_steps=10,
         max_steps=150,
         eval_interval=25,

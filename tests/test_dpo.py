@@ -214,7 +214,7 @@ def test_dpo_starts_at_ln2_and_learns_the_toy_tasks_preferences(base_checkpoint,
     """A tiny random model, trained on toy_tasks.py's pairs and validated on the same pairs: at step 0
     the model is its own reference (loss ln 2, no reply wins), then the right sums win."""
     log_dir = tmp_path / "dpo"
-    learn = "--beta 1.0 --max_lr 3e-2 --batch_size 16 --total_batch_size 512 --max_steps 40 --eval_interval 20".split()
+    learn = "--beta 1.0 --max_lr 3e-2 --batch_size 16 --total_batch_size 512 --max_steps 30 --eval_interval 15".split()
     argv = ["--init", base_checkpoint, "--data_files", toy_pairs, "--val_files", toy_pairs, "--log_dir", str(log_dir)]
     dpo.main([*argv, *FLAGS, *learn])
     train, val = records(log_dir, "train"), records(log_dir, "val")
@@ -222,18 +222,18 @@ def test_dpo_starts_at_ln2_and_learns_the_toy_tasks_preferences(base_checkpoint,
     assert val[0]["loss"] == pytest.approx(LN2, abs=1e-7)
     for first in (train[0], val[0]):  # the reference is the model: the same numbers, bit for bit
         assert first["chosen_reward"] == first["rejected_reward"] == first["margin"] == first["accuracy"] == 0.0
-    assert [v["step"] for v in val] == [0, 20, 40]
-    assert 0 < val[1]["margin"] < val[2]["margin"] and val[2]["margin"] > 0.5  # 0.58, 0.66
-    assert 0.6 < val[1]["accuracy"] < val[2]["accuracy"] and val[2]["accuracy"] > 0.85  # 0.74, 0.91
-    assert val[2]["loss"] < 0.5  # 0.45
+    assert [v["step"] for v in val] == [0, 15, 30]
+    assert 0 < val[1]["margin"] < val[2]["margin"] and val[2]["margin"] > 0.4  # 0.42, 0.52
+    assert 0.6 < val[1]["accuracy"] < val[2]["accuracy"] and val[2]["accuracy"] > 0.8  # 0.78, 0.84
+    assert val[2]["loss"] < 0.55  # 0.51
     first, last = train[1:11], train[-10:]
-    assert sum(m["accuracy"] for m in first) / 10 < 0.6 < 0.8 < sum(m["accuracy"] for m in last) / 10  # 0.43, 0.86
+    assert sum(m["accuracy"] for m in first) / 10 < 0.6 < 0.7 < sum(m["accuracy"] for m in last) / 10  # 0.43, 0.79
     assert all(m["margin"] > 0 for m in last)
     # the checkpoint is a chat model as finetune.py writes them: sample.py, chat.py and chat_eval.py load it
-    saved = checkpoint.load_checkpoint(str(log_dir / "model_00040.pt"))
+    saved = checkpoint.load_checkpoint(str(log_dir / "model_00030.pt"))
     assert saved["template"]["name"] == "chat-v1" and saved["tokenizer"]["name"] == "gpt2-chat"
     assert saved["init"]["path"] == base_checkpoint and saved["lora"] is None
-    assert checkpoint.model_from_checkpoint(str(log_dir / "model_00040.pt")).config.vocab_size == 50261
+    assert checkpoint.model_from_checkpoint(str(log_dir / "model_00030.pt")).config.vocab_size == 50261
 
 
 def test_lora_starts_at_ln2_and_resumes_exactly(base_checkpoint, toy_pairs, tmp_path):
