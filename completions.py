@@ -33,10 +33,10 @@ def chat_reply_row(messages, reply, tokenizer):
     return reply_row(prompt, whole[len(prompt) :])
 
 
-def pad_rows(rows, pad_id, device):
-    """(x, y), each (B, L) int64 on device, from (x, y) token lists: right-padded to the longest, y -1
-    on the padding."""
-    L = max(len(x) for x, _ in rows)
+def pad_rows(rows, pad_id, device, length=None):
+    """(x, y), each (B, L) int64 on device, from (x, y) token lists: right-padded to L = length (or the
+    longest row), y -1 on the padding."""
+    L = length or max(len(x) for x, _ in rows)
     x = torch.full((len(rows), L), pad_id, dtype=torch.long)
     y = torch.full((len(rows), L), -1, dtype=torch.long)
     for b, (xs, ys) in enumerate(rows):

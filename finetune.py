@@ -287,6 +287,19 @@ def tokenized_rows(rows, is_chat, tokenizer, seq_len, what):
     return tokenized
 
 
+def hold_out(rows, val_fraction, seed):
+    """(training rows, validation rows): a seeded val_fraction of the rows held out, the same on every
+    rank and at every resume (dpo.py splits its pairs with it too)."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = max(1, round(val_fraction * len(rows))) if val_fraction > 0 else 0
+    if n_val == 0 or n_val >= len(rows):
+        raise UserError(
+            f"{len(rows)} row(s): cannot hold out a validation set; pass --val_files, or --val_fraction above 0 "
+            f"with more rows"
+        )
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
 @dataclass
 class Base:
     """The weights fine-tuning (and dpo.py, rl.py) start from, and what their checkpoints record of them."""
@@ -340,15 +353,8 @@ def finetuning_job(cfg, dist_info):
     if cfg.val_files:
         val_rows = read_rows(cfg.val_files, None, cfg)
         val_rows = tokenized_rows(val_rows, is_chat, tokenizer, cfg.seq_len, "validation data")
-    else:  # a seeded split of the rows (of the windows, for plain text): the same on every rank and resume
-        order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
-        n_val = max(1, round(cfg.val_fraction * len(train_rows))) if cfg.val_fraction > 0 else 0
-        if n_val == 0 or n_val >= len(train_rows):
-            raise UserError(
-                f"{len(train_rows)} row(s): cannot hold out a validation set; pass --val_files, or "
-                f"--val_fraction above 0 with more rows"
-            )
-        val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
+    else:  # a seeded split of the rows (of the windows, for plain text)
+        train_rows, val_rows = hold_out(train_rows, cfg.val_fraction, cfg.seed)
     if len(train_rows) < cfg.batch_size * dist_info.world_size:  # a step would read some rows twice
         raise UserError(
             f"{len(train_rows)} training rows, fewer than one micro-step's {dist_info.world_size} x "
