@@ -276,7 +276,7 @@ class FixedBatchJob:
     """What train_gpt2.train_step reads of a Job, for timing it: a train_loader that gives the same
     (x, y) at every next_batch() (this object itself), and the loss (next-token prediction)."""
 
-    pads_rows = False
+    pads_rows, rows_per_example = False, 1
 
     def __init__(self, x, y):
         from train_gpt2 import lm_loss

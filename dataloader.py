@@ -43,6 +43,7 @@ class DataLoaderLite:
     crash deep in the embedding (or a CUDA device-side assert)."""
 
     pads_rows = False  # every token of a batch is real: last_batch_tokens is always B * T
+    rows_per_example = 1
 
     def __init__(
         self,

@@ -208,6 +208,8 @@ class PairLoader(RowLoader):
     RowLoader deals rows (one seeded stream, its position one integer): resume is exact on any
     number of processes, and the reference log-probs come with each pair."""
 
+    rows_per_example = 2  # a chosen and a rejected reply, in one forward
+
     def __init__(self, pairs, B, **kwargs):
         # RowLoader's set-up over the token rows (its T, and the fingerprint a resume checks), then
         # its dealing over the pairs

@@ -110,6 +110,7 @@ class RowLoader:
     its s-th call; the position is one integer, so resuming is exact on any number of processes."""
 
     pads_rows = True  # last_batch_tokens: the real tokens of the last batch, its padding left out
+    rows_per_example = 1
 
     def __init__(self, rows, B, process_rank=0, num_processes=1, shuffle=False, seed=0, device="cpu", pad_id=0):
         self.rows, self.B, self.T = rows, B, max(len(x) for x, _ in rows)  # T: the longest row

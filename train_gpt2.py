@@ -456,8 +456,8 @@ class Job:
 
     tokenizer: object
     model_config: GPTConfig
-    # next_batch() -> (x, y), last_batch_tokens (the real ones), pads_rows, reset(), epoch, state_dict(),
-    # load_state_dict()
+    # next_batch() -> a batch (pretraining: x, y), last_batch_tokens (the real ones), pads_rows,
+    # rows_per_example, reset(), epoch, state_dict(), load_state_dict()
     train_loader: object
     val_loader: object
     val_steps: int  # batches per process of each validation loss
@@ -556,13 +556,13 @@ def train(cfg, dist_info, job):
     if dist_info.world_size > 1 and not sharded:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device_type == "cuda" else None)
     timer = training_log.StepTimer(
-        cfg.total_batch_size,
+        training_log.token_slots(cfg, job.train_loader),
         model.flops_per_token(T),
         device.peak_flops(dist_info.device, precision.dtype),
         cfg.max_steps,
         start_step,
     )
-    training_log.log_run_summary(run, job.train_loader.pads_rows, model, compiled, grad_accum_steps, start_step)
+    training_log.log_run_summary(run, job.train_loader, model, compiled, grad_accum_steps, start_step)
     if resumed:
         resume.restore_rng(resumed, dist_info)  # last, after everything that draws at startup
     del resumed  # the optimizer state inside is a second copy of it

@@ -53,7 +53,7 @@ def format_results(name, results):
     return " ".join([name] + [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()])
 
 
-def log_run_summary(run, padded, model, compiled, grad_accum_steps, start_step):
+def log_run_summary(run, loader, model, compiled, grad_accum_steps, start_step):
     """The setup and the values derived from it, once at the start; and where every value that differs
     from its default came from (cfg.sources: a preset, the model table, the recipe, or a flag)."""
     cfg, precision, world_size = run.cfg, run.precision, run.dist.world_size
@@ -72,9 +72,11 @@ def log_run_summary(run, padded, model, compiled, grad_accum_steps, start_step):
         f"recipe: {', '.join(switches) or 'GPT-2'}; {optimizer}\n"
         f"model: {model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{model.flops_per_token(T) / 1e9:.3f} GFLOP per token (training)\n"
-        f"batch: {cfg.total_batch_size:,} {'token slots' if padded else 'tokens'} per step = batch_size {B} x "
-        f"seq_len {T} x {world_size} process(es) x grad_accum_steps {grad_accum_steps}"
-        f"{' (rows are padded: each step line counts its real tokens)' if padded else ''}\n"
+        f"batch: {token_slots(cfg, loader):,} {'token slots' if loader.pads_rows else 'tokens'} per step = batch_size "
+        f"{B} x seq_len {T} x {world_size} process(es) x grad_accum_steps {grad_accum_steps}"
+        + (f" x {loader.rows_per_example} rows per example" if loader.rows_per_example > 1 else "")
+        + (" (rows are padded: each step line counts its real tokens)" if loader.pads_rows else "")
+        + "\n"
         f"schedule: {cfg.max_steps} steps = {cfg.max_steps * cfg.total_batch_size / 1e9:.3g}B tokens; "
         f"warmup {cfg.warmup_steps} steps to lr {cfg.max_lr:g}, then {decay} to {cfg.max_lr * cfg.min_lr_ratio:g}\n"
         f"not the defaults: {changed or 'none'}",
@@ -98,6 +100,12 @@ def log_run_end(run, steps, seconds, results):
         kind="end",
         seconds=seconds,
     )
+
+
+def token_slots(cfg, loader):
+    """Token positions a step computes at most: --total_batch_size, times the rows each example takes
+    (DPO: a chosen and a rejected reply)."""
+    return cfg.total_batch_size * loader.rows_per_example
 
 
 class StepTimer:
