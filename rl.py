@@ -31,11 +31,13 @@ the same teaches nothing (A = 0: `no_signal` counts such groups). Left out, on p
   - PPO/GRPO's clipped ratio p/p_old: it matters when one batch of rollouts is trained on for several
     steps. Here each batch is sampled by the very weights it trains, once, so the ratio is exactly 1
     and the clip never acts (tests/test_rl.py checks the gradient against the ratio form's).
-  - a KL penalty towards a reference model: it costs a second model's memory and forward pass, and
-    recent recipes for verifiable rewards drop it (DAPO, Yu et al. 2025; Dr. GRPO, Liu et al. 2025;
-    nanochat's RL). The small LR and few steps keep the model near its start.
+  - by default, a KL penalty towards a reference model: it costs a second model's memory and forward
+    pass, and recent recipes for verifiable rewards drop it (DAPO, Yu et al. 2025; Dr. GRPO, Liu et
+    al. 2025; nanochat's RL). The small LR and few steps keep the model near its start. --kl_beta B
+    adds B x KL(model || the --init model), estimated per sampled token with Schulman's k3 (rl_loss).
 """
 
+import copy
 import hashlib
 import importlib
 import numbers
@@ -43,6 +45,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -94,6 +97,7 @@ class RLConfig(FinetuneConfig):
     temperature: float = flag(1.0, "of the sampled replies: 1 samples the model's own distribution, the one trained")
     max_new_tokens: int = flag(256, "tokens per reply at most (GSM8K's train solutions: 99% under 185)", low=1)
     normalize_std: bool = flag(False, "divide each advantage by its group's reward std (GRPO; Dr. GRPO drops it)")
+    kl_beta: float = flag(0.0, "weight of a KL penalty towards the --init model, k3 estimator (0: no reference)", 0)
     eval_samples: int = flag(1, "sampled replies per held-out prompt at each evaluation (pass@1, pass@k)", low=1)
     bench_rollouts: bool = flag(False, "measure rollout tokens/s, batched and one prompt at a time, then exit")
     # the defaults of finetune.py's flags that RL sets otherwise
@@ -283,6 +287,8 @@ class RolloutBatch:
     weights: torch.Tensor  # (B, L) float32: each target's advantage x the step's scale (below), 0 elsewhere
     figures: dict  # 0-dim tensors: this micro-batch's means, which train_step averages into the step's
     tokens: int  # real tokens (prompt + reply)
+    scale: float  # grad_accum_steps x world_size / N: a sum over this micro-batch x scale is its share of the step's
+    ref_logp: torch.Tensor = None  # (B, L) log p_ref(y) of the reference model (--kl_beta), 0 off the reply
 
 
 def step_batches(rollouts, group_size, batch_size, normalize_std, world_size, pad_id, device_name):
@@ -313,14 +319,23 @@ def step_batches(rollouts, group_size, batch_size, normalize_std, world_size, pa
             "cut": torch.tensor([float(r.reply.cut) for r in part]).mean(),
         }
         figures = {name: value.to(device_name) for name, value in figures.items()}
-        batches.append(RolloutBatch(x, y, weights, figures, sum(len(xs) for xs, _ in rows)))
+        batches.append(RolloutBatch(x, y, weights, figures, sum(len(xs) for xs, _ in rows), scale))
     return batches
 
 
-def rl_loss(model, batch):
-    """The policy-gradient loss of a RolloutBatch: -sum(weight x log p(target)), and its figures."""
+def rl_loss(model, batch, kl_beta=0.0):
+    """The policy-gradient loss of a RolloutBatch, -sum(weight x log p(target)), and its figures; with
+    kl_beta (and the batch's ref_logp) plus kl_beta x the KL estimate, itself a figure."""
     logp = token_logprobs(model, batch.x, batch.y)  # (B, L), 0 off the reply
-    return -(batch.weights * logp).sum(), batch.figures
+    loss = -(batch.weights * logp).sum()
+    if not kl_beta:
+        return loss, batch.figures
+    # k3 (Schulman 2020, "Approximating KL Divergence"): exp(r) - r - 1 with r = log p_ref - log p of a
+    # token sampled from p is >= 0 and, in expectation, KL(p || p_ref); 0 off the reply, where r = 0.
+    # Summed x scale as the loss is, the step's figure is the mean over its reply tokens.
+    r = batch.ref_logp - logp
+    kl = ((torch.exp(r) - r - 1) * (batch.y >= 0)).sum() * batch.scale
+    return loss + kl_beta * kl, {**batch.figures, "kl": kl.detach()}
 
 
 class RolloutLoader:
@@ -338,7 +353,7 @@ class RolloutLoader:
 
     pads_rows = True
 
-    def __init__(self, prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps):
+    def __init__(self, prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps, reference=None):
         self.prompts, self.rows, self.reward, self.tokenizer, self.cfg = prompts, rows, reward, tokenizer, cfg
         self.rank, self.world_size, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.grad_accum_steps = grad_accum_steps
@@ -347,6 +362,7 @@ class RolloutLoader:
         ids = np.array([token for prompt in prompts for token in [len(prompt), *prompt]], dtype=np.int64)
         self.fingerprint = hashlib.sha256(ids.tobytes()).hexdigest()  # which prompts, in which order
         self.policy = None  # the model being trained: Job.make_model sets it
+        self.reference = reference  # --kl_beta: the frozen --init model, else None
         self.last_batch_tokens = 0
         self._order_epoch = self._order = None
         self.reset()
@@ -391,7 +407,12 @@ class RolloutLoader:
             for i, (prompt, reply) in enumerate(zip(prompts, replies))
         ]
         args = (cfg.batch_size, cfg.normalize_std, self.world_size, self.tokenizer.eot, self.device)
-        return step_batches(rollouts, G, *args)
+        batches = step_batches(rollouts, G, *args)
+        if self.reference is not None:
+            with torch.no_grad(), self.precision.autocast():
+                for batch in batches:
+                    batch.ref_logp = token_logprobs(self.reference, batch.x, batch.y)
+        return batches
 
     def next_batch(self):
         if not self.pending:
@@ -443,7 +464,10 @@ def rl_job(cfg, dist_info):
     prompts = prompt_ids(task, rows, tokenizer, cfg, "training prompts")
     prompt_ids(task, val_rows, tokenizer, cfg, "held-out prompts")
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
-    loader = RolloutLoader(prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps)
+    reference = None
+    if cfg.kl_beta:  # the --init weights, frozen (a copy made before make_model adds LoRA's adapters)
+        reference = copy.deepcopy(base.model).to(dist_info.device).eval().requires_grad_(False)
+    loader = RolloutLoader(prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps, reference)
     per_step = loader.prompts_per_rank * dist_info.world_size
     if len(prompts) < per_step:  # a step would take some prompts twice
         raise UserError(
@@ -471,7 +495,7 @@ def rl_job(cfg, dist_info):
         make_model,
         get_lr=lambda step: sft_lr(step, cfg),
         checkpoint_extra=base.record,
-        loss=rl_loss,
+        loss=partial(rl_loss, kl_beta=cfg.kl_beta),
         validate=lambda run, model: validate(run, model, task, val_rows, reward),
     )
 

@@ -23,6 +23,7 @@ import finetune
 import rl
 import toy_tasks
 from chat_template import render_prompt
+from completions import token_logprobs
 from device import DistInfo, setup_precision
 from errors import UserError
 from model import GPT, GPTConfig
@@ -132,6 +133,37 @@ def test_rows_train_on_the_reply_and_its_end_only_and_an_empty_micro_batch_is_ze
     batch.y.fill_(-1)
     loss, _ = rl.rl_loss(tiny(), batch)
     assert loss.item() == 0.0
+
+
+def test_the_kl_penalty_is_k3_of_the_reference_model_and_zero_against_the_model_itself():
+    model, reference = tiny(seed=1), tiny(seed=2)
+    (batch,) = rl.step_batches(STEP, 2, 8, False, 1, 0, "cpu")
+    with torch.no_grad():
+        batch.ref_logp = token_logprobs(reference, batch.x, batch.y)
+    loss, figures = rl.rl_loss(model, batch, kl_beta=0.5)
+    k3 = []  # exp(d) - d - 1, d = log q - log p of each reply token: one row at a time, log_softmax
+    with torch.no_grad():
+        for r in STEP:
+            ids = torch.tensor([r.prompt + r.reply.ids])
+            log_p = F.log_softmax(model(ids[:, :-1])[0].float(), dim=-1)[0]
+            log_q = F.log_softmax(reference(ids[:, :-1])[0].float(), dim=-1)[0]
+            for i, token in enumerate(r.reply.ids, start=len(r.prompt) - 1):
+                d = (log_q[i, token] - log_p[i, token]).item()
+                k3.append(math.exp(d) - d - 1)
+        advantages = rl.group_advantages([r.reward for r in STEP], 2).tolist()
+        policy_gradient = oracle_loss(model, STEP, advantages).item()
+    assert figures["kl"].item() == pytest.approx(sum(k3) / len(k3), rel=1e-4)
+    assert loss.item() == pytest.approx(policy_gradient + 0.5 * sum(k3) / len(k3), rel=1e-4)
+    # the model against itself: the estimate is 0 and so is its gradient (1 - exp(0))
+    batch.ref_logp = token_logprobs(model, batch.x, batch.y).detach()
+    loss, figures = rl.rl_loss(model, batch, kl_beta=0.5)
+    loss.backward()
+    assert figures["kl"].item() == 0.0
+    with_kl = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    rl.rl_loss(model, batch)[0].backward()
+    for a, b in zip(with_kl, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 # ---- the normalisation over micro-steps and processes -----------------------------------------
@@ -268,7 +300,8 @@ def rl_flags(toy_sft, toy_data, log_dir, *more):
 
 def test_the_toy_task_trains_logs_its_figures_and_saves_a_checkpoint_chat_eval_loads(toy_sft, toy_data, tmp_path):
     log_dir = tmp_path / "rl"
-    rl.main(rl_flags(toy_sft, toy_data, log_dir, "--max_steps", "4", "--eval_interval", "4", "--eval_samples", "2"))
+    more = ["--max_steps", "4", "--eval_interval", "4", "--eval_samples", "2", "--kl_beta", "0.1"]
+    rl.main(rl_flags(toy_sft, toy_data, log_dir, *more))
     metrics = read_metrics(log_dir / "metrics.jsonl")
     train = [m for m in metrics if m["kind"] == "train"]
     assert len(train) == 4
@@ -276,6 +309,7 @@ def test_the_toy_task_trains_logs_its_figures_and_saves_a_checkpoint_chat_eval_l
         assert 0 <= m["reward"] <= 1 and 0 <= m["no_signal"] <= 1 and 0 <= m["cut"] <= 1
         assert 1 <= m["reply_len"] <= 3 and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     assert any(0 < m["reward"] < 1 and m["no_signal"] < 1 for m in train)  # some groups had something to learn
+    assert train[0]["kl"] == 0 and all(m["kl"] > 0 for m in train[1:])  # the reference is the model at step 0
     val = [m for m in metrics if m["kind"] == "val"]
     assert [m["step"] for m in val] == [0, 4] and all({"greedy_acc", "pass@1", "pass@2"} <= set(m) for m in val)
     # the checkpoint is a chat model's (sample.py, chat.py, chat_eval.py load it): evaluated on its own,
