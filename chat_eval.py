@@ -151,7 +151,8 @@ def gsm8k_check(reply, example, match):
 
 
 def rows_check(reply, example, match):
-    return VERIFIERS[match](reply, example["answer"])
+    """match: a name of VERIFIERS, or a function (reply, example) -> a score in [0, 1] (rl.py's --reward)."""
+    return match(reply, example) if callable(match) else VERIFIERS[match](reply, example["answer"])
 
 
 # ---- multiple choice: ARC and MMLU as one kind of task -----------------------------------------
@@ -358,7 +359,7 @@ class EvalSettings:
     temperature: float = 0.0  # 0: greedy, one reply per problem
     batch_size: int = 8  # rows generated (or scored) at once
     seed: int = 1337  # of the sampling; rank r uses seed + r
-    match: str = "exact"  # your rows: how a reply is checked against the answer (VERIFIERS)
+    match: object = "exact"  # your rows: how a reply is checked (a name of VERIFIERS, or rows_check's function)
 
 
 def check_settings(settings):
