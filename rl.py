@@ -353,7 +353,7 @@ class RolloutLoader:
     makes a resumed run take the same prompts, and the sampling's generator, seeded from (seed,
     position, rank), the same replies."""
 
-    pads_rows = True
+    pads_rows, rows_per_example = True, 1
 
     def __init__(self, prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps, reference=None):
         self.prompts, self.rows, self.reward, self.tokenizer, self.cfg = prompts, rows, reward, tokenizer, cfg
