@@ -312,6 +312,10 @@ def stage_numbers(log_dir):
     return numbers
 
 
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def figure(value):
     return f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
 
@@ -329,7 +333,7 @@ def write_report(run, state):
     for stage in STAGES:
         done = state.get(stage, {})
         seconds = done.get("seconds")
-        when = "not run" if not done else "running or stopped" if seconds is None else f"{seconds / 60:.1f} min"
+        when = "not run" if not done else "running or stopped" if seconds is None else duration(seconds)
         cmd = f"`{shlex.join(done['command'])}`" if done else ""
         lines.append(f"| {stage} | {when} | {cmd} |")
     for stage in ("pretrain", *CHAT_STAGES):
