@@ -77,3 +77,15 @@ def parse_layered(argv, config_class, layers, description=None, hidden=()):
     defaults = {f.name: f.default for f in fields(config_class)}
     cfg.sources = {name: sources[name] for name in values if values[name] != defaults[name]}
     return cfg
+
+
+def preset_layers(presets):
+    """The layers of a script whose defaults change with --preset alone (finetune.py, dpo.py, rl.py):
+    presets[--preset], the first preset when none is given."""
+    default = next(iter(presets))
+
+    def layers(flags):
+        preset = flags.get("preset", default)
+        return [(f"preset {preset}", presets[preset])]
+
+    return layers

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import device
 from chat_template import check_conversation
 from completions import chat_reply_row, pad_rows, reply_logprobs, token_logprobs
-from config import flag, parse_layered
+from config import flag, parse_layered, preset_layers
 from errors import UserError, exit_on_error
 from finetune import HIDDEN, FinetuneConfig, RowLoader, hold_out, load_base, read_rows
 from optim import sft_lr
@@ -333,12 +333,6 @@ class DPOConfig(FinetuneConfig):
     val_steps: int = flag(20, "batches of pairs per process for the validation figures, each pair read once", low=1)
 
 
-def dpo_layers(flags):
-    """The defaults under the flags: --preset's (the shape and recipe come from --init)."""
-    preset = flags.get("preset", "dpo")
-    return [(f"preset {preset}", DPO_PRESETS[preset])]
-
-
 def dpo_job(cfg, dist_info):
     """The Job of train_gpt2.train: the --init model (with LoRA adapters if asked), the pairs with
     their reference log-probs, DPO's loss and validation, fine-tuning's LR schedule."""
@@ -394,7 +388,7 @@ def dpo_job(cfg, dist_info):
 
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, DPOConfig, dpo_layers, __doc__, HIDDEN), dpo_job)
+    launch(parse_layered(argv, DPOConfig, preset_layers(DPO_PRESETS), __doc__, HIDDEN), dpo_job)
 
 
 if __name__ == "__main__":

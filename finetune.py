@@ -31,7 +31,7 @@ import torch
 import checkpoint
 import documents
 from chat_template import chat_template, check_conversation, render_conversation
-from config import flag, parse_layered
+from config import flag, parse_layered, preset_layers
 from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
@@ -261,12 +261,6 @@ HIDDEN = (
 )
 
 
-def finetuning_layers(flags):
-    """The defaults under the flags: --preset's (the shape and recipe come from --init)."""
-    preset = flags.get("preset", "sft")
-    return [(f"preset {preset}", FINETUNE_PRESETS[preset])]
-
-
 def read_rows(files, dataset, cfg):
     """Every row of --data_files (or of --dataset), as documents.py's readers give them: dicts, or the
     text of a .txt file."""
@@ -395,7 +389,7 @@ def finetuning_job(cfg, dist_info):
 
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, FinetuneConfig, finetuning_layers, __doc__, HIDDEN), finetuning_job)
+    launch(parse_layered(argv, FinetuneConfig, preset_layers(FINETUNE_PRESETS), __doc__, HIDDEN), finetuning_job)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch
 import chat_eval
 import device
 from completions import pad_rows, reply_row, token_logprobs
-from config import flag, parse_layered
+from config import flag, parse_layered, preset_layers
 from dataloader import permutation
 from errors import UserError, exit_on_error
 from finetune import HIDDEN, FinetuneConfig, load_base, read_rows
@@ -116,11 +116,6 @@ class RLConfig(FinetuneConfig):
     eval_limit: int = flag(0, "evaluate on the first N held-out prompts (0: all; GSM8K's test split has 1,319)", 0)
     ckpt_interval: int = flag(50, "steps between checkpoints (0: only the one written at the end)", low=0)
     log_interval: int = flag(1, "print every N-th step (log.txt and metrics.jsonl get every step)", low=1)
-
-
-def rl_layers(flags):
-    preset = flags.get("preset", "rl")
-    return [(f"preset {preset}", RL_PRESETS[preset])]
 
 
 def check_rl_config(cfg, world_size):
@@ -548,7 +543,7 @@ def run_bench(cfg):
 
 @exit_on_error
 def main(argv=None):
-    cfg = parse_layered(argv, RLConfig, rl_layers, __doc__, (*HIDDEN, "val_steps"))
+    cfg = parse_layered(argv, RLConfig, preset_layers(RL_PRESETS), __doc__, (*HIDDEN, "val_steps"))
     if cfg.bench_rollouts:
         return run_bench(cfg)
     launch(cfg, rl_job)
