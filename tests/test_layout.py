@@ -2,6 +2,7 @@
 one formatter and linter (ruff, configured in pyproject.toml)."""
 
 import ast
+import re
 import os
 import shutil
 import subprocess
@@ -101,3 +102,11 @@ def test_the_tree_passes_ruff(command):
         pytest.skip("ruff is not installed (requirements-test.txt)")
     result = subprocess.run([ruff, *command, "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_layout_table_names_every_file_and_only_files_that_exist():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| file | the one concern it owns |") :]
+    table = table[: table.index("\n\n")]
+    named = set(re.findall(r"`([a-z_0-9]+\.(?:py|html))`", table))
+    assert named == {f"{module}.py" for module in MODULES} | {"chat.html"}
