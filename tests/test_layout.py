@@ -2,8 +2,8 @@
 one formatter and linter (ruff, configured in pyproject.toml)."""
 
 import ast
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
