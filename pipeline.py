@@ -149,8 +149,10 @@ def command(run, stage):
         flags = ["dpo.py", *p["chat"], "--init", init(run, "sft"), "--data_files", f"{addition}/pairs.jsonl"]
         flags += ["--log_dir", run.path("dpo")]
     elif stage == "rl":
-        data = ["--task", "gsm8k"] if p["gsm8k"] else ["--data_files", f"{addition}/prompts.jsonl"]
-        flags = ["rl.py", *p["chat"], "--init", init(run, "sft"), *data, "--val_files", f"{addition}/heldout.jsonl"]
+        data = ["--task", "gsm8k"]  # validated on GSM8K's test split
+        if not p["gsm8k"]:
+            data = ["--data_files", f"{addition}/prompts.jsonl", "--val_files", f"{addition}/heldout.jsonl"]
+        flags = ["rl.py", *p["chat"], "--init", init(run, "sft"), *data]
         flags += ["--num_samples", "8", "--log_dir", run.path("rl")]
     else:  # the chat evaluations run in this process: see evaluate_chat
         return ["pipeline.py", "--stage", "evals", "--preset", run.preset, "--out_dir", run.out_dir]
