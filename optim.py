@@ -1,6 +1,7 @@
 """
-The optimizer: parameter groups, AdamW (or Muon + AdamW), and the learning-rate schedules of
-pretraining and fine-tuning, with how the loop applies them to every group.
+The optimizer: the update rules from SGD to AdamW as a lesson, then the parameter groups, AdamW (or
+Muon + AdamW, or a lesson rule's torch.optim class) and the learning-rate schedules of pretraining
+and fine-tuning, with how the loop applies them to every group.
 
     optimizer = make_optimizer(model, cfg, "cuda")      # cfg: train_gpt2.TrainConfig's optimizer fields
     set_lr(optimizer, get_lr(step, cfg))                # each step, before optimizer.step()
@@ -9,6 +10,86 @@ pretraining and fine-tuning, with how the loop applies them to every group.
 import math
 
 import torch
+
+# ---- The optimizer lesson ----
+# Each update rule below fixes one problem of the one before it, in a few lines over a parameter
+# tensor p, its gradient and a state dict (the optimizer's memory between steps): each returns the
+# new parameter and the new state and changes neither argument. Training itself uses torch.optim's
+# classes (fused kernels where they exist, see build_optimizer); tests/test_optim.py checks that each
+# rule here takes exactly the steps its torch.optim class takes. The last lesson, Muon (Jordan et
+# al. 2024), is torch.optim.Muon in MuonWithAdamW: momentum SGD whose update matrix is
+# orthogonalised (Newton-Schulz steps), so that every direction of a matrix moves by the same
+# amount, where Adam moves each entry on its own.
+#
+# weight_decay in the rules before AdamW is L2 regularisation: wd * p added to the gradient
+# ("coupled": it then goes through the momentum and the adaptive scaling like any gradient).
+
+
+def sgd_step(p, grad, state, lr, weight_decay=0.0):
+    """SGD: p <- p - lr * (g + wd * p). Step downhill. Problem: in a narrow valley it zig-zags across
+    the steep walls and crawls along the floor, and a noisy gradient moves it at random."""
+    g = grad + weight_decay * p
+    return p - lr * g, state
+
+
+def sgd_momentum_step(p, grad, state, lr, momentum, weight_decay=0.0):
+    """SGD with momentum (Polyak 1964): b <- mu * b + g (b = g at the first step); p <- p - lr * b.
+    Fixes SGD's zig-zag: the gradient's steady part adds up over about 1 / (1 - mu) steps, the part
+    that flips sign cancels. Problem: the velocity overshoots, it only sees where p was."""
+    g = grad + weight_decay * p
+    b = g if "momentum_buffer" not in state else momentum * state["momentum_buffer"] + g
+    return p - lr * b, {"momentum_buffer": b}
+
+
+def nesterov_step(p, grad, state, lr, momentum, weight_decay=0.0):
+    """Nesterov momentum (Sutskever et al. 2013's form): b <- mu * b + g; p <- p - lr * (g + mu * b).
+    Fixes momentum's overshoot: the step looks ahead along the velocity it is about to take, so a
+    turn in the gradient brakes it one step sooner. Problem (of all three): one LR for every
+    parameter, though some gradients are a thousand times smaller than others."""
+    g = grad + weight_decay * p
+    b = g if "momentum_buffer" not in state else momentum * state["momentum_buffer"] + g
+    return p - lr * (g + momentum * b), {"momentum_buffer": b}
+
+
+def adagrad_step(p, grad, state, lr, eps=1e-10, weight_decay=0.0):
+    """AdaGrad (Duchi et al. 2011): s <- s + g^2; p <- p - lr * g / (sqrt(s) + eps). Fixes the one LR:
+    each parameter's step is divided by the size of its own gradients so far, so rare and small
+    gradients get large steps. Problem: s only grows, so the steps shrink toward 0 and training stalls."""
+    g = grad + weight_decay * p
+    s = state.get("sum", torch.zeros_like(p)) + g * g
+    return p - lr * g / (s.sqrt() + eps), {"sum": s}
+
+
+def rmsprop_step(p, grad, state, lr, alpha=0.99, eps=1e-8, weight_decay=0.0):
+    """RMSProp (Hinton's 2012 lecture notes): v <- alpha * v + (1 - alpha) * g^2;
+    p <- p - lr * g / (sqrt(v) + eps). Fixes AdaGrad's stall: a moving average of g^2 forgets old
+    gradients, so the steps stop shrinking. Problem: no momentum, and v starts at 0, so the first
+    steps divide by a v that is too small: they are too large."""
+    g = grad + weight_decay * p
+    v = alpha * state.get("square_avg", torch.zeros_like(p)) + (1 - alpha) * g * g
+    return p - lr * g / (v.sqrt() + eps), {"square_avg": v}
+
+
+def adam_step(p, grad, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """Adam (Kingma and Ba 2015): m <- b1 * m + (1 - b1) * g; v <- b2 * v + (1 - b2) * g^2 at step t;
+    p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). Momentum and RMSProp together,
+    and the bias correction fixes the first steps: m and v start at 0, so at step t they are only
+    1 - b^t of the average they estimate; dividing by that undoes it. Problem: L2 weight decay goes
+    through the division by sqrt(v), so parameters with large gradients are hardly decayed at all."""
+    b1, b2 = betas
+    g = grad + weight_decay * p
+    t = state.get("step", 0) + 1
+    m = b1 * state.get("exp_avg", torch.zeros_like(p)) + (1 - b1) * g
+    v = b2 * state.get("exp_avg_sq", torch.zeros_like(p)) + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), {"step": t, "exp_avg": m, "exp_avg_sq": v}
+
+
+def adamw_step(p, grad, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    """AdamW (Loshchilov and Hutter 2019): p <- p - lr * wd * p, then Adam's step without L2.
+    Fixes Adam's weight decay: decoupled from the gradient, every weight shrinks by the same factor
+    1 - lr * wd per step whatever its gradient's size. GPT-2 is trained with it (GPT-3 appendix B)."""
+    return adam_step(p * (1 - lr * weight_decay), grad, state, lr, betas, eps)
 
 
 def configure_optimizers(
@@ -22,14 +103,17 @@ def configure_optimizers(
     muon_momentum=0.95,
     embed_lr=0.0,
     head_lr=0.0,
+    optimizer="adamw",
 ):
-    """AdamW with weight decay on the matrices (matmul weights and embeddings) only.
+    """AdamW (or optimizer's rule) with weight decay on the matrices (matmul weights and embeddings) only.
     Biases and LayerNorm gains are 1-D: decaying them toward zero only hurts.
 
     The modern recipe splits the parameters into groups with LRs of their own: embed_lr for the
     embeddings, head_lr for an untied output layer (0: learning_rate), and, with muon_lr > 0,
     Muon for the blocks' matrices (then a MuonWithAdamW). Each group's "lr_scale" is its peak LR
-    over learning_rate: the training loop sets lr = schedule * lr_scale (GPT-2's groups: 1.0)."""
+    over learning_rate: the training loop sets lr = schedule * lr_scale (GPT-2's groups: 1.0).
+    optimizer names the update rule of the groups Muon does not take (OPTIMIZERS; the lesson above);
+    every rule gets the same groups, so weight decay stays off the 1-D parameters whichever it is."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     embedding_names, head_name = ("transformer.wte.weight", "transformer.wpe.weight"), "lm_head.weight"
     embeddings = [p for name, p in params.items() if name in embedding_names]
@@ -48,21 +132,42 @@ def configure_optimizers(
         adamw_groups = [group(embeddings, embed_lr or learning_rate), group(head, head_lr or learning_rate)]
         adamw_groups += [] if muon_lr else [group(matrices, learning_rate)]
     adamw_groups.append(group(no_decay, learning_rate, decay=0.0))
-    # The fused CUDA kernel updates all parameters in a few launches instead of one per tensor.
-    adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+    rest = build_optimizer(optimizer, adamw_groups, learning_rate, betas, eps, device_type)
     if not muon_lr:
-        return adamw
+        return rest
     # Muon (Jordan et al. 2024): momentum SGD whose update is orthogonalised by Newton-Schulz steps,
     # so that every direction of a matrix moves by the same amount. torch.optim.Muon scales the LR of
     # a (rows, cols) matrix by sqrt(max(1, rows / cols)). It is for 2-D hidden matrices only:
     # embeddings, the head and the biases stay with AdamW. c_attn's query, key and value weights are
     # one (3C, C) matrix here, orthogonalised together (modded-nanogpt does them one by one).
     muon = torch.optim.Muon([group(matrices, muon_lr)], lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay)
-    return MuonWithAdamW(muon, adamw)
+    return MuonWithAdamW(muon, rest)
+
+
+# --optimizer's update rules for the groups Muon does not take (with --optimizer muon: AdamW).
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+MOMENTUM = 0.9  # momentum and nesterov: the classic value (Sutskever et al. 2013), torch has no default
+
+
+def build_optimizer(name, groups, learning_rate, betas, eps, device_type):
+    """The torch.optim class of one lesson rule over the parameter groups. Each group's weight_decay is
+    L2 (added to the gradient) for every rule but adamw, whose decay is decoupled."""
+    # Fused CUDA kernels update all parameters in a few launches instead of one per tensor; torch has
+    # them for SGD, Adam and AdamW (Adagrad's is CPU-only, RMSprop has none).
+    fused = {"fused": True} if device_type == "cuda" else {}
+    if name in ("sgd", "momentum", "nesterov"):
+        momentum = 0.0 if name == "sgd" else MOMENTUM
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=name == "nesterov", **fused)
+    if name == "adagrad":  # eps: --adam_eps (torch's default is 1e-10); accumulator starts at 0
+        return torch.optim.Adagrad(groups, lr=learning_rate, eps=eps)
+    if name == "rmsprop":  # alpha 0.99: torch's default, v averages the last ~100 squared gradients
+        return torch.optim.RMSprop(groups, lr=learning_rate, alpha=0.99, eps=eps)
+    adam = torch.optim.AdamW if name == "adamw" else torch.optim.Adam  # betas, eps: --beta1, --beta2, --adam_eps
+    return adam(groups, lr=learning_rate, betas=betas, eps=eps, **fused)
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW, or Muon + AdamW (cfg.optimizer), with each parameter group's peak LR from cfg."""
+    """cfg.optimizer's torch.optim rule, or Muon + AdamW, with each parameter group's peak LR from cfg."""
     return configure_optimizers(
         model,
         cfg.weight_decay,
@@ -74,6 +179,7 @@ def make_optimizer(model, cfg, device_type):
         muon_momentum=cfg.muon_momentum,
         embed_lr=cfg.embed_lr,
         head_lr=cfg.head_lr,
+        optimizer="adamw" if cfg.optimizer == "muon" else cfg.optimizer,
     )
 
 

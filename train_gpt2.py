@@ -165,7 +165,10 @@ class TrainConfig:
     beta2: float = flag(0.95, "AdamW beta2: GPT-3 appendix B", 0, 1)
     adam_eps: float = flag(1e-8, "AdamW epsilon: GPT-3 appendix B", low=0)
     optimizer: str = flag(
-        "adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest", choices=("adamw", "muon")
+        "adamw",
+        "adamw; muon: Muon for the blocks' matrices, AdamW for the rest; or a rule of optim.py's lesson "
+        "(sgd, momentum, nesterov, adagrad, rmsprop, adam), with the same groups and LRs",
+        choices=(*optim.OPTIMIZERS, "muon"),
     )
     muon_lr: float = flag(0.04, "--optimizer muon: Muon's peak LR (the schedule scales it like max_lr)", low=0)
     muon_momentum: float = flag(0.95, "--optimizer muon: Muon's momentum (Jordan et al. 2024)", 0, 1)

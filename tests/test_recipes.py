@@ -84,7 +84,7 @@ def test_wsd_holds_max_lr_then_decays_linearly_to_min_lr_over_decay_frac():
 
 def test_unknown_choices_and_muon_under_fsdp_are_refused_before_training(capsys):
     for flag, value, choices in (
-        ("--optimizer", "sgd", "'adamw', 'muon'"),
+        ("--optimizer", "lion", "'sgd', 'momentum', 'nesterov', 'adagrad', 'rmsprop', 'adam', 'adamw', 'muon'"),
         ("--lr_schedule", "linear", "'cosine', 'wsd'"),
         ("--recipe", "speedrun", "'gpt2', 'modern'"),
     ):
