@@ -137,13 +137,11 @@ def setup_distributed(requested_device):
 
 
 def teardown_distributed(finished=True):
-    """Leave the process group. After a finished run every rank first waits for the others: a rank
-    that destroys its group while another still has gloo traffic in flight with it can abort in C++
-    ("terminate called without an active exception": 5 in 24 runs of our 2-process test on a loaded
-    CPU without the barrier, 0 in 32 with it). After an error, no barrier: the others may never come."""
+    """Leave the process group. A finished run's ranks end through end_finished_rank, which never
+    returns (print everything first). After an error, no barrier: the others may never come."""
     if dist.is_initialized():
         if finished:
-            dist.barrier()
+            end_finished_rank()
         dist.destroy_process_group()
 
 
@@ -165,9 +163,9 @@ def end_failed_rank(error):
 def end_finished_rank():
     """End this process of a multi-process job that finished: wait for every rank, then leave without
     Python's exit. Gloo's process group can abort the process as it is destroyed ("terminate called
-    without an active exception": 1 in 6 runs of a 2-process test on a loaded CPU, with the barrier
-    before destroy_process_group that teardown_distributed does), turning a finished run into a failed
-    one; os._exit runs no destructor. Every file is closed and flushed before this is called."""
+    without an active exception"): 5 in 24 runs of a 2-process test on a loaded CPU without a barrier
+    before destroy_process_group, still 1 in 6 with one, turning a finished run into a failed one;
+    os._exit runs no destructor. Every file is closed and flushed before this is called."""
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -627,9 +627,7 @@ def launch(cfg, make_job):
         raise
     finally:
         training_log.close_logging()
-        if finished and dist_info.world_size > 1:
-            device.end_finished_rank()  # never returns: see there
-        device.teardown_distributed(finished)
+        device.teardown_distributed(finished)  # a finished rank of several ends there (device.end_finished_rank)
 
 
 def parse_config(argv=None):

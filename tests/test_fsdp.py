@@ -263,7 +263,7 @@ def test_fp16_loss_scaling_under_fsdp_skips_an_overflow_on_every_rank(tmp_path):
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
-from device import DistInfo, setup_precision
+from device import DistInfo, end_finished_rank, setup_precision
 from fsdp import shard_model
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -284,8 +284,8 @@ precision.scaler.unscale_(optimizer)
 precision.scaler.step(optimizer)
 precision.scaler.update()
 unchanged = all([torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters())])  # all ranks gather
-print(f"rank {{rank}}: scale {{precision.scaler.get_scale()}}, weights unchanged {{unchanged}}")
-dist.destroy_process_group()
+print(f"rank {{rank}}: scale {{precision.scaler.get_scale()}}, weights unchanged {{unchanged}}", flush=True)
+end_finished_rank()  # not destroy_process_group: gloo can abort there (device.end_finished_rank)
 """)
     result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,7 +21,7 @@ import evals
 import hellaswag
 import scoring
 from checkpoint import model_checkpoint, model_from_checkpoint, save_checkpoint
-from device import DistInfo, setup_precision, unwrap
+from device import DistInfo, end_finished_rank, setup_precision, unwrap
 from errors import UserError
 from hellaswag import HELLASWAG
 from hf import from_pretrained
@@ -200,7 +200,7 @@ def distributed_worker(rank, world_size, port, checkpoint_path, hellaswag_dir, l
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    end_finished_rank()  # not destroy_process_group: gloo can abort there
 
 
 def free_port():

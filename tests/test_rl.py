@@ -24,7 +24,7 @@ import rl
 import toy_tasks
 from chat_template import render_prompt
 from completions import token_logprobs
-from device import DistInfo, setup_precision
+from device import DistInfo, end_finished_rank, setup_precision
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -204,8 +204,7 @@ def normalisation_worker(rank, world_size, port, out_dir):
     model = tiny(seed=3)
     loss, figures, grads = one_step(rank, world_size, model, DDP(model))
     torch.save({"loss": loss, "figures": figures, "grads": grads}, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    end_finished_rank()  # not destroy_process_group: gloo can abort there
 
 
 def free_port():
