@@ -1,11 +1,16 @@
 """
 The ablation: train_gpt2.py runs that differ by one change each, trained on the same shards with the
-same model, batch and tokens, and their val losses. The runs compared are the recipes: GPT-2's, each
-modern change alone on top of it, and all of them together (--recipe modern); docs/benchmarks.md,
-"Recipes", has the results.
+same model, batch and tokens, and their val losses. Two comparisons (docs/benchmarks.md has both):
+
+- recipes: GPT-2's recipe, each modern change alone on top of it, and all of them (--recipe modern);
+- optimizers: every --optimizer, from SGD to AdamW and Muon, each at its best peak LR from the same
+  sweep of three (the first seed), then with the other seeds; the val loss curves on one plot
+  (--plot), the final val loss, the tokens to reach AdamW's, and (--time_steps) the step time and the
+  bytes of the optimizer's state.
 
     python ablation.py --data_dir log/demo/data --seeds 1337 1338           # GPT-2's recipe vs the modern one
     python ablation.py --data_dir log/demo/data --time_steps 8 --threads 1  # where the time goes: step times
+    python ablation.py --compare optimizers --data_dir log/demo/data --steps 100 --seeds 1337 1338 --jobs 2 --threads 1
     add --json for machine-readable output
 
 Each run is train_gpt2.py itself, in a process of its own. Each result is appended to
@@ -44,11 +49,44 @@ ABLATION_MODEL = tuple(
 # GPT-2's recipe at this size: the best of the max_lr values tried (docs/benchmarks.md, "Recipes")
 GPT2_LR = 1e-3
 
+# The optimizer comparison: GPT-2's recipe with one --optimizer each. The rules before AdamW run with
+# --weight_decay 0: their weight decay is L2 (added to the gradient, so its strength follows the LR
+# and, in Adam, the adaptive scaling), and the recipe's 0.1 is a value for AdamW's decoupled decay.
+# adam_l2 keeps the 0.1, to show what coupled L2 does to Adam: the problem AdamW fixes. Muon keeps it
+# too: torch.optim.Muon's decay is decoupled.
+OPTIMIZER_RUNS = {
+    "sgd": ("--optimizer", "sgd", "--weight_decay", "0"),
+    "momentum": ("--optimizer", "momentum", "--weight_decay", "0"),
+    "nesterov": ("--optimizer", "nesterov", "--weight_decay", "0"),
+    "adagrad": ("--optimizer", "adagrad", "--weight_decay", "0"),
+    "rmsprop": ("--optimizer", "rmsprop", "--weight_decay", "0"),
+    "adam": ("--optimizer", "adam", "--weight_decay", "0"),
+    "adam_l2": ("--optimizer", "adam"),
+    "adamw": ("--optimizer", "adamw"),
+    "muon": ("--optimizer", "muon"),
+}
+# The peak LRs each run tries (--max_lr; muon's are --muon_lr, its AdamW groups at AdamW's best
+# --max_lr): three each, the same budget for every rule, about x3 apart around the values usually
+# quoted for small transformers (x2 for the Adam family, around GPT-2's tuned 1e-3 above). Momentum
+# 0.9 makes a step ~10x the LR's, hence its LRs 10x below plain SGD's.
+OPTIMIZER_LRS = {
+    "sgd": (0.3, 1.0, 3.0),
+    "momentum": (0.03, 0.1, 0.3),
+    "nesterov": (0.03, 0.1, 0.3),
+    "adagrad": (0.01, 0.03, 0.1),
+    "rmsprop": (3e-4, 1e-3, 3e-3),
+    "adam": (1e-3, 2e-3, 4e-3),
+    "adam_l2": (1e-3, 2e-3, 4e-3),
+    "adamw": (1e-3, 2e-3, 4e-3),
+    "muon": (0.02, 0.04, 0.08),
+}
+TOKENS_PER_STEP = 2048  # ABLATION_MODEL's --total_batch_size
 
-def add_ablation_args(parser, runs):
+
+def add_ablation_args(parser, runs, out_dir):
     """The flags; `runs` are the runs to choose from, {name: train_gpt2.py flags}."""
     parser.add_argument("--data_dir", required=True, help="token shards (fineweb.py), the same for every run")
-    parser.add_argument("--out_dir", default="log/recipes", help="each run's log_dir, and results.jsonl")
+    parser.add_argument("--out_dir", default=out_dir, help="each run's log_dir, and results.jsonl")
     parser.add_argument(
         "--runs",
         nargs="+",
@@ -94,6 +132,53 @@ def run_ablation(args, runs):
     no evaluation, no start-up), and the modern recipe's share of GPT-2's tokens and time to reach
     GPT-2's final val loss."""
     import shlex
+
+    extra = shlex.split(args.flags)
+    keys = []
+    for name, flags in runs.items():
+        lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
+        for steps in [args.steps, *(args.modern_steps if name == "modern" else [])]:
+            keys += [{"run": name, "flags": [*flags, *lr, *extra], "seed": seed, "steps": steps} for seed in args.seeds]
+    return recipe_summary(run_all(keys, args), args.steps)
+
+
+def run_optimizers(args, runs):
+    """The optimizer comparison: each of `runs` ({name: flags}) at each of its LRs (OPTIMIZER_LRS, or
+    --lrs) with the first seed; then its best LR with the other seeds. Muon's sweep comes after
+    AdamW's, whose best --max_lr its AdamW groups take. The summary and, with --plot, the curves."""
+    import shlex
+
+    extra, seed, steps = shlex.split(args.flags), args.seeds[0], args.steps
+    lrs = {**OPTIMIZER_LRS, **args.lrs}
+
+    def key(name, lr, seed, adamw_lr=None):
+        lr_flags = ["--muon_lr", str(lr), "--max_lr", str(adamw_lr)] if name == "muon" else ["--max_lr", str(lr)]
+        return {"run": name, "flags": [*runs[name], *lr_flags, *extra], "seed": seed, "steps": steps, "lr": lr}
+
+    first = [name for name in runs if name != "muon"]
+    sweep = run_all([key(name, lr, seed) for name in first for lr in lrs[name]], args)
+    best = {name: best_run([r for r in sweep if r["run"] == name]) for name in first}
+    if "muon" in runs:
+        if "adamw" not in best:
+            raise UserError("--runs muon needs adamw too: Muon's AdamW groups take AdamW's best --max_lr")
+        adamw_lr = best["adamw"]["lr"]
+        sweep += run_all([key("muon", lr, seed, adamw_lr) for lr in lrs["muon"]], args)
+        best["muon"] = best_run([r for r in sweep if r["run"] == "muon"])
+    seeds = [
+        key(name, r["lr"], other, adamw_lr if name == "muon" else None)
+        for name, r in best.items()
+        if r["val_loss"] is not None
+        for other in args.seeds[1:]
+    ]
+    records = sweep + run_all(seeds, args)
+    if args.plot:
+        plot_curves(records, best, args.plot)
+    return optimizer_summary(records, best, {name: lrs[name] for name in runs})
+
+
+def run_all(keys, args):
+    """The record of each key ({run, flags, seed, steps, ...}): from --out_dir/results.jsonl, or from
+    a run of train_gpt2.py now (--jobs at a time), appended to it as the run ends."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -106,12 +191,6 @@ def run_ablation(args, runs):
                 f"{results_path} holds runs with --{name} {other.pop()}, not {getattr(args, name)}: pass "
                 f"another --out_dir for another benchmark"
             )
-    extra = shlex.split(args.flags)
-    keys = []
-    for name, flags in runs.items():
-        lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
-        for steps in [args.steps, *(args.modern_steps if name == "modern" else [])]:
-            keys += [{"run": name, "flags": [*flags, *lr, *extra], "seed": seed, "steps": steps} for seed in args.seeds]
     keys = list({json.dumps(key): key for key in keys}.values())  # once each, e.g. with --modern_steps 250
     todo = [key for key in keys if find_record(done, key) is None]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -121,12 +200,17 @@ def run_ablation(args, runs):
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)
+            outcome = (
+                f"diverged ({record['diverged']})"
+                if record["val_loss"] is None
+                else f"val loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training"
+            )
+            what = f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps"
             print(
-                f"{record['run']} {' '.join(record['flags'])} seed {record['seed']}, {record['steps']} steps: val "
-                f"loss {record['val_loss']:.4f}, {record['train_seconds']:.0f} s of training",
+                f"{what}: {outcome}",
                 flush=True,
             )
-    return recipe_summary([find_record(done, key) for key in keys], args.steps)
+    return [find_record(done, key) for key in keys]
 
 
 def step_times(args, runs):
@@ -140,19 +224,19 @@ def step_times(args, runs):
 
     from device import DistInfo, pick_device, setup_precision
     from model import GPT
-    from optim import make_optimizer, set_lr
+    from optim import make_optimizer, set_lr, state_bytes
     from train_gpt2 import Run, make_model_config, parse_config, train_step
 
     device = pick_device(args.device, local_rank=0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = {}
+    steps, optimizers = {}, {}
     for name, flags in runs.items():
         lr = [] if name == "modern" else ["--max_lr", str(args.gpt2_lr)]
         cfg = parse_config([*ABLATION_MODEL, *flags, *lr, *shlex.split(args.flags)])
         torch.manual_seed(0)
         model = GPT(make_model_config(cfg, 50257)).to(device)
-        optimizer = make_optimizer(model, cfg, device.split(":")[0])
+        optimizer = optimizers[name] = make_optimizer(model, cfg, device.split(":")[0])
         set_lr(optimizer, cfg.max_lr)
         precision = setup_precision("float32" if device == "cpu" else "auto", device.split(":")[0])
         x = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len), device=device)  # (B, T)
@@ -169,8 +253,13 @@ def step_times(args, runs):
             if turn:
                 times[name].append(1000 * (time.perf_counter() - t0))
     figures = {f"{name}_step_ms": statistics.median(ms) for name, ms in times.items()}
-    if "gpt2" in steps:
-        figures.update({f"{name}_time_ratio": figures[f"{name}_step_ms"] / figures["gpt2_step_ms"] for name in steps})
+    base = "gpt2" if "gpt2" in steps else "adamw"  # the recipes' baseline, or the optimizers'
+    if base in steps:
+        figures.update(
+            {f"{name}_time_ratio": figures[f"{name}_step_ms"] / figures[f"{base}_step_ms"] for name in steps}
+        )
+    # what each optimizer keeps between steps (its moments, momentum buffers, step counts), after a step
+    figures.update({f"{name}_optimizer_state_bytes": state_bytes(opt) for name, opt in optimizers.items()})
     return figures
 
 
@@ -213,8 +302,12 @@ def train_run(key, args, threads):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     finished = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last_line = (finished.stderr.strip().splitlines() or ["?"])[-1]
+    if finished.returncode != 0 and "training diverged" in last_line:
+        # a result, not a fault: an LR sweep's highest LR may diverge (train_gpt2.count_nonfinite)
+        return {**key, "val_loss": None, "diverged": last_line.split(": training diverged")[0], **where(args)}
     if finished.returncode != 0:
-        raise UserError(f"{' '.join(command)} failed: {(finished.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise UserError(f"{' '.join(command)} failed: {last_line}")
     for name in os.listdir(log_dir):
         if name.endswith(".pt"):
             os.remove(os.path.join(log_dir, name))  # the final checkpoint: the figures are all in the record
@@ -231,9 +324,13 @@ def train_run(key, args, threads):
         "threads": threads,
         "jobs": args.jobs,
         "log_dir": log_dir,
-        "data_dir": args.data_dir,
-        "device": args.device,
+        **where(args),
     }
+
+
+def where(args):
+    """What every record of one out_dir must share (run_all checks it)."""
+    return {"data_dir": args.data_dir, "device": args.device}
 
 
 def recipe_summary(records, steps):
@@ -267,14 +364,113 @@ def recipe_summary(records, steps):
     return figures
 
 
+def best_run(records):
+    """The sweep's run with the lowest final val loss (a diverged one only if all diverged)."""
+    return min(records, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
+
+
+def mean_curve(records):
+    """{step: val loss} averaged over the seeds' runs (the steps all of them have)."""
+    import statistics
+
+    steps = set.intersection(*(set(r["val_curve"]) for r in records))
+    return {int(step): statistics.mean(r["val_curve"][step] for r in records) for step in sorted(steps, key=int)}
+
+
+def steps_to_reach(curve, target):
+    """The first step at which the val loss curve ({step: loss}, evaluated every few steps) is down to
+    target, read off the straight line between the two evaluations around it; None if it never is."""
+    points = sorted(curve.items())
+    for (s0, l0), (s1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1) if l0 > target else s0
+    return None
+
+
+def optimizer_summary(records, best, lrs):
+    """Per optimizer: its best LR (and whether that was the edge of the grid tried), the final val loss
+    at it (mean over seeds) and their spread, and the tokens it took to reach AdamW's final val loss."""
+    figures = {}
+    runs = {name: [r for r in records if r["run"] == name and r["lr"] == b["lr"]] for name, b in best.items()}
+    curves = {name: mean_curve(rs) for name, rs in runs.items() if best[name]["val_loss"] is not None}
+    target = curves["adamw"][max(curves["adamw"])] if "adamw" in curves else None
+    for name, rs in runs.items():
+        lr = best[name]["lr"]
+        figures[f"{name}_best_lr"] = lr
+        figures[f"{name}_best_lr_at_edge"] = lr in (min(lrs[name]), max(lrs[name]))
+        for r in [r for r in records if r["run"] == name and r["seed"] == best[name]["seed"]]:
+            figures[f"{name}_lr{r['lr']:g}_val_loss"] = r["val_loss"]  # the sweep: None = diverged
+        if name not in curves:
+            continue
+        figures[f"{name}_val_loss"] = curves[name][max(curves[name])]
+        if len(rs) > 1:
+            figures[f"{name}_seed_spread"] = max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)
+        if target is not None:
+            step = steps_to_reach(curves[name], target)
+            figures[f"{name}_tokens_to_adamw_loss"] = None if step is None else round(step * TOKENS_PER_STEP)
+    return figures
+
+
+def plot_curves(records, best, path):
+    """The val loss against tokens of each optimizer at its best LR (mean over seeds), on one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, b in best.items():
+        runs = [r for r in records if r["run"] == name and r["lr"] == b["lr"] and r["val_loss"] is not None]
+        if runs:
+            curve = mean_curve(runs)
+            tokens = [step * TOKENS_PER_STEP / 1e3 for step in curve]
+            ax.plot(tokens, list(curve.values()), marker="o", ms=3, label=f"{name} (lr {b['lr']:g}, {len(runs)} seeds)")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("val loss (nats per token)")
+    ax.set_title("Optimizers on the same model: 4 layers x 128, 2,048 tokens per step, FineWeb sample")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_lrs(text):
+    """--lrs NAME=LR,LR,...: another LR grid for one optimizer run."""
+    name, _, values = text.partition("=")
+    try:
+        return name, tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=LR,LR,... e.g. sgd=1,3,10")
+
+
 @exit_on_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_ablation_args(parser, RECIPE_RUNS)
+    parser.add_argument("--compare", choices=("recipes", "optimizers"), default="recipes", help="which ablation")
+    compare = parser.parse_known_args(argv)[0].compare
+    catalogue = RECIPE_RUNS if compare == "recipes" else OPTIMIZER_RUNS
+    add_ablation_args(parser, catalogue, out_dir=f"log/{compare}")
+    parser.add_argument(
+        "--lrs",
+        type=parse_lrs,
+        nargs="*",
+        default=[],
+        help="optimizers: other LR grids than OPTIMIZER_LRS, e.g. --lrs sgd=1,3,10 momentum=0.3,1",
+    )
+    parser.add_argument("--plot", default=None, help="optimizers: a PNG of the val loss curves to write")
     args = parser.parse_args(argv)
-    runs = {name: RECIPE_RUNS[name] for name in args.runs}
-    print_results(step_times(args, runs) if args.time_steps else run_ablation(args, runs), args.json)
+    args.lrs = dict(args.lrs)
+    unknown = set(args.lrs) - set(OPTIMIZER_RUNS)
+    if unknown:
+        raise UserError(f"--lrs {unknown.pop()}=...: not an optimizer run (one of {', '.join(OPTIMIZER_RUNS)})")
+    runs = {name: catalogue[name] for name in args.runs}
+    if args.time_steps:
+        results = step_times(args, runs)
+    else:
+        results = (run_ablation if compare == "recipes" else run_optimizers)(args, runs)
+    print_results(results, args.json)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,13 @@ def make_optimizer(model, cfg, device_type):
     )
 
 
+def state_bytes(optimizer):
+    """Bytes of the tensors an optimizer keeps between steps (moments, momentum buffers, step counts):
+    what its state_dict holds, as a checkpoint stores it."""
+    state = optimizer.state_dict()["state"].values()
+    return sum(t.numel() * t.element_size() for per_param in state for t in per_param.values() if torch.is_tensor(t))
+
+
 def set_lr(optimizer, lr):
     """lr is max_lr's share of the schedule; every group follows in proportion to its own peak LR."""
     for group in optimizer.param_groups:
