@@ -51,9 +51,8 @@ GPT2_LR = 1e-3
 
 # The optimizer comparison: GPT-2's recipe with one --optimizer each. The rules before AdamW run with
 # --weight_decay 0: their weight decay is L2 (added to the gradient, so its strength follows the LR
-# and, in Adam, the adaptive scaling), and the recipe's 0.1 is a value for AdamW's decoupled decay.
-# adam_l2 keeps the 0.1, to show what coupled L2 does to Adam: the problem AdamW fixes. Muon keeps it
-# too: torch.optim.Muon's decay is decoupled.
+# and, in Adam, the adaptive scaling), and the recipe's 0.1 is a value for AdamW's decoupled decay,
+# which AdamW and Muon keep (torch.optim.Muon's decay is decoupled too).
 OPTIMIZER_RUNS = {
     "sgd": ("--optimizer", "sgd", "--weight_decay", "0"),
     "momentum": ("--optimizer", "momentum", "--weight_decay", "0"),
@@ -61,7 +60,6 @@ OPTIMIZER_RUNS = {
     "adagrad": ("--optimizer", "adagrad", "--weight_decay", "0"),
     "rmsprop": ("--optimizer", "rmsprop", "--weight_decay", "0"),
     "adam": ("--optimizer", "adam", "--weight_decay", "0"),
-    "adam_l2": ("--optimizer", "adam"),
     "adamw": ("--optimizer", "adamw"),
     "muon": ("--optimizer", "muon"),
 }
@@ -76,7 +74,6 @@ OPTIMIZER_LRS = {
     "adagrad": (0.01, 0.03, 0.1),
     "rmsprop": (3e-4, 1e-3, 3e-3),
     "adam": (1e-3, 2e-3, 4e-3),
-    "adam_l2": (1e-3, 2e-3, 4e-3),
     "adamw": (1e-3, 2e-3, 4e-3),
     "muon": (0.02, 0.04, 0.08),
 }
@@ -305,7 +302,8 @@ def train_run(key, args, threads):
     last_line = (finished.stderr.strip().splitlines() or ["?"])[-1]
     if finished.returncode != 0 and "training diverged" in last_line:
         # a result, not a fault: an LR sweep's highest LR may diverge (train_gpt2.count_nonfinite)
-        return {**key, "val_loss": None, "diverged": last_line.split(": training diverged")[0], **where(args)}
+        reason = last_line.removeprefix("error: ").split(": training diverged")[0]
+        return {**key, "val_loss": None, "diverged": reason, **where(args)}
     if finished.returncode != 0:
         raise UserError(f"{' '.join(command)} failed: {last_line}")
     for name in os.listdir(log_dir):
@@ -391,8 +389,9 @@ def optimizer_summary(records, best, lrs):
     """Per optimizer: its best LR (and whether that was the edge of the grid tried), the final val loss
     at it (mean over seeds) and their spread, and the tokens it took to reach AdamW's final val loss."""
     figures = {}
-    runs = {name: [r for r in records if r["run"] == name and r["lr"] == b["lr"]] for name, b in best.items()}
-    curves = {name: mean_curve(rs) for name, rs in runs.items() if best[name]["val_loss"] is not None}
+    at_best = {name: [r for r in records if r["run"] == name and r["lr"] == b["lr"]] for name, b in best.items()}
+    runs = {name: [r for r in rs if r["val_loss"] is not None] for name, rs in at_best.items()}
+    curves = {name: mean_curve(rs) for name, rs in runs.items() if rs}
     target = curves["adamw"][max(curves["adamw"])] if "adamw" in curves else None
     for name, rs in runs.items():
         lr = best[name]["lr"]
@@ -400,7 +399,8 @@ def optimizer_summary(records, best, lrs):
         figures[f"{name}_best_lr_at_edge"] = lr in (min(lrs[name]), max(lrs[name]))
         for r in [r for r in records if r["run"] == name and r["seed"] == best[name]["seed"]]:
             figures[f"{name}_lr{r['lr']:g}_val_loss"] = r["val_loss"]  # the sweep: None = diverged
-        if name not in curves:
+        figures[f"{name}_diverged_seeds"] = len(at_best[name]) - len(rs)
+        if not rs:
             continue
         figures[f"{name}_val_loss"] = curves[name][max(curves[name])]
         if len(rs) > 1:

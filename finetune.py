@@ -37,7 +37,7 @@ from errors import UserError, exit_on_error
 from evals import TASKS
 from lora import apply_lora, lora_layers
 from model import MODERN_SWITCHES
-from optim import sft_lr
+from optim import OPTIMIZERS, sft_lr
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
 from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, launch
 
@@ -229,7 +229,12 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = flag(20, "steps of linear LR warmup", low=0)
     max_lr: float = flag(1e-4, "peak learning rate (LoRA usually takes more, e.g. 1e-3)", low=0)
     min_lr_ratio: float = flag(0.0, "final LR / max_lr: a linear decay down to 0, the usual SFT schedule", 0, 1)
-    weight_decay: float = flag(0.0, "AdamW weight decay on matrices", low=0)
+    optimizer: str = flag(
+        "adamw",
+        "adamw, or a rule of optim.py's lesson (sgd, momentum, nesterov, adagrad, rmsprop, adam)",
+        choices=OPTIMIZERS,
+    )
+    weight_decay: float = flag(0.0, "weight decay on matrices (decoupled for adamw, L2 for the others)", low=0)
     eval_interval: int = flag(100, "steps between val losses, and at the end (0: never)", low=0)
     val_steps: int = flag(20, "batches per process for the val loss, at most one pass over the validation rows", low=1)
     eval_tasks: str = flag("", f"comma-separated eval tasks ({', '.join(TASKS)}), '' for none")
@@ -239,9 +244,9 @@ class FinetuneConfig(TrainConfig):
 
 
 # Fine-tuning takes the model (shape and recipe's switches) and tokenizer from --init, its data from
-# --data_files, and its LR schedule from sft_lr. It trains with AdamW, whatever trained the base: the
-# modern recipe's Muon LR is a pretraining one, and LoRA's thin (out, rank) matrices are not what
-# Muon's orthogonalised updates are for.
+# --data_files, and its LR schedule from sft_lr. Its --optimizer is AdamW or a rule of optim.py's lesson,
+# whatever trained the base; never Muon: the modern recipe's Muon LR is a pretraining one, and LoRA's
+# thin (out, rank) matrices are not what Muon's orthogonalised updates are for.
 HIDDEN = (
     "data_dir",
     "tokenizer",
@@ -253,7 +258,6 @@ HIDDEN = (
     *MODERN_SWITCHES,
     "lr_schedule",
     "decay_frac",
-    "optimizer",
     "muon_lr",
     "muon_momentum",
     "embed_lr",

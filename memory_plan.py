@@ -1,8 +1,8 @@
 """
-How much memory training takes on each GPU (train_gpt2.py --plan): weights, gradients, AdamW's
-state, activations and logits, under DDP or FSDP, with or without activation checkpointing, counted
-from the shapes, the largest batch size that fits, and a verdict: whether the flags fit, and if not,
-the one command line that does.
+How much memory training takes on each GPU (train_gpt2.py --plan): weights, gradients, the
+optimizer's state (AdamW's or --optimizer's), activations and logits, under DDP or FSDP, with or
+without activation checkpointing, counted from the shapes, the largest batch size that fits, and a
+verdict: whether the flags fit, and if not, the one command line that does.
 
     print(plan_report(GPTConfig(), 64, 1024, 2**19, 8, torch.bfloat16, 40, ("ddp", False)))
 """
@@ -16,6 +16,7 @@ import torch
 from device import setup_precision
 from errors import UserError
 from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from optim import parameter_kinds, state_floats
 from tokenizer import GPT2, get_tokenizer
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -48,7 +49,8 @@ def activation_bytes(config, batch_size, seq_len, compute_bytes=4, residual_byte
 
 
 def parameter_counts(config):
-    """(all parameters, those of one Block, those outside the blocks), from the shapes alone."""
+    """(all parameters, those of one Block, those outside the blocks, those Muon takes: the blocks'
+    matrices), from the shapes alone."""
     return _parameter_counts(**asdict(config))
 
 
@@ -57,7 +59,8 @@ def _parameter_counts(**config):
     with torch.device("meta"):  # no memory, no initialisation
         model = GPT(GPTConfig(**config))
     per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    return model.num_params(), per_block, model.num_params() - config["n_layer"] * per_block
+    matrices = sum(p.numel() for p in parameter_kinds(model.named_parameters())[2])
+    return model.num_params(), per_block, model.num_params() - config["n_layer"] * per_block, matrices
 
 
 def memory_plan(
@@ -70,10 +73,13 @@ def memory_plan(
     checkpointing,
     reshard_after_forward=True,
     grad_accum_steps=1,
+    optimizer="adamw",
 ):
     """{what: bytes} on each GPU for one training step. Adds everything as if it were alive at once,
-    so it is an upper bound; allocator fragmentation and the CUDA context are not in it."""
-    P, P_block, P_root = parameter_counts(config)
+    so it is an upper bound; allocator fragmentation and the CUDA context are not in it. optimizer:
+    the --optimizer whose state is counted (optim.STATE_FLOATS)."""
+    P, P_block, P_root, P_matrices = parameter_counts(config)
+    state = 4 * state_floats(optimizer, P, P_matrices)  # float32
     a, N = DTYPE_BYTES[dtype], world_size
     if parallel == "fsdp" and N > 1:
         # 1/N of the float32 weights, and the copies gathered in the compute dtype: the root's for the
@@ -85,19 +91,19 @@ def memory_plan(
         # Accumulation skips the reduce-scatter until the last micro-step: FSDP then keeps the
         # whole float32 gradients meanwhile, 4 bytes per parameter.
         gradients = 4 * P / N + (4 * P if grad_accum_steps > 1 else (a + 4) * P_block)
-        optimizer = 8 * P / N
+        optimizer_state = state / N
         residual = a  # the embeddings' weights are bf16 copies too, so the residual stream is bf16
     else:
         # float32 weights, and autocast's bf16/fp16 copies of them, kept from forward to backward
         weights = 4 * P + (a * P if a < 4 else 0)
         # float32 gradients, and DDP's buckets, a second copy of them it all-reduces
         gradients = 4 * P * (2 if N > 1 else 1)
-        optimizer = 8 * P  # AdamW's two moments, float32
+        optimizer_state = state
         residual = 4
     return {
         "weights": weights,
         "gradients": gradients,
-        "optimizer (AdamW)": optimizer,
+        f"optimizer ({optimizer})": optimizer_state,
         "activations": sum(activation_bytes(config, batch_size, seq_len, a, residual, checkpointing)),
         # the logits, kept by train_step until backward, then their two float32 gradients at its start
         "logits": batch_size * seq_len * config.padded_vocab_size * (a + 8),
@@ -155,6 +161,7 @@ def plan_report(
     reshard_after_forward=True,
     flags=(),
     dtype_name=None,
+    optimizer="adamw",
 ):
     """What train_gpt2.py --plan prints: GiB per GPU of each part of memory_plan for ddp and fsdp with
     and without activation checkpointing, the largest --batch_size of each that fits in gpu_gib GiB
@@ -177,6 +184,7 @@ def plan_report(
             checkpointing,
             reshard_after_forward,
             grad_accum_steps=2 if accumulating else 1,
+            optimizer=optimizer,
         )
 
     def gib(parallel, checkpointing, B, N=world_size):
@@ -203,8 +211,8 @@ def plan_report(
     lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.2f}" for plan in plans))
     if not config.is_gpt2:
         lines.append(
-            "  (counted for GPT-2's layers and AdamW's two moments: the modern recipe's norms, rotary "
-            "embeddings and soft cap save other tensors, Muon keeps one buffer: not exact)"
+            "  (counted for GPT-2's layers: the modern recipe's norms, rotary embeddings and soft cap save "
+            "other tensors: not exact)"
         )
     if not gpu_gib:
         lines.append("verdict: none without the GPUs' memory (no GPU here): pass --gpu_memory GiB")
@@ -303,5 +311,6 @@ def print_plan(cfg, model_config, world_size):
         cfg.reshard_after_forward,
         command_flags(cfg),
         dtype_name,
+        cfg.optimizer,
     )
     print(report)

@@ -92,6 +92,17 @@ def adamw_step(p, grad, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
     return adam_step(p * (1 - lr * weight_decay), grad, state, lr, betas, eps)
 
 
+def parameter_kinds(named_parameters):
+    """(embeddings, head, matrices, 1-D parameters): the parameters each group of configure_optimizers
+    takes. The head is listed only if untied: tied, it is wte, one of the embeddings."""
+    embedding_names, head_name = ("transformer.wte.weight", "transformer.wpe.weight"), "lm_head.weight"
+    kinds = ([], [], [], [])
+    for name, p in named_parameters:
+        kind = 0 if name in embedding_names else 1 if name == head_name else 2 if p.dim() >= 2 else 3
+        kinds[kind].append(p)
+    return kinds
+
+
 def configure_optimizers(
     model,
     weight_decay,
@@ -115,11 +126,7 @@ def configure_optimizers(
     optimizer names the update rule of the groups Muon does not take (OPTIMIZERS; the lesson above);
     every rule gets the same groups, so weight decay stays off the 1-D parameters whichever it is."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    embedding_names, head_name = ("transformer.wte.weight", "transformer.wpe.weight"), "lm_head.weight"
-    embeddings = [p for name, p in params.items() if name in embedding_names]
-    head = [p for name, p in params.items() if name == head_name]  # untied only: tied, it is listed as wte
-    matrices = [p for name, p in params.items() if p.dim() >= 2 and name not in (*embedding_names, head_name)]
-    no_decay = [p for p in params.values() if p.dim() < 2]
+    embeddings, head, matrices, no_decay = parameter_kinds(params.items())
 
     def group(members, lr, decay=weight_decay):
         lr_scale = lr / learning_rate if learning_rate else 0.0
@@ -147,6 +154,19 @@ def configure_optimizers(
 # --optimizer's update rules for the groups Muon does not take (with --optimizer muon: AdamW).
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 MOMENTUM = 0.9  # momentum and nesterov: the classic value (Sutskever et al. 2013), torch has no default
+
+
+# The floats each rule keeps per parameter between steps (float32, as the parameters): SGD none; one
+# for momentum's velocity, AdaGrad's sum and RMSProp's average of squares; Adam's two moments. Muon
+# keeps one momentum buffer for its matrices, and the rest is AdamW's. What --plan counts.
+STATE_FLOATS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1, "adam": 2, "adamw": 2}
+
+
+def state_floats(optimizer, n_params, n_matrices):
+    """The optimizer state's floats for n_params parameters, n_matrices of them in Muon's matrices."""
+    if optimizer == "muon":
+        return n_matrices + STATE_FLOATS["adamw"] * (n_params - n_matrices)
+    return STATE_FLOATS[optimizer] * n_params
 
 
 def build_optimizer(name, groups, learning_rate, betas, eps, device_type):

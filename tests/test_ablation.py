@@ -74,3 +74,68 @@ def test_ablation_trains_each_run_once_and_keeps_its_figures(tmp_path, capsys):
     assert len(open(tmp_path / "out" / "results.jsonl").read().splitlines()) == 3
     with pytest.raises(SystemExit, match="holds runs with --data_dir .*: pass another --out_dir"):
         ablation.main([*argv, "--data_dir", str(tmp_path)])  # the last --data_dir wins
+
+
+def test_steps_to_reach_reads_the_line_between_two_evaluations():
+    curve = {0: 10.0, 25: 8.0, 50: 6.0, 75: 5.0}
+    assert ablation.steps_to_reach(curve, 7.0) == 37.5  # halfway from 8 (step 25) to 6 (step 50)
+    assert ablation.steps_to_reach(curve, 5.0) == 75
+    assert ablation.steps_to_reach(curve, 10.0) == 0
+    assert ablation.steps_to_reach(curve, 4.9) is None
+
+
+def test_optimizer_summary_takes_each_best_lr_and_the_tokens_to_adamws_final_loss():
+    def record(run, lr, seed, curve):
+        return {"run": run, "lr": lr, "seed": seed, "val_loss": curve[max(curve)], "val_curve": curve}
+
+    records = [
+        record("adamw", 1e-3, 1, {"0": 11.0, "50": 8.0, "100": 7.0}),
+        record("adamw", 2e-3, 1, {"0": 11.0, "50": 7.8, "100": 6.9}),
+        record("adamw", 2e-3, 2, {"0": 11.0, "50": 7.6, "100": 7.1}),
+        record("sgd", 1.0, 1, {"0": 11.0, "50": 9.0, "100": 8.0}),
+        {"run": "sgd", "lr": 3.0, "seed": 1, "val_loss": None},  # diverged
+        record("sgd", 1.0, 2, {"0": 11.0, "50": 9.2, "100": 8.2}),
+        record("muon", 0.04, 1, {"0": 11.0, "50": 7.0, "100": 6.0}),
+        record("muon", 0.04, 2, {"0": 11.0, "50": 7.0, "100": 6.2}),
+    ]
+    best = {
+        name: ablation.best_run([r for r in records if r["run"] == name and r["seed"] == 1])
+        for name in "adamw sgd muon".split()
+    }
+    figures = ablation.optimizer_summary(
+        records, best, {"adamw": (1e-3, 2e-3, 4e-3), "sgd": (1.0, 3.0), "muon": (0.04,)}
+    )
+    assert best["sgd"]["lr"] == 1.0 and figures["sgd_lr3_val_loss"] is None and figures["sgd_best_lr_at_edge"]
+    assert figures["adamw_best_lr"] == 2e-3 and not figures["adamw_best_lr_at_edge"]
+    assert figures["adamw_val_loss"] == pytest.approx(7.0) and figures["adamw_seed_spread"] == pytest.approx(0.2)
+    assert figures["adamw_tokens_to_adamw_loss"] == 100 * ablation.TOKENS_PER_STEP
+    # muon's mean curve (11, 7, 6.1) crosses 7.0 at step 50 exactly; sgd's (11, 9.1, 8.1) never does
+    assert figures["muon_tokens_to_adamw_loss"] == 50 * ablation.TOKENS_PER_STEP
+    assert figures["sgd_tokens_to_adamw_loss"] is None
+
+
+def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with_the_other_seeds(tmp_path, capsys):
+    from test_train import write_shards
+
+    data_dir = write_shards(tmp_path / "data")
+    tiny = "--n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 16 --total_batch_size 64 --val_steps 2"
+    argv = ["--compare", "optimizers", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--steps", "3"]
+    argv += ["--runs", "sgd", "adamw", "muon", "--seeds", "1", "2", "--flags", tiny, "--json"]
+    argv += ["--lrs", "sgd=1e30", "adamw=1e-3,1e-2", "muon=0.02", "--plot", str(tmp_path / "curves.png")]
+    ablation.main(argv)
+    out = capsys.readouterr().out
+    figures = json.loads(out[out.index("{\n") :])
+    results = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert "sgd_val_loss" not in figures and figures["sgd_lr1e+30_val_loss"] is None  # diverged: no second seed
+    assert sorted((r["run"], r["lr"], r["seed"]) for r in results) == sorted(
+        [("sgd", 1e30, 1), ("adamw", 1e-3, 1), ("adamw", 1e-2, 1), ("muon", 0.02, 1)]
+        + [("adamw", figures["adamw_best_lr"], 2), ("muon", 0.02, 2)]
+    )
+    muon = next(r for r in results if r["run"] == "muon")
+    assert muon["flags"][:6] == ["--optimizer", "muon", "--muon_lr", "0.02", "--max_lr", str(figures["adamw_best_lr"])]
+    assert figures["adamw_val_loss"] == pytest.approx(
+        sum(r["val_loss"] for r in results if r["run"] == "adamw" and r["lr"] == figures["adamw_best_lr"]) / 2
+    )
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--lrs nope=...: not an optimizer run"):
+        ablation.main([*argv, "--lrs", "nope=1"])

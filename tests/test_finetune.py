@@ -377,3 +377,17 @@ def test_fine_tuning_reports_real_tokens_and_the_padding_share(chat_data, base_c
     for m in train:  # 4 rows of at most 32 slots x 1 process x 1 micro-step = 128 slots
         assert 0 < m["tokens"] < 128 and m["padding"] == pytest.approx(1 - m["tokens"] / 128)
         assert m["tokens_per_sec"] == pytest.approx(m["tokens"] / (m["dt_ms"] / 1000))
+
+
+def test_fine_tuning_takes_a_lesson_optimizer_and_refuses_muon_and_another_at_resume(
+    tmp_path, chat_data, base_checkpoint, capsys
+):
+    common = ["--init", base_checkpoint, "--data_files", str(chat_data), *FLAGS, "--log_dir", str(tmp_path / "run")]
+    finetune.main([*common, "--optimizer", "momentum", "--max_steps", "2"])
+    saved = checkpoint.load_checkpoint(str(tmp_path / "run" / "model_00002.pt"))
+    assert {key for s in saved["optimizer"]["state"].values() for key in s} == {"momentum_buffer"}
+    with pytest.raises(SystemExit, match="was trained with --optimizer momentum, this run has adamw"):
+        finetune.main([*common, "--max_steps", "4"])
+    with pytest.raises(SystemExit):
+        finetune.main([*common, "--optimizer", "muon"])
+    assert "argument --optimizer: invalid choice: 'muon'" in capsys.readouterr().err

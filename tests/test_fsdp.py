@@ -363,13 +363,13 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
     text = capsys.readouterr().out
     assert "1557.7M parameters, batch_size 4 x seq_len 1024, 8 process(es), 80 GiB GPUs; bf16, or fp16" in text
     rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
-    ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (AdamW)"])
+    ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (adamw)"])
     assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
     assert float(rows["activations"][1]) < float(rows["activations"][0]) / 4  # checkpointing
     assert "largest batch_size" in text and not (tmp_path / "no_shards").exists()
     plan = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
     P = 1557.7e6  # one process in float32: 16 bytes per parameter (REFERENCE.md) before activations
-    assert plan["weights"] + plan["gradients"] + plan["optimizer (AdamW)"] == pytest.approx(16 * P, rel=1e-3)
+    assert plan["weights"] + plan["gradients"] + plan["optimizer (adamw)"] == pytest.approx(16 * P, rel=1e-3)
 
 
 def plan(capsys, *flags):

@@ -95,6 +95,33 @@ def test_each_optimizer_builds_the_same_groups_as_adamw(name):
     assert type(other).__name__.lower() == {"momentum": "sgd", "nesterov": "sgd"}.get(name, name)
 
 
+@pytest.mark.parametrize("name", [*optim.OPTIMIZERS, "muon"])
+def test_the_planned_optimizer_state_is_what_each_optimizer_keeps_after_a_step(name):
+    """memory_plan counts optim.state_floats per parameter; a real optimizer, stepped once, keeps
+    exactly those floats (its per-tensor step counters aside: a few bytes, not counted)."""
+    from memory_plan import memory_plan, parameter_counts
+    from model import GPT, GPTConfig
+
+    config = GPTConfig.from_name("tiny", block_size=32)
+    model = GPT(config)
+    muon_lr = 0.02 if name == "muon" else 0.0
+    rule = "adamw" if name == "muon" else name
+    optimizer = optim.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", muon_lr, optimizer=rule)
+    model(torch.randint(0, config.vocab_size, (2, 16)), torch.randint(0, config.vocab_size, (2, 16)))[1].backward()
+    optimizer.step()
+    kept = [t for s in optimizer.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    counters = [t for t in kept if t.dim() == 0]
+    assert optim.state_bytes(optimizer) - sum(t.element_size() for t in counters) == sum(
+        t.numel() * 4 for t in kept if t.dim() > 0
+    )
+    plan = memory_plan(config, 2, 16, 1, torch.float32, "ddp", False, optimizer=name)
+    assert plan[f"optimizer ({name})"] == sum(t.numel() * t.element_size() for t in kept if t.dim() > 0)
+    P, _, _, matrices = parameter_counts(config)
+    assert plan[f"optimizer ({name})"] == {"sgd": 0, "muon": 4 * (matrices + 2 * (P - matrices))}.get(
+        name, 4 * P * (2 if name.startswith("adam") else 1)
+    )
+
+
 # ---- training with each ----
 
 
