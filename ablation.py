@@ -141,36 +141,59 @@ def run_ablation(args, runs):
 
 def run_optimizers(args, runs):
     """The optimizer comparison: each of `runs` ({name: flags}) at each of its LRs (OPTIMIZER_LRS, or
-    --lrs) with the first seed; then its best LR with the other seeds. Muon's sweep comes after
-    AdamW's, whose best --max_lr its AdamW groups take. The summary and, with --plot, the curves."""
+    --lrs) with the first seed, the grid widened where its best is at an edge (sweep); then its best LR
+    with the other seeds. Muon's sweep comes after AdamW's, whose best --max_lr its AdamW groups take.
+    The summary and, with --plot, the curves."""
     import shlex
 
-    extra, seed, steps = shlex.split(args.flags), args.seeds[0], args.steps
-    lrs = {**OPTIMIZER_LRS, **args.lrs}
+    extra, steps = shlex.split(args.flags), args.steps
+    grids = {name: list({**OPTIMIZER_LRS, **args.lrs}[name]) for name in runs}
 
     def key(name, lr, seed, adamw_lr=None):
         lr_flags = ["--muon_lr", str(lr), "--max_lr", str(adamw_lr)] if name == "muon" else ["--max_lr", str(lr)]
         return {"run": name, "flags": [*runs[name], *lr_flags, *extra], "seed": seed, "steps": steps, "lr": lr}
 
-    first = [name for name in runs if name != "muon"]
-    sweep = run_all([key(name, lr, seed) for name in first for lr in lrs[name]], args)
-    best = {name: best_run([r for r in sweep if r["run"] == name]) for name in first}
+    first = {name: key for name in runs if name != "muon"}
+    best = sweep(first, grids, args)
+    adamw_lr = None
     if "muon" in runs:
         if "adamw" not in best:
             raise UserError("--runs muon needs adamw too: Muon's AdamW groups take AdamW's best --max_lr")
         adamw_lr = best["adamw"]["lr"]
-        sweep += run_all([key("muon", lr, seed, adamw_lr) for lr in lrs["muon"]], args)
-        best["muon"] = best_run([r for r in sweep if r["run"] == "muon"])
+        best.update(sweep({"muon": lambda *a: key(*a, adamw_lr=adamw_lr)}, grids, args))
+    sweeps = run_all([key(name, lr, args.seeds[0], adamw_lr) for name in runs for lr in grids[name]], args)
     seeds = [
-        key(name, r["lr"], other, adamw_lr if name == "muon" else None)
+        key(name, r["lr"], seed, adamw_lr)
         for name, r in best.items()
         if r["val_loss"] is not None
-        for other in args.seeds[1:]
+        for seed in args.seeds[1:]
     ]
-    records = sweep + run_all(seeds, args)
+    records = sweeps + run_all(seeds, args)
     if args.plot:
         plot_curves(records, best, args.plot)
-    return optimizer_summary(records, best, {name: lrs[name] for name in runs})
+    return optimizer_summary(records, best, grids)
+
+
+def sweep(makers, grids, args):
+    """{name: the best run of its grid}, for each run's key maker (name, lr, seed) -> key, with the
+    first seed. A best at an edge of its grid may be beaten beyond it: the grid gets one more LR there,
+    at the same ratio as the edge's neighbour, up to --extend times (grids grow in place)."""
+    for widened in range(args.extend + 1):
+        records = run_all([make(name, lr, args.seeds[0]) for name, make in makers.items() for lr in grids[name]], args)
+        best = {name: best_run([r for r in records if r["run"] == name]) for name in makers}
+        wider = {}
+        for name, grid in grids.items():
+            if name not in makers or len(grid) < 2 or best[name]["val_loss"] is None:
+                continue
+            grid.sort()
+            if best[name]["lr"] == grid[-1]:
+                wider[name] = grid + [float(f"{grid[-1] ** 2 / grid[-2]:.2g}")]
+            elif best[name]["lr"] == grid[0]:
+                wider[name] = [float(f"{grid[0] ** 2 / grid[1]:.2g}"), *grid]
+        if not wider or widened == args.extend:
+            break
+        grids.update(wider)
+    return best
 
 
 def run_all(keys, args):
@@ -460,6 +483,12 @@ def main(argv=None):
         help="optimizers: other LR grids than OPTIMIZER_LRS, e.g. --lrs sgd=1,3,10 momentum=0.3,1",
     )
     parser.add_argument("--plot", default=None, help="optimizers: a PNG of the val loss curves to write")
+    parser.add_argument(
+        "--extend",
+        type=int,
+        default=1,
+        help="optimizers: LRs added beyond a best at the edge of its grid, at most, one at a time",
+    )
     args = parser.parse_args(argv)
     args.lrs = dict(args.lrs)
     unknown = set(args.lrs) - set(OPTIMIZER_RUNS)

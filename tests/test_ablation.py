@@ -2,6 +2,7 @@
 trained once and kept in results.jsonl."""
 
 import json
+import math
 import os
 
 import pytest
@@ -120,7 +121,7 @@ def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with
     data_dir = write_shards(tmp_path / "data")
     tiny = "--n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 16 --total_batch_size 64 --val_steps 2"
     argv = ["--compare", "optimizers", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--steps", "3"]
-    argv += ["--runs", "sgd", "adamw", "muon", "--seeds", "1", "2", "--flags", tiny, "--json"]
+    argv += ["--runs", "sgd", "adamw", "muon", "--seeds", "1", "2", "--flags", tiny, "--json", "--extend", "0"]
     argv += ["--lrs", "sgd=1e30", "adamw=1e-3,1e-2", "muon=0.02", "--plot", str(tmp_path / "curves.png")]
     ablation.main(argv)
     out = capsys.readouterr().out
@@ -139,3 +140,20 @@ def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="--lrs nope=...: not an optimizer run"):
         ablation.main([*argv, "--lrs", "nope=1"])
+
+
+def test_a_best_lr_at_the_edge_of_its_grid_widens_the_grid_there(monkeypatch):
+    import argparse
+
+    def run_all(keys, args):  # a loss whose best LR is 0.1: the grid (0.001, 0.01) must grow up to it
+        return [{**key, "val_loss": abs(math.log10(key["lr"]) + 1)} for key in keys]
+
+    monkeypatch.setattr(ablation, "run_all", run_all)
+    grids = {"sgd": [0.001, 0.01], "adamw": [1e-3, 1e-2, 1e-1]}
+    make = lambda name, lr, seed: {"run": name, "lr": lr, "seed": seed}  # noqa: E731
+    best = ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=3))
+    assert best["sgd"]["lr"] == 0.1 and grids["sgd"] == [0.001, 0.01, 0.1, 1.0]  # 1.0 showed 0.1 is best
+    assert grids["adamw"] == [1e-3, 1e-2, 1e-1]  # not swept: left alone
+    grids = {"sgd": [0.001, 0.01]}
+    assert ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=1))["sgd"]["lr"] == 0.1
+    assert grids["sgd"] == [0.001, 0.01, 0.1]  # one more at most
