@@ -125,6 +125,7 @@ class Engine:
         self.waiting = queue.Queue(maxsize=max_queue)
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self.steps = self.rows_stepped = 0  # decode steps, and rows in them: rows_stepped / steps rows per step
 
     def start(self):
         self.thread.start()
@@ -209,6 +210,7 @@ class Engine:
         batch.real = torch.cat((batch.real, torch.ones_like(batch.real[:, :1])), dim=1)  # (B, length + 1)
         logits = next_logits(self.model, batch.last[:, None], batch.real, batch.caches)  # (B, vocab_size)
         batch.last = self.sample(batch.requests, logits)
+        self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(batch.requests)
 
     def sample(self, requests, logits):
         """(B,) the next token of each row, sampled with its own settings and generator (one row at a
