@@ -6,14 +6,14 @@ against serving them one at a time, in the same run.
     python bench_serve.py --model mini --clients 1,4,8 --requests 2 --max_tokens 64 --json
 
 Each of C clients (threads) sends --requests requests one after the other, each the next as soon as
-the last is answered: a prompt of 16 to 64 random tokens, a reply of --max_tokens tokens (random
-weights almost never sample <|endoftext|>, so every reply is that long). The engine runs them with
---max_batch rows (batched), then with 1 (one at a time). Figures per mode and C: aggregate tokens/s
-(all replies' tokens over the wall time), time to first token (median and worst), the slowest
-client's tokens/s (a starved client would show there) and the rows per decode step. The engine is
-driven directly, without HTTP, so that what is measured is the batching; the HTTP layer's cost per
-token is the same in both modes. It lives here and not in bench.py, which holds the per-stage
-training benchmarks (and is at its length limit): this one measures serve.py.
+the last is answered: a prompt of 16 to 64 random tokens, a reply of --max_tokens tokens (no stop
+token is set, so every reply is that long). The engine runs them with --max_batch rows (batched),
+then with 1 (one at a time), --repeats times in turns. Figures per mode and C, the median over the
+repeats: aggregate tokens/s (all replies' tokens over the wall time), time to first token (median
+and worst), the slowest client's tokens/s (a starved client would show there) and the rows per
+decode step. The engine is driven directly, without HTTP, so that what is measured is the batching;
+the HTTP layer's cost per token is the same in both modes. It lives here and not in bench.py, which
+holds the per-stage training benchmarks (and is at its length limit): this one measures serve.py.
 """
 
 import argparse
@@ -89,6 +89,9 @@ def parse_args(argv=None):
     parser.add_argument("--requests", type=bounded(int, 1, None), default=2, help="requests per client")
     parser.add_argument("--max_tokens", type=bounded(int, 1, None), default=64, help="tokens per reply")
     parser.add_argument("--max_batch", type=bounded(int, 1, None), default=8, help="rows of the batched engine")
+    parser.add_argument(
+        "--repeats", type=bounded(int, 1, None), default=1, help="runs of each mode, in turns (figures: their median)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
     add_device_args(parser, dtype="float32")
     return parser.parse_args(argv)
@@ -106,11 +109,15 @@ def main(argv=None):
         f"{torch.get_num_threads()} threads"
     )
     measure(model, precision, args.max_batch, 2, 1, 8)  # warm-up: the allocator, every kernel
+    modes = (("one at a time", 1), ("batched", args.max_batch))
     for clients in map(int, args.clients.split(",")):
-        results = {}
-        for mode, max_batch in (("one at a time", 1), ("batched", args.max_batch)):
-            results[mode] = measure(model, precision, max_batch, clients, args.requests, args.max_tokens)
-            figures = {"clients": clients, "mode": mode, **results[mode]}
+        runs = {mode: [] for mode, _ in modes}
+        for _ in range(args.repeats):  # the modes in turns: a shared machine's slow minutes fall on both
+            for mode, max_batch in modes:
+                runs[mode].append(measure(model, precision, max_batch, clients, args.requests, args.max_tokens))
+        results = {mode: {key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]} for mode in runs}
+        for mode, figures in results.items():
+            figures = {"clients": clients, "mode": mode, **figures}
             print(
                 json.dumps(figures)
                 if args.json

@@ -166,7 +166,7 @@ def read_chat(body, args, tokenizer, block_size):
             "messages",
         )
     messages = [plain_message(message) for message in messages]
-    if args.system and messages[0].get("role") != "system":
+    if args.system and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
         messages = [{"role": "system", "content": args.system}] + messages
     # check_conversation wants a conversation the assistant speaks in: the reply about to be written
     problem = check_conversation(messages + [{"role": "assistant", "content": ""}])

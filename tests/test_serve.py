@@ -56,7 +56,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tokenizer, model):
-    path = str(tmp_path_factory.mktemp("random", numbered=False) / "model_00000.pt")
+    path = str(tmp_path_factory.mktemp("served", numbered=False) / "model_00000.pt")
     ck.save_checkpoint(path, ck.model_checkpoint(model, tokenizer))
     return path
 
@@ -165,6 +165,40 @@ def test_a_full_queue_refuses_at_once(model):
         engine.submit([1], Sampling(max_tokens=1), lambda event: None)
 
 
+def test_a_client_that_goes_away_frees_its_rows(tokenizer):
+    """A reply that is not streamed, its client gone: the wait ends within a quarter second and every
+    row of the request is cancelled, long before its 1,000 tokens; the engine serves the next at once."""
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50261, n_layer=2, n_head=2, n_embd=32, block_size=1024)).eval()
+    engine = Engine(model, set(), setup_precision("float32", "cpu"), max_batch=2).start()
+    sampling = [Sampling(max_tokens=1000, seed=i) for i in range(2)]
+    job = openai_api.Job("completion", [[1, 2, 3]] * 2, sampling, [], False, False, 6)
+
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    async def abandon():
+        requests, events = openai_api.submit(engine, job, asyncio.get_running_loop())
+        meta = {"id": "cmpl-1", "created": 0, "model": "tiny"}
+        answer = await openai_api.unless_gone(
+            Gone(), openai_api.whole(job, meta, openai_api.written(job, requests, events, tokenizer))
+        )
+        await asyncio.sleep(0)  # the cancelled task's finally runs
+        return answer, requests
+
+    try:
+        answer, requests = asyncio.run(abandon())
+        assert answer is None and all(request.cancelled for request in requests)
+        assert all(request.sampled < 1000 for request in requests)
+        ended = threading.Event()
+        engine.submit([4], Sampling(max_tokens=2), lambda event: event[0] == "end" and ended.set())
+        assert ended.wait(10)
+    finally:
+        engine.close()
+
+
 # ---- the API in-process: every field checked, and fuzzed ----
 
 APP_MAX_NEW_TOKENS = 8  # short replies keep a fuzz of a hundred requests fast
@@ -173,7 +207,7 @@ APP_MAX_REQUEST_BYTES = 8192
 
 def app_args(*flags):
     return serve.parse_args(
-        ["--model", "tiny", "--max_new_tokens", str(APP_MAX_NEW_TOKENS), "--seed", "1"]
+        ["--model", "tiny", "--max_new_tokens", str(APP_MAX_NEW_TOKENS), "--seed", "1", "--system", "Be brief."]
         + ["--max_message_chars", str(SERVER_MAX_MESSAGE_CHARS), "--max_request_bytes", str(APP_MAX_REQUEST_BYTES)]
         + list(flags)
     )
@@ -431,6 +465,7 @@ def test_fuzzed_requests_get_200_or_400_and_the_server_keeps_serving(app, capsys
     @example({"messages": HI, "temperature": float("nan")})  # the faults found first
     @example({"messages": HI, "seed": 10**23, "stream": True})
     @example({"messages": HI, "temperature": None, "max_tokens": None, "seed": None})
+    @example({"messages": ["Hi"]})  # with --system, the first message was read as a dict: a 500
     def ask(body):
         response = post(app, body)
         statuses.add(response.status_code)
@@ -540,7 +575,7 @@ def test_replies_streamed_and_whole_equal_generation_alone(client, model, tokeni
     answer = client.chat.completions.create(model="tiny", messages=messages, seed=11)
     assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (text, finish_reason)
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, completion_tokens)
-    assert answer.object == "chat.completion" and answer.model == "random/model_00000.pt"
+    assert answer.object == "chat.completion" and answer.model == "served/model_00000.pt"
 
     chunks = list(
         client.chat.completions.create(
@@ -610,7 +645,7 @@ def test_seeded_replies_do_not_depend_on_what_else_is_generated(client):
 
 def test_every_endpoint_wants_the_api_key(server, client):
     openai = pytest.importorskip("openai")
-    assert [model.id for model in client.models.list()] == ["random/model_00000.pt"]
+    assert [model.id for model in client.models.list()] == ["served/model_00000.pt"]
     import httpx
 
     with httpx.Client(trust_env=False, timeout=30) as http:
@@ -698,8 +733,8 @@ def test_the_page_is_one_self_contained_file_filled_in_html_escaped(server):
     page = httpx.get(server[0], trust_env=False).text
     assert "<script>" in page and "<style>" in page
     assert not re.search(r"<script[^>]* src=|<link|@import|https?://", page)  # nothing fetched from elsewhere
-    assert "random/model_00000.pt" in page and f'value="{SERVER_MAX_NEW_TOKENS}"' in page and "{{" not in page
-    filled = openai_api.fill_page(page.replace("random/model_00000.pt", "{{model}}"), model="<b>a & b</b>")
+    assert "served/model_00000.pt" in page and f'value="{SERVER_MAX_NEW_TOKENS}"' in page and "{{" not in page
+    filled = openai_api.fill_page(page.replace("served/model_00000.pt", "{{model}}"), model="<b>a & b</b>")
     assert "<h1>serve.py &middot; &lt;b&gt;a &amp; b&lt;/b&gt;</h1>" in filled
 
 
