@@ -331,13 +331,23 @@ def test_a_body_over_max_request_bytes_gets_413(app):
 
 
 def test_a_full_queue_gets_503_in_openais_shape(app, monkeypatch):
+    """What the openai client sees when every place in the queue is taken (its retries off)."""
+    openai = pytest.importorskip("openai")
+
     def full(*args):
         raise QueueFull
 
     monkeypatch.setattr(app.engine, "submit", full)
-    response = post(app, {"messages": HI})
-    error = error_of(response, 503)
-    assert (error["type"], error["code"], response.headers["retry-after"]) == ("server_error", "server_overloaded", "1")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=app, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as busy:
+        client.chat.completions.create(model="tiny", messages=HI)
+    assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "1"
+    assert busy.value.body == {
+        "message": "the server is busy: every place in its queue is taken (--max_queue): try again shortly",
+        "type": "server_error",
+        "param": None,
+        "code": "server_overloaded",
+    }
 
 
 def test_unknown_paths_answer_in_openais_shape(app):
