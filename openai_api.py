@@ -306,13 +306,18 @@ async def server_sent(job, meta, replies):
         return f"data: {json.dumps(body)}\n\n"
 
     completion_tokens = [0] * len(job.prompts)
-    async with contextlib.aclosing(
-        replies
-    ):  # a client that goes away frees its rows at once, not at garbage collection
+    # closed as soon as the client goes away (Starlette cancels this generator), not at garbage collection:
+    # its rows are freed at once
+    async with contextlib.aclosing(replies):
         if job.kind == "chat":  # the first chunk of each choice names the role, as OpenAI's do
             for i in range(len(job.prompts)):
-                delta = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                yield event(envelope(job, meta, [{**delta, "finish_reason": None}], stream=True))
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield event(envelope(job, meta, [first], stream=True))
         try:
             async for i, text, finish_reason, tokens in replies:
                 body = envelope(job, meta, [choice(job, i, text, finish_reason, stream=True)], stream=True)
@@ -412,7 +417,7 @@ def make_app(engine, tokenizer, args, page, name):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e):  # 404, 405: in OpenAI's shape too
-        return error(e.status_code, str(e.detail), code=e.status_code)
+        return error(e.status_code, str(e.detail))
 
     def denied(request):
         if authorized(request, args.api_key):
