@@ -35,6 +35,9 @@ from sample import TextStream
 PAGE_FILE = Path(__file__).with_name("chat.html")  # HTML, CSS and JavaScript in one file, no build step
 MOST_CHOICES = 16  # n (times the prompts of a list): each choice is a row of the engine's batch
 MOST_STOPS = 4  # OpenAI's limit on stop strings
+# Each token checks whether the reply ends with the start of a stop string (sample.held_back), a cost that
+# grows with the square of the string's length: a 256 KB stop string would stall the event loop.
+LONGEST_STOP = 100
 
 # Fields that change what a reply means, not implemented here: refused unless they hold their neutral value
 UNSUPPORTED = {
@@ -121,14 +124,16 @@ def read_sampling(body, args):
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and len(stop) <= MOST_STOPS and all(isinstance(s, str) for s in stop)):
         raise FieldError(f"stop={shown(body['stop'])}: must be a string or a list of at most {MOST_STOPS}", "stop")
+    if any(len(s) > LONGEST_STOP for s in stop):
+        raise FieldError(f"a stop string of more than {LONGEST_STOP} characters: shorten it", "stop")
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise FieldError(f"stream={shown(stream)}: must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    include_usage = options.get("include_usage") if isinstance(options, dict) else None
-    if include_usage not in (None, True, False):
-        raise FieldError(f"stream_options={shown(options)}: include_usage must be true or false", "stream_options")
-    return Sampling(max_tokens=max_tokens, **values), n, stop, stream, bool(include_usage)
+    options = {} if body.get("stream_options") is None else body["stream_options"]
+    if not (isinstance(options, dict) and options.get("include_usage") in (None, True, False)):
+        message = f"stream_options={shown(options)}: must be an object whose include_usage is true or false"
+        raise FieldError(message, "stream_options")
+    return Sampling(max_tokens=max_tokens, **values), n, stop, stream, bool(options.get("include_usage"))
 
 
 def choices_of(prompts, sampling, n):

@@ -269,6 +269,8 @@ def error_of(response, status):
         ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens=0: must be at least 1"),
         ({"n": 0}, "n", "n=0: must be an integer from 1 to 16"),
         ({"stop": 3}, "stop", "stop=3: must be a string or a list of at most 4"),
+        ({"stop": ["x" * 101]}, "stop", "a stop string of more than 100 characters: shorten it"),
+        ({"stream_options": "yes"}, "stream_options", 'stream_options="yes": must be an object whose include_usage'),
         ({"stream": "no"}, "stream", 'stream="no": must be true or false'),
         ({"tools": [{"type": "function"}]}, "tools", "tools=a list: this server does not implement `tools`"),
         ({"logprobs": True}, "logprobs", "logprobs=true: this server does not implement `logprobs`"),
