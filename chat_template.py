@@ -5,6 +5,8 @@ inference can never disagree on the template. It needs only a tokenizer (no torc
 JINJA_TEMPLATE is the same format for Hugging Face's tokenizer.apply_chat_template (export.py).
 """
 
+from errors import UserError
+
 # Four special tokens mark the turns (tokenizer.CHAT_TOKENS; with GPT-2's BPE they take ids 50,257-50,260,
 # rows the padded embedding already has). One conversation, rendered:
 #
@@ -61,6 +63,35 @@ def render_prompt(messages, tokenizer):
     """The ids chat.py feeds the model for its next reply: the conversation so far, then <|assistant|>."""
     ids, _ = render_conversation(messages, tokenizer)
     return ids + [chat_tokens(tokenizer)[0]["assistant"]]
+
+
+def fit_conversation(messages, tokenizer, block_size, max_new_tokens):
+    """(messages, dropped): the conversation (ending with the user's turn) without its `dropped` oldest
+    turns, as few as it takes for its prompt and a reply of max_new_tokens to fit in a context of
+    block_size tokens. The system message stays; turns go in pairs (a user's message and its reply),
+    so the user still speaks first. UserError if not even the newest message fits."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    room = block_size - max_new_tokens - len(render_prompt(system, tokenizer))
+    # Each message is encoded on its own, between its opener and <|end|>, so a prompt's length is the
+    # sum of its messages'. Count from the newest back, each message encoded once, and stop at the
+    # first that does not fit: a long conversation costs what the context holds, not what was sent.
+    empty = len(render_prompt([], tokenizer))  # <|endoftext|> ... <|assistant|>
+    dropped, used = len(turns), 0  # turns[dropped:] fit, in `used` tokens
+    for i in range(len(turns) - 1, -1, -1):
+        used += len(render_prompt([turns[i]], tokenizer)) - empty
+        if used > room:
+            break
+        if turns[i]["role"] == "user":  # what is kept starts with a user's message
+            dropped = i
+    if dropped == len(turns):  # not even the newest message fits
+        need = len(render_prompt(system + turns[-1:], tokenizer)) + max_new_tokens
+        raise UserError(
+            f"the message is too long: it and {'the system message and ' if system else ''}room for a reply "
+            f"of {max_new_tokens} tokens need {need} tokens, the model's context holds {block_size}: "
+            "shorten it (or ask for a shorter reply)"
+        )
+    return system + turns[dropped:], dropped
 
 
 def chat_template(tokenizer):

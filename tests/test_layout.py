@@ -72,7 +72,7 @@ def test_training_does_not_load_the_data_pipeline():
     assert imported_in_a_fresh_process("train_gpt2", ("fineweb", "pyarrow", "datasets")) == "[]"
 
 
-@pytest.mark.parametrize("module", ["sample", "chat", "export", "hellaswag", "evals"])
+@pytest.mark.parametrize("module", ["sample", "chat", "serve", "export", "hellaswag", "evals"])
 def test_inference_does_not_load_training(module):
     training = ("train_gpt2", "finetune", "resume", "optim", "fineweb", "dataloader", "pyarrow", "datasets")
     assert imported_in_a_fresh_process(module, training) == "[]"
