@@ -117,8 +117,9 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
-def setup_distributed(requested_device):
-    """One process (`python train_gpt2.py`) or one of many (`torchrun`, which sets the env variables)."""
+def setup_distributed(requested_device, cpu_collectives=False):
+    """One process (`python train_gpt2.py`) or one of many (`torchrun`, which sets the env variables).
+    cpu_collectives: GPU processes also need collectives of CPU tensors (FSDP's offloaded shards)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -131,8 +132,13 @@ def setup_distributed(requested_device):
     if world_size > 1:
         if device == "mps":
             raise UserError("torch.distributed does not support MPS: train on one process, or pass --device cpu")
-        # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here).
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here). Offloaded
+        # FSDP shards are CPU tensors: the gradient norm's all-reduce and the gathers for checkpoints
+        # and evaluations go through gloo then (NCCL has no CPU backend), the training's own through NCCL.
+        backend = "gloo"
+        if device.startswith("cuda"):
+            backend = "cpu:gloo,cuda:nccl" if cpu_collectives else "nccl"
+        dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -209,6 +209,11 @@ class TrainConfig:
         "fsdp: free a block's gathered weights after its forward, gather "
         "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)",
     )
+    cpu_offload: bool = flag(
+        False,
+        "fsdp: keep the shards of the weights, gradients and AdamW state in host memory and step "
+        "AdamW on the CPU (FSDP2's CPUOffloadPolicy): the GPU holds only gathered blocks and activations",
+    )
     activation_checkpointing: bool = flag(
         False,
         "keep only each block's input and recompute the rest in backward "
@@ -445,6 +450,11 @@ def check_config(cfg, model_config, world_size):
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
             "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
         )
+    if cfg.cpu_offload and (cfg.parallel != "fsdp" or world_size == 1):
+        raise UserError(
+            "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp on 2 or more processes "
+            "(torchrun --nproc_per_node=N); DDP keeps a whole model on every GPU, and one process shards nothing"
+        )
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
@@ -464,11 +474,13 @@ class Job:
     train_loader: object
     val_loader: object
     val_steps: int  # batches per process of each validation loss
-    make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
+    make_model: Callable  # () -> a fresh GPT (train moves it to the device), before a checkpoint is restored into it
     get_lr: Callable  # step -> learning rate
     checkpoint_extra: dict = field(default_factory=dict)  # more keys for every checkpoint (finetune: the base)
     loss: Callable = lm_loss  # (model, batch) -> (loss, {figure: tensor}): what the step minimises
     validate: Callable = None  # (run, model) -> {figure: value}, instead of the val loss (val_loss)
+    # make_model() builds an untrained GPT from the seed alone, so FSDP may build it on the meta device
+    meta_init: bool = False
 
 
 def pretraining_job(cfg, dist_info):
@@ -493,9 +505,10 @@ def pretraining_job(cfg, dist_info):
         train_loader,
         val_loader,
         cfg.val_steps,
-        make_model=lambda: GPT(model_config).to(dist_info.device),
+        make_model=lambda: GPT(model_config),
         get_lr=lambda step: optim.get_lr(step, cfg),
         checkpoint_extra={"init": None},
+        meta_init=True,
     )  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
@@ -540,12 +553,20 @@ def train(cfg, dist_info, job):
     run = Run(cfg, dist_info, precision, log, job.tokenizer)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = job.make_model()
+    # Sharded from scratch, the model is built on the meta device (shapes, no memory) and sharded, then
+    # each rank draws its shards' weights (fsdp.initialise_shards): no rank ever holds it whole.
+    on_meta = sharded and job.meta_init
+    with torch.device("meta") if on_meta else nullcontext():
+        model = job.make_model().to("meta" if on_meta else dist_info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     empty = fsdp.empty_copy(model, "meta") if sharded else None  # the shape of the whole copies evaluations use
     if sharded:  # in place, and before the optimizer is built: it must hold the shards
-        fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info)
-    optimizer = optim.make_optimizer(model, cfg, dist_info.device_type)
+        fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info, cfg.cpu_offload)
+    # offloaded, the shards and so the optimizer step are on the CPU: a CUDA fused kernel would refuse them
+    host = "cpu" if sharded and cfg.cpu_offload else dist_info.device
+    if on_meta:
+        fsdp.initialise_shards(model, host)
+    optimizer = optim.make_optimizer(model, cfg, host.split(":")[0])
     loop = {"nonfinite_skips": 0, "last_val": None}  # what a checkpoint carries of the loop itself
     if resumed:
         loop = resume.restore_training_state(resumed, model, optimizer, precision.scaler, job.train_loader)
@@ -575,7 +596,9 @@ def train(cfg, dist_info, job):
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
-            whole = fsdp.whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
+            whole = (
+                fsdp.whole_model(model, empty, dist_info.device) if evaluating or sampling else None
+            )  # FSDP: a gathered copy
             if evaluating:
                 final = evaluate(run, job, step, whole, eval_tasks)
                 loop["last_val"] = {"step": step, **final["val"]}
@@ -615,7 +638,7 @@ def train(cfg, dist_info, job):
 
 def launch(cfg, make_job):
     """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
-    dist_info = device.setup_distributed(cfg.device)
+    dist_info = device.setup_distributed(cfg.device, cpu_collectives=cfg.cpu_offload)
     finished = False
     try:
         train(cfg, dist_info, make_job(cfg, dist_info))
