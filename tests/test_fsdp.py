@@ -293,6 +293,109 @@ end_finished_rank()  # not destroy_process_group: gloo can abort there (device.e
         assert f"rank {rank}: scale 32768.0, weights unchanged True" in result.stdout
 
 
+# ---- the meta device and CPU offload ----
+
+
+def test_meta_device_initialisation_gives_the_whole_models_weights_bit_for_bit_one_parameter_at_a_time(tmp_path):
+    """Built on the meta device, sharded over 2 processes, then initialised shard by shard
+    (fsdp.initialise_shards), with or without offload: the gathered weights equal GPT(config) built
+    whole from the same seed, bit for bit, and the RNG is left where that build leaves it. GPT-2's
+    layers with uneven shards (33 rows cut 17 + 16), and the modern recipe (no norm parameters, an
+    untied head starting at zero). The largest tensor the initialisation allocates is the largest
+    parameter (the embedding), not the model."""
+    script = tmp_path / "meta_init.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, {str(REPO)!r})
+from device import DistInfo, end_finished_rank, setup_precision
+from fsdp import gather_full, initialise_shards, shard_model
+from model import GPT, GPTConfig
+
+class LargestAllocation(TorchDispatchMode):
+    largest = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {{}}))
+        if func._schema.name in ("aten::empty", "aten::empty_strided", "aten::empty_like"):
+            self.largest = max(self.largest, out.numel())
+        return out
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+precision = setup_precision("float32", "cpu", sharded=True)
+configs = [dict(n_embd=33, n_head=3), dict(n_embd=32, n_head=2, recipe=True)]
+for i, shape in enumerate(configs):
+    modern = dict(rope=True, rmsnorm=True, qk_norm=True, untied_head=True, zero_init=True) if shape.pop("recipe", 0) else {{}}
+    config = GPTConfig(n_layer=2, **shape, **modern)
+    for offload in (False, True):
+        torch.manual_seed(7)
+        whole = GPT(config)
+        rng_after = torch.get_rng_state()
+        torch.manual_seed(7)
+        with torch.device("meta"):
+            model = GPT(config)
+        shard_model(model, True, precision, DistInfo(rank, rank, 2, "cpu"), cpu_offload=offload)
+        with LargestAllocation() as allocations:
+            initialise_shards(model, "cpu")
+        same_rng = torch.equal(torch.get_rng_state(), rng_after)
+        gathered = gather_full(model.state_dict(), rank == 0)
+        largest = max(p.numel() for p in whole.parameters()) == allocations.largest < whole.num_params()
+        if rank == 0:
+            equal = gathered.keys() == whole.state_dict().keys() and all(
+                torch.equal(gathered[k], t) for k, t in whole.state_dict().items())
+            print(f"config {{i}} offload {{offload}}: equal {{equal}}, rng {{same_rng}}, largest {{largest}}", flush=True)
+end_finished_rank()
+""")
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for config in (0, 1):
+        for offload in (False, True):
+            assert f"config {config} offload {offload}: equal True, rng True, largest True" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def offloaded(data_dir, tmp_path_factory, evals):
+    """The `fsdp` run with --cpu_offload 1."""
+    log_dir = tmp_path_factory.mktemp("offloaded")
+    return log_dir, torchrun(data_dir, log_dir, *STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals)
+
+
+def test_cpu_offload_trains_evaluates_and_samples_exactly_as_without_it(fsdp, offloaded):
+    """On the CPU, offloading moves nothing, but its code runs: CPUOffloadPolicy's shards, AdamW
+    stepping host tensors, the non-fused optimizer. Both runs make the same float32 operations in the
+    same order, so every figure is equal, not just close. (On a GPU the offloaded AdamW runs on the
+    CPU instead of a fused CUDA kernel: equal to float32 rounding, not bit for bit.)"""
+    (_, plain), (log_dir, offload) = fsdp, offloaded
+    assert [m["cpu_offload"] for m in offload if m["kind"] == "config"] == [True]
+    assert losses(offload) == losses(plain) and norms(offload) == norms(plain)
+    for kind in ("val", "hellaswag", "sample"):
+        records = [[{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (offload, plain)]
+        assert records[0] == records[1] != []
+    saved, reference = (checkpoint.load_checkpoint(str(d / "model_00004.pt")) for d in (log_dir, fsdp[0]))
+    for name, tensor in reference["model"].items():
+        assert torch.equal(saved["model"][name], tensor)
+
+
+def test_cpu_offload_resumes_bit_identically(data_dir, tmp_path, offloaded, evals):
+    log_dir, uninterrupted = offloaded
+    flags = [*STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    resumed = torchrun(data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *flags)
+    assert losses(resumed) == {s: losses(uninterrupted)[s] for s in (2, 3)}  # exact float equality
+    assert losses(resumed, "val")[4] == losses(uninterrupted, "val")[4]
+
+
+@pytest.mark.parametrize(
+    "flags, processes, message",
+    [
+        (["--cpu_offload", "1"], 2, "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp"),
+        (["--cpu_offload", "1", "--parallel", "fsdp"], 1, "one process shards nothing"),
+    ],
+)
+def test_cpu_offload_where_it_cannot_work_is_refused_before_training(flags, processes, message):
+    with pytest.raises(train_gpt2.UserError, match=message):
+        train_gpt2.check_config(train_gpt2.parse_config(flags), GPTConfig(), world_size=processes)
+
+
 # ---- --model ----
 
 
