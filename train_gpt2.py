@@ -311,7 +311,9 @@ def train_step(run, job, train_model, model, optimizer, grad_accum_steps):
     sums = None  # the loss, the real tokens, then the loss's own figures
     for micro_step in range(grad_accum_steps):
         batch = job.train_loader.next_batch()  # pretraining and fine-tuning: x, y (B, T) each
-        with grad_sync(train_model, micro_step == grad_accum_steps - 1):
+        # Offloaded, FSDP reduce-scatters every micro-step and adds the shards up in host memory: held
+        # back, the whole float32 gradients would wait on the GPU, 4 bytes per parameter
+        with grad_sync(train_model, micro_step == grad_accum_steps - 1 or run.cfg.cpu_offload):
             with precision.autocast():
                 loss, figures = job.loss(train_model, batch)
             # .grad accumulates a sum over micro-steps; dividing each loss makes it the mean

@@ -323,10 +323,9 @@ class LargestAllocation(TorchDispatchMode):
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 precision = setup_precision("float32", "cpu", sharded=True)
-configs = [dict(n_embd=33, n_head=3), dict(n_embd=32, n_head=2, recipe=True)]
-for i, shape in enumerate(configs):
-    modern = dict(rope=True, rmsnorm=True, qk_norm=True, untied_head=True, zero_init=True) if shape.pop("recipe", 0) else {{}}
-    config = GPTConfig(n_layer=2, **shape, **modern)
+modern = dict(rope=True, rmsnorm=True, qk_norm=True, untied_head=True, zero_init=True)
+for i, shape in enumerate([dict(n_embd=33, n_head=3), dict(n_embd=32, n_head=2, **modern)]):
+    config = GPTConfig(n_layer=2, **shape)
     for offload in (False, True):
         torch.manual_seed(7)
         whole = GPT(config)
@@ -343,7 +342,7 @@ for i, shape in enumerate(configs):
         if rank == 0:
             equal = gathered.keys() == whole.state_dict().keys() and all(
                 torch.equal(gathered[k], t) for k, t in whole.state_dict().items())
-            print(f"config {{i}} offload {{offload}}: equal {{equal}}, rng {{same_rng}}, largest {{largest}}", flush=True)
+            print(f"config {{i}} offload {{offload}}: equal {{equal}}, rng {{same_rng}}, largest {{largest}}")
 end_finished_rank()
 """)
     result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
@@ -360,20 +359,24 @@ def offloaded(data_dir, tmp_path_factory, evals):
     return log_dir, torchrun(data_dir, log_dir, *STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals)
 
 
-def test_cpu_offload_trains_evaluates_and_samples_exactly_as_without_it(fsdp, offloaded):
-    """On the CPU, offloading moves nothing, but its code runs: CPUOffloadPolicy's shards, AdamW
-    stepping host tensors, the non-fused optimizer. Both runs make the same float32 operations in the
-    same order, so every figure is equal, not just close. (On a GPU the offloaded AdamW runs on the
-    CPU instead of a fused CUDA kernel: equal to float32 rounding, not bit for bit.)"""
+def test_cpu_offload_trains_evaluates_and_samples_as_without_it(fsdp, offloaded):
+    """On the CPU, offloading moves nothing, but its code runs: CPUOffloadPolicy's shards, gloo for
+    the collectives of host tensors, AdamW stepping host tensors with the non-fused optimizer.
+    Offloaded, FSDP reduce-scatters each micro-step's gradients and adds the shards up (train_step),
+    where the other run adds the whole gradients up and reduce-scatters once: the same sums in another
+    order, so the losses, norms and weights agree to float32 rounding, not bit for bit; the HellaSwag
+    scores and the samples are the same. (On a GPU the optimizer step also moves from a fused CUDA
+    kernel to the CPU's: rounding differences again.)"""
     (_, plain), (log_dir, offload) = fsdp, offloaded
     assert [m["cpu_offload"] for m in offload if m["kind"] == "config"] == [True]
-    assert losses(offload) == losses(plain) and norms(offload) == norms(plain)
-    for kind in ("val", "hellaswag", "sample"):
+    assert_same_training(plain, offload)
+    for kind in ("hellaswag", "sample"):
         records = [[{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (offload, plain)]
         assert records[0] == records[1] != []
     saved, reference = (checkpoint.load_checkpoint(str(d / "model_00004.pt")) for d in (log_dir, fsdp[0]))
-    for name, tensor in reference["model"].items():
-        assert torch.equal(saved["model"][name], tensor)
+    for name, tensor in reference["model"].items():  # 1e-4, as one process and FSDP: AdamW divides by
+        # each gradient's own running scale, so a rounding difference in a tiny one moves its weight more
+        torch.testing.assert_close(saved["model"][name], tensor, rtol=0, atol=1e-4)
 
 
 def test_cpu_offload_resumes_bit_identically(data_dir, tmp_path, offloaded, evals):
