@@ -469,13 +469,50 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
     text = capsys.readouterr().out
     assert "1557.7M parameters, batch_size 4 x seq_len 1024, 8 process(es), 80 GiB GPUs; bf16, or fp16" in text
     rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
-    ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (AdamW)"])
+    ddp, _, fsdp, _, offloaded, _ = (float(value) for value in rows["optimizer (AdamW)"])
     assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
+    assert offloaded == 0  # in host memory, with the shards of the weights and gradients
+    assert "+off: the shards in host memory, 2.90 GiB per process (23.21 per machine of 8)" in text
     assert float(rows["activations"][1]) < float(rows["activations"][0]) / 4  # checkpointing
     assert "largest batch_size" in text and not (tmp_path / "no_shards").exists()
     plan = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
     P = 1557.7e6  # one process in float32: 16 bytes per parameter (REFERENCE.md) before activations
     assert plan["weights"] + plan["gradients"] + plan["optimizer (AdamW)"] == pytest.approx(16 * P, rel=1e-3)
+
+
+def test_planned_host_memory_of_offload_is_what_an_offloaded_rank_holds(tmp_path):
+    """memory_plan.host_bytes against the bytes of the tensors each of 2 offloaded processes holds
+    after a step: its shards of the weights, of their gradients and of AdamW's two moments."""
+    script = tmp_path / "host_bytes.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, {str(REPO)!r})
+from device import DistInfo, end_finished_rank, setup_precision
+from fsdp import shard_model
+from memory_plan import host_bytes
+from model import GPT, GPTConfig
+from optim import configure_optimizers
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
+precision = setup_precision("float32", "cpu", sharded=True)
+model = shard_model(GPT(config), True, precision, DistInfo(rank, rank, 2, "cpu"), cpu_offload=True)
+optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+x = torch.randint(0, 50257, (2, 8))
+model(x, x)[1].backward()
+optimizer.step()
+moments = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, DTensor)]
+tensors = [t.to_local() for p in model.parameters() for t in (p, p.grad)] + [t.to_local() for t in moments]
+held = sum(t.numel() * t.element_size() for t in tensors)
+print(f"rank {{rank}}: held {{held}}, planned {{host_bytes(config, 2):.0f}}")
+end_finished_rank()
+""")
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    P = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)).num_params()  # even row counts: exact halves
+    for rank in (0, 1):
+        assert f"rank {rank}: held {8 * P}, planned {8 * P}" in result.stdout
 
 
 def plan(capsys, *flags):
@@ -505,12 +542,18 @@ def advised_command(text):
             "batch_size 8 (gradient accumulation keeps the 524288-token step) fits, 10.03 GiB per GPU; run:",
             "python train_gpt2.py --parallel ddp --activation_checkpointing 0 --batch_size 8",
         ),
-        (  # nothing fits on 2: more processes
-            ["--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16", "--dtype", "float16"],
-            "nothing fits on 2 GPU(s); --parallel fsdp --activation_checkpointing 1 over 4 GPUs fits batch_size 2, "
+        (  # nothing fits on 1 (which cannot offload): more processes
+            ["--model", "gpt2-xl", "--nproc", "1", "--gpu_memory", "16", "--dtype", "float16"],
+            "nothing fits on 1 GPU(s); --parallel fsdp --activation_checkpointing 1 over 4 GPUs fits batch_size 2, "
             "13.62 GiB per GPU; run:",
             "torchrun --standalone --nproc_per_node=4 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
             "--activation_checkpointing 1 --batch_size 2",
+        ),
+        (  # nothing fits in 2 GPUs' memory: offloaded to the host, it does
+            ["--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16", "--dtype", "float16"],
+            "--parallel fsdp --activation_checkpointing 1 --cpu_offload 1 fits batch_size 8, 7.75 GiB per GPU; run:",
+            "torchrun --standalone --nproc_per_node=2 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
+            "--activation_checkpointing 1 --cpu_offload 1 --batch_size 8",
         ),
     ],
 )
@@ -534,10 +577,10 @@ def test_plan_advises_only_batch_sizes_that_divide_the_step():
     """batch_size 6 fits gpt2-xl under fsdp +ckpt on 8 x 16 GiB, but 2**20 tokens are no multiple of
     6 x 1024 x 8: the table's largest batch_size is 4."""
     report = memory_plan.plan_report(
-        GPTConfig.from_name("gpt2-xl"), 64, 1024, 2**20, 8, torch.bfloat16, 16, ("fsdp", True)
+        GPTConfig.from_name("gpt2-xl"), 64, 1024, 2**20, 8, torch.bfloat16, 16, ("fsdp", True, False)
     )
     row = next(line for line in report.splitlines() if line.startswith("largest batch_size"))
-    assert row.split()[2:] == ["0", "0", "1", "4"]
+    assert row.split()[2:] == ["0", "0", "1", "4", "4", "8"]
     usable = 16 * 2**30 * (1 - memory_plan.GPU_RESERVE)
     six = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 6, 1024, 8, torch.bfloat16, "fsdp", True, True, 2)
     assert sum(six.values()) <= usable  # 6 would fit: it is left out because it does not divide
