@@ -27,6 +27,7 @@ GPU_CHECK_LINES = [
     "train_gpt2_resume",
     "generate_kv_cache",
     "fsdp",
+    "fsdp_cpu_offload",
     "modern_recipe_run",
     "modern_recipe_resume",
     "total",
@@ -111,6 +112,9 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
 
     assert "skipped" not in records["generate_kv_cache"]
     assert records["fsdp"]["skipped"]
+    offload = records["fsdp_cpu_offload"]  # on the CPU offloading moves nothing: the same losses
+    assert offload["offload_ms_per_step"] > 0 and offload["no_offload_ms_per_step"] > 0
+    assert offload["loss_max_difference"] == 0 and offload["offload_peak_gib"] is None
 
 
 def test_generation_figures_with_and_without_the_kv_cache(one_thread):
