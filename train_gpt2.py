@@ -222,7 +222,7 @@ class TrainConfig:
     plan: bool = flag(
         False,
         "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
-        "checkpointing) and the largest batch_size that fits, then exit (needs no shards)",
+        "checkpointing, fsdp with CPU offload) and the largest batch_size that fits, then exit (needs no shards)",
     )
     gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
     nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)

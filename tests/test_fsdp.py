@@ -6,9 +6,12 @@ does, and compare them with one process accumulating the same micro-batches.
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -385,6 +388,30 @@ def test_cpu_offload_resumes_bit_identically(data_dir, tmp_path, offloaded, eval
     resumed = torchrun(data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *flags)
     assert losses(resumed) == {s: losses(uninterrupted)[s] for s in (2, 3)}  # exact float equality
     assert losses(resumed, "val")[4] == losses(uninterrupted, "val")[4]
+
+
+def test_sigterm_stops_an_offloaded_run_with_a_checkpoint_that_resumes_bit_identically(
+    data_dir, tmp_path, offloaded, evals
+):
+    """torchrun passes SIGTERM (preemption) on to both processes: they finish the step, write the
+    offloaded shards into a checkpoint and stop; the same command then continues from it."""
+    log_dir = tmp_path / "log"
+    command = [*TORCHRUN, str(REPO / "train_gpt2.py"), "--data_dir", str(data_dir), "--log_dir", str(log_dir)]
+    flags = [*STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    command += [*TINY, "--val_steps", "2", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = log_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    stopped = re.search(r"stopped by a signal after step (\d+), saved in ", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert step < 4 and (log_dir / f"model_{step:05d}.pt").exists()
+    resumed = torchrun(data_dir, log_dir, *flags)
+    assert losses(resumed) == {s: losses(offloaded[1])[s] for s in range(step, 4)}  # exact float equality
 
 
 @pytest.mark.parametrize(
