@@ -31,12 +31,12 @@ from model import init_weight
 #   --reshard_after_forward 0   ZeRO-2-like: the gathered weights stay from forward to backward (one
 #                               all-gather per step instead of two), freed after backward; gradients
 #                               and optimizer state sharded
+#   --cpu_offload 1             ZeRO-Offload (Ren et al. 2021) over ZeRO-3: the shards of the weights,
+#                               the gradients and the optimizer state live in host memory; each unit's
+#                               weights are copied to the GPU to be gathered, its gradients back after
+#                               their reduce-scatter, and the optimizer steps on the CPU. The GPU keeps
+#                               only the gathered units and the activations.
 # (ZeRO-1, only the optimizer state sharded, is torch.distributed.optim.ZeroRedundancyOptimizer.)
-#   --cpu_offload 1             ZeRO-Offload / ZeRO-Infinity's CPU part (Ren et al. 2021): the shards of
-#                               the weights, the gradients and the optimizer state live in host memory;
-#                               each unit's weights are copied to the GPU to be gathered, its gradients
-#                               back after their reduce-scatter, and the optimizer steps on the CPU.
-#                               The GPU keeps only the gathered units and the activations.
 
 
 def shard_model(model, reshard_after_forward, precision, dist_info, cpu_offload=False):

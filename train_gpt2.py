@@ -452,17 +452,23 @@ def check_config(cfg, model_config, world_size):
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
             "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
         )
-    if cfg.cpu_offload and (cfg.parallel != "fsdp" or world_size == 1):
-        raise UserError(
-            "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp on 2 or more processes "
-            "(torchrun --nproc_per_node=N); DDP keeps a whole model on every GPU, and one process shards nothing"
-        )
+    check_cpu_offload(cfg, world_size)
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     get_grad_accum_steps(cfg, world_size)
+
+
+def check_cpu_offload(cfg, world_size):
+    """check_config's refusal of --cpu_offload where it cannot work; train repeats it for the jobs
+    that have their own checks (dpo.py, rl.py)."""
+    if cfg.cpu_offload and (cfg.parallel != "fsdp" or world_size == 1):
+        raise UserError(
+            "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp on 2 or more processes "
+            "(torchrun --nproc_per_node=N); DDP keeps a whole model on every GPU, and one process shards nothing"
+        )
 
 
 @dataclass
@@ -517,6 +523,7 @@ def pretraining_job(cfg, dist_info):
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
+    check_cpu_offload(cfg, dist_info.world_size)
     B, T = cfg.batch_size, cfg.seq_len
     # the evaluation data too before anything is written: a missing file (offline) stops the run here
     eval_tasks = [
@@ -565,7 +572,7 @@ def train(cfg, dist_info, job):
     if sharded:  # in place, and before the optimizer is built: it must hold the shards
         fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info, cfg.cpu_offload)
     # offloaded, the shards and so the optimizer step are on the CPU: a CUDA fused kernel would refuse them
-    host = "cpu" if sharded and cfg.cpu_offload else dist_info.device
+    host = "cpu" if cfg.cpu_offload else dist_info.device
     if on_meta:
         fsdp.initialise_shards(model, host)
     optimizer = optim.make_optimizer(model, cfg, host.split(":")[0])
