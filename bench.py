@@ -610,8 +610,6 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     """One process of bench_fsdp: train_step under DDP or FSDP (built on the meta device, offloaded for
     fsdp_offload), then its memory; for FSDP also a checkpoint both ways (the whole state gathered on
     rank 0, and torch.distributed.checkpoint's shards)."""
-    from contextlib import nullcontext
-
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -632,12 +630,13 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     precision = setup_precision("float32", "cpu", sharded=fsdp)
     recipe = TrainConfig(cpu_offload=offload)
     torch.manual_seed(0)
-    with torch.device("meta") if fsdp else nullcontext():  # as train_gpt2.train builds them
+    rss_before_model = rss_mb("VmRSS")
+    with torch.device("meta" if fsdp else "cpu"):  # as train_gpt2.train builds them
         model = GPT(GPTConfig.from_name(args.model))
     train_model = shard_model(model, True, precision, dist_info, offload) if fsdp else DDP(model)
     if fsdp:
         initialise_shards(model, "cpu")
-    init_peak_rss = rss_mb("VmHWM")
+    init_peak_rss = rss_mb("VmHWM") - rss_before_model
     optimizer = make_optimizer(model, recipe, "cpu")
     x = torch.randint(0, 50257, (args.batch_size, args.seq_len))
     run = Run(recipe, dist_info, precision, log=None, tokenizer=None)
@@ -650,7 +649,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
 
     figures = {
         "ms_per_step": (time.perf_counter() - t0) / args.steps * 1000,
-        "init_peak_rss_MB": init_peak_rss,
+        "init_peak_rss_above_start_MB": init_peak_rss,
         "weights_MB": sum(mine(p) for p in model.parameters()) / 2**20,
         "gradients_MB": sum(mine(p.grad) for p in model.parameters()) / 2**20,
         "optimizer_MB": sum(mine(t) for s in optimizer.state.values() for t in s.values() if t.dim()) / 2**20,
