@@ -630,6 +630,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     precision = setup_precision("float32", "cpu", sharded=fsdp)
     recipe = TrainConfig(cpu_offload=offload)
     torch.manual_seed(0)
+    reset_peak_rss()
     rss_before_model = rss_mb("VmRSS")
     with torch.device("meta" if fsdp else "cpu"):  # as train_gpt2.train builds them
         model = GPT(GPTConfig.from_name(args.model))
