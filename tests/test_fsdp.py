@@ -411,7 +411,7 @@ def test_sigterm_stops_an_offloaded_run_with_a_checkpoint_that_resumes_bit_ident
     step = int(stopped.group(1))
     assert step < 4 and (log_dir / f"model_{step:05d}.pt").exists()
     resumed = torchrun(data_dir, log_dir, *flags)
-    assert losses(resumed) == {s: losses(offloaded[1])[s] for s in range(step, 4)}  # exact float equality
+    assert losses(resumed) == losses(offloaded[1])  # before the signal and after it, exact float equality
 
 
 @pytest.mark.parametrize(
