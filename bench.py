@@ -607,9 +607,8 @@ def add_fsdp_args(parser):
 
 
 def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
-    """One process of bench_fsdp: train_step under DDP or FSDP (built on the meta device, offloaded for
-    fsdp_offload), then its memory; for FSDP also a checkpoint both ways (the whole state gathered on
-    rank 0, and torch.distributed.checkpoint's shards)."""
+    """One process of bench_fsdp: train_step under DDP or FSDP (built on the meta device, but whole for
+    fsdp_whole; offloaded for fsdp_offload), then its memory; for FSDP also a checkpoint both ways."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -632,10 +631,11 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     torch.manual_seed(0)
     reset_peak_rss()
     rss_before_model = rss_mb("VmRSS")
-    with torch.device("meta" if fsdp else "cpu"):  # as train_gpt2.train builds them
+    meta = fsdp and parallel != "fsdp_whole"  # as train_gpt2.train builds it; whole, as it did before
+    with torch.device("meta" if meta else "cpu"):
         model = GPT(GPTConfig.from_name(args.model))
     train_model = shard_model(model, True, precision, dist_info, offload) if fsdp else DDP(model)
-    if fsdp:
+    if meta:
         initialise_shards(model, "cpu")
     init_peak_rss = rss_mb("VmHWM") - rss_before_model
     optimizer = make_optimizer(model, recipe, "cpu")
@@ -694,15 +694,15 @@ def tensors_in(state):
 
 
 def bench_fsdp(args):
-    """Per-process memory of training --model under DDP, FSDP (reshard_after_forward=True) and FSDP
-    with CPU offload on --nproc CPU processes: the exact bytes of this rank's weights, gradients and
-    AdamW state, the RSS, and its peak once the model is built. Then the two ways of writing an FSDP
-    checkpoint: gathered whole on rank 0 (checkpoint.py's) and torch.distributed.checkpoint's shards."""
+    """Per-process memory of training --model under DDP, FSDP (reshard_after_forward=True; the model
+    built whole then sharded, or built on the meta device) and FSDP with CPU offload on --nproc CPU
+    processes: the exact bytes of this rank's weights, gradients and AdamW state, the RSS, and its peak
+    as the model is built. Then an FSDP checkpoint gathered on rank 0 (ours) and as DCP's shards."""
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_fsdp_")
     results = {"model": args.model, "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len}
     context = multiprocessing.get_context("spawn")
     try:
-        for parallel in ("ddp", "fsdp", "fsdp_offload"):
+        for parallel in ("ddp", "fsdp_whole", "fsdp", "fsdp_offload"):
             with socket.socket() as sock:  # a free port for the process group
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]

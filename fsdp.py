@@ -85,22 +85,23 @@ def initialise_shards(model, device):
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
-            for shard, whole in zip(module.parameters(recurse=False), reset_whole(module)):
-                shard.copy_(shard_like(whole, shard))
+            reset_shards(module)
     for shard, std in model.weight_inits():
         shard.copy_(shard_like(init_weight(torch.empty(shard.shape, dtype=shard.dtype), std), shard))
 
 
-def reset_whole(module):
-    """The parameters module.reset_parameters() gives module (not its children), drawn on new whole
-    CPU tensors of their shapes: a shallow copy of the module holds them, the module keeps its own."""
+def reset_shards(module):
+    """module.reset_parameters() drawn on new whole CPU tensors of the shapes of its parameters (not
+    its children's), held by a shallow copy of the module, and each of its shards cut out of them.
+    A function of its own, so that no whole tensor outlives the call."""
     whole = copy.copy(module)
     whole._parameters = {
         name: None if p is None else torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
         for name, p in module._parameters.items()
     }
     whole.reset_parameters()
-    return list(whole.parameters(recurse=False))
+    for shard, drawn in zip(module.parameters(recurse=False), whole.parameters(recurse=False)):
+        shard.copy_(shard_like(drawn, shard))
 
 
 def empty_copy(model, device):
