@@ -452,7 +452,7 @@ def check_config(cfg, model_config, world_size):
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
             "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
         )
-    check_cpu_offload(cfg, world_size)
+    check_cpu_offload(cfg)
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
@@ -461,13 +461,13 @@ def check_config(cfg, model_config, world_size):
     get_grad_accum_steps(cfg, world_size)
 
 
-def check_cpu_offload(cfg, world_size):
+def check_cpu_offload(cfg):
     """check_config's refusal of --cpu_offload where it cannot work; train repeats it for the jobs
     that have their own checks (dpo.py, rl.py)."""
-    if cfg.cpu_offload and (cfg.parallel != "fsdp" or world_size == 1):
+    if cfg.cpu_offload and cfg.parallel != "fsdp":
         raise UserError(
-            "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp on 2 or more processes "
-            "(torchrun --nproc_per_node=N); DDP keeps a whole model on every GPU, and one process shards nothing"
+            "--cpu_offload 1 offloads FSDP's shards: add --parallel fsdp (on one process too); DDP keeps a "
+            "whole model on every GPU"
         )
 
 
@@ -523,7 +523,7 @@ def pretraining_job(cfg, dist_info):
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
-    check_cpu_offload(cfg, dist_info.world_size)
+    check_cpu_offload(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     # the evaluation data too before anything is written: a missing file (offline) stops the run here
     eval_tasks = [
@@ -552,7 +552,8 @@ def train(cfg, dist_info, job):
     if dist_info.is_master and resumed:
         for path in resume.start_branch(cfg.log_dir, start_step):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see resume.start_branch)")
-    sharded = cfg.parallel == "fsdp" and dist_info.world_size > 1
+    # Offloaded, FSDP runs on one process too: nothing to shard, everything to offload (a group of one)
+    sharded = cfg.parallel == "fsdp" and (dist_info.world_size > 1 or cfg.cpu_offload)
     if cfg.parallel == "fsdp" and not sharded:
         log.warning(
             "--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
@@ -647,7 +648,7 @@ def train(cfg, dist_info, job):
 
 def launch(cfg, make_job):
     """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
-    dist_info = device.setup_distributed(cfg.device, cpu_collectives=cfg.cpu_offload)
+    dist_info = device.setup_distributed(cfg.device, cpu_offload=cfg.cpu_offload)
     finished = False
     try:
         train(cfg, dist_info, make_job(cfg, dist_info))

@@ -414,16 +414,27 @@ def test_sigterm_stops_an_offloaded_run_with_a_checkpoint_that_resumes_bit_ident
     assert losses(resumed) == losses(offloaded[1])  # before the signal and after it, exact float equality
 
 
-@pytest.mark.parametrize(
-    "flags, processes, message",
-    [
-        (["--cpu_offload", "1"], 2, "--cpu_offload 1 offloads FSDP's shards: train with --parallel fsdp"),
-        (["--cpu_offload", "1", "--parallel", "fsdp"], 1, "one process shards nothing"),
-    ],
-)
-def test_cpu_offload_where_it_cannot_work_is_refused_before_training(flags, processes, message):
-    with pytest.raises(train_gpt2.UserError, match=message):
-        train_gpt2.check_config(train_gpt2.parse_config(flags), GPTConfig(), world_size=processes)
+def test_cpu_offload_on_one_process_trains_as_without_it_and_resumes_bit_identically(data_dir, tmp_path, single, evals):
+    """One process offloads too, FSDP sharding over a process group of one: nothing to shard,
+    everything in host memory (a bigger model on one smaller GPU). On the CPU it trains as the plain
+    one-process run does bit for bit (each micro-step's gradients are added to the sum in the same
+    order), and the group is left at the end (the test process goes on)."""
+    flags = [*STEPS, "--val_steps", "4", "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    offloaded = run(data_dir, tmp_path / "offloaded", *flags)
+    assert not dist.is_initialized()
+    assert [m["world_size"] for m in offloaded if m["kind"] == "config"] == [1]
+    assert losses(offloaded) == losses(single[1]) and norms(offloaded) == norms(single[1])
+    for kind in ("val", "hellaswag", "sample"):
+        records = [[{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (offloaded, single[1])]
+        assert records[0] == records[1] != []
+    resumed = run(data_dir, resume_from(tmp_path / "offloaded" / "model_00002.pt", tmp_path / "log"), *flags)
+    assert losses(resumed) == {s: losses(offloaded)[s] for s in (2, 3)}  # exact float equality
+    assert losses(resumed, "val")[4] == losses(offloaded, "val")[4]
+
+
+def test_cpu_offload_without_fsdp_is_refused_before_training():
+    with pytest.raises(train_gpt2.UserError, match="--cpu_offload 1 offloads FSDP's shards: add --parallel fsdp"):
+        train_gpt2.check_config(train_gpt2.parse_config(["--cpu_offload", "1"]), GPTConfig(), world_size=2)
 
 
 # ---- --model ----
