@@ -78,7 +78,7 @@ def memory_plan(
     cpu_offload (FSDP only) the shards live in host memory instead: host_bytes counts them."""
     P, P_block, P_root = parameter_counts(config)
     a, N = DTYPE_BYTES[dtype], world_size
-    if parallel == "fsdp" and N > 1 and cpu_offload:
+    if parallel == "fsdp" and cpu_offload:  # on one process too: a group of one
         # the same gathered copies, and the float32 shards of the units being gathered, copied in from
         # the host to be all-gathered; the shards themselves stay in host memory
         gathered = P_root + (2 * P_block if reshard_after_forward else config.n_layer * P_block)
@@ -204,7 +204,7 @@ def plan_report(
     (0: unknown), and the verdict on chosen (the flags' parallel, checkpointing and offload) at
     batch_size: it fits or not, and the command line that runs (flags: the other flags, for that
     command). Offload is slow (every step crosses PCIe, AdamW runs on the CPU): it is advised only
-    where nothing else fits on these GPUs, and never on one process, which has nothing to shard.
+    where nothing else fits on these GPUs.
 
     A batch size is advised only if it divides the step (total_batch_size = batch_size x seq_len x
     world_size x accumulation steps): train_gpt2.py refuses any other."""
@@ -230,15 +230,12 @@ def plan_report(
 
     def largest(parallel, checkpointing, offload, N=world_size):
         """The largest batch_size that fits and divides total_batch_size into whole micro-steps (0: none)."""
-        if offload and N == 1:
-            return 0  # train_gpt2.py refuses offload on one process
         micro_steps = total_batch_size // (seq_len * N)  # at batch_size 1; more would be more than a step
         sizes = [B for B in range(1, micro_steps + 1) if total_batch_size % (B * seq_len * N) == 0]
         return max((B for B in sizes if gib(parallel, checkpointing, offload, B, N) * 2**30 <= usable), default=0)
 
-    columns = [way for way in PLAN_COLUMNS if world_size > 1 or not way[2]]  # one process: no offload
-    names = [p + (" +ckpt" if c else "") + (" +off" if o else "") for p, c, o in columns]
-    plans = [plan_at(*way, batch_size) for way in columns]
+    names = [p + (" +ckpt" if c else "") + (" +off" if o else "") for p, c, o in PLAN_COLUMNS]
+    plans = [plan_at(*way, batch_size) for way in PLAN_COLUMNS]
     P = parameter_counts(config)[0]
     lines = [
         f"memory per GPU: {P / 1e6:.1f}M parameters, batch_size {batch_size} x seq_len {seq_len}, "
@@ -259,7 +256,7 @@ def plan_report(
     if not gpu_gib:
         lines.append("verdict: none without the GPUs' memory (no GPU here): pass --gpu_memory GiB")
         return "\n".join(lines)
-    fits = [largest(*way) for way in columns]
+    fits = [largest(*way) for way in PLAN_COLUMNS]
     lines.append(f"{'largest batch_size':<20}" + "".join(f"{B:>{WIDTH}}" for B in fits))
     lines.append(
         f"  (that divides --total_batch_size {total_batch_size} into whole micro-steps; "
@@ -268,7 +265,7 @@ def plan_report(
     holds = f"the {usable / 2**30:.2f} GiB usable of a {gpu_gib:g} GiB GPU"
     need = gib(*chosen, batch_size)
     if need * 2**30 <= usable:
-        more = fits[columns.index(chosen)]
+        more = fits[PLAN_COLUMNS.index(chosen)]
         lines.append(
             f"verdict: fits, {need:.2f} GiB per GPU of {holds}"
             + (f" (batch_size {more} fits too: fewer micro-steps)" if more > batch_size else "")
@@ -281,10 +278,10 @@ def plan_report(
         f"more than {holds}"
     )
     way, N = chosen, world_size
-    in_gpu = [(way, B) for way, B in zip(columns, fits) if B and not way[2]]
-    offloaded = [(way, B) for way, B in zip(columns, fits) if B and way[2]]
-    if fits[columns.index(chosen)]:
-        B = fits[columns.index(chosen)]
+    in_gpu = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and not way[2]]
+    offloaded = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and way[2]]
+    if fits[PLAN_COLUMNS.index(chosen)]:
+        B = fits[PLAN_COLUMNS.index(chosen)]
         advice = f"batch_size {B} (gradient accumulation keeps the {total_batch_size}-token step) fits"
     elif in_gpu or offloaded:
         # the way that fits the largest batch_size (the fewest micro-steps), the cheapest on ties;
@@ -306,8 +303,6 @@ def plan_report(
 
 def offload_lines(config, world_size, reshard_after_forward):
     """What the +off columns do not show: the host memory they take and the PCIe traffic they add."""
-    if world_size == 1:
-        return ["  (no +off columns: --cpu_offload 1 shards, and one process has nothing to shard over)"]
     traffic, host = offload_traffic(config, world_size, reshard_after_forward), host_bytes(config, world_size)
     per_machine = min(world_size, 8)
     return [

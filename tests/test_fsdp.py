@@ -562,8 +562,9 @@ def plan(capsys, *flags):
 def advised_command(text):
     """(processes, flags of train_gpt2.py) of the command line the plan's verdict ends with."""
     words = text.splitlines()[-1].split()
+    nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nnodes=")), 1)
     nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
-    return nproc, words[words.index("train_gpt2.py") + 1 :]
+    return nodes * nproc, words[words.index("train_gpt2.py") + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -580,12 +581,19 @@ def advised_command(text):
             "batch_size 8 (gradient accumulation keeps the 524288-token step) fits, 10.03 GiB per GPU; run:",
             "python train_gpt2.py --parallel ddp --activation_checkpointing 0 --batch_size 8",
         ),
-        (  # nothing fits on 1 (which cannot offload): more processes
+        (  # nothing fits in one GPU's memory: offloaded to the host, it does
             ["--model", "gpt2-xl", "--nproc", "1", "--gpu_memory", "16", "--dtype", "float16"],
-            "nothing fits on 1 GPU(s); --parallel fsdp --activation_checkpointing 1 over 4 GPUs fits batch_size 2, "
-            "13.62 GiB per GPU; run:",
-            "torchrun --standalone --nproc_per_node=4 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
-            "--activation_checkpointing 1 --batch_size 2",
+            "--parallel fsdp --activation_checkpointing 1 --cpu_offload 1 fits batch_size 8, 8.07 GiB per GPU; run:",
+            "python train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp --activation_checkpointing 1 "
+            "--cpu_offload 1 --batch_size 8",
+        ),
+        (  # not even offloaded (its gathered blocks and the logits): more processes, each gathering less
+            ["--model", "gpt2-xl", "--nproc", "1", "--gpu_memory", "2", "--dtype", "float16"],
+            "nothing fits on 1 GPU(s); --parallel fsdp --activation_checkpointing 1 over 1024 GPUs fits batch_size 1, "
+            "1.34 GiB per GPU; run:",
+            "torchrun --nnodes=128 --node_rank=<this machine's, from 0> --nproc_per_node=8 --rdzv_backend=c10d "
+            "--rdzv_endpoint=<host of machine 0>:29500 --rdzv_id=gpt2 train_gpt2.py --model gpt2-xl --dtype float16 "
+            "--parallel fsdp --activation_checkpointing 1 --batch_size 1",
         ),
         (  # nothing fits in 2 GPUs' memory: offloaded to the host, it does
             ["--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16", "--dtype", "float16"],
