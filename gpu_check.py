@@ -557,8 +557,8 @@ def check_offload(device, sizes):
     one's peak GPU memory and median time per step, and the largest difference of their losses. In
     one process, in a process group of one: FSDP has nothing to shard over, so what differs is
     offload's alone (the weights, gradients and AdamW state in host memory, copied over PCIe every
-    step, AdamW on the CPU). train_gpt2.py --cpu_offload 1 itself needs 2+ processes: tests/test_fsdp.py
-    runs it on CPUs."""
+    step, AdamW on the CPU), as `python train_gpt2.py --parallel fsdp --cpu_offload 1` runs it on one
+    GPU; here both runs take the same batches, so their peaks and times compare."""
     import time
 
     import torch
