@@ -567,7 +567,9 @@ def train(cfg, dist_info, job):
     # each rank draws its shards' weights (fsdp.initialise_shards): no rank ever holds it whole.
     on_meta = sharded and job.meta_init
     with torch.device("meta") if on_meta else nullcontext():
-        model = job.make_model().to("meta" if on_meta else dist_info.device)
+        model = job.make_model()
+    if not on_meta:
+        model = model.to(dist_info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     empty = fsdp.empty_copy(model, "meta") if sharded else None  # the shape of the whole copies evaluations use
     if sharded:  # in place, and before the optimizer is built: it must hold the shards
@@ -606,9 +608,8 @@ def train(cfg, dist_info, job):
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
-            whole = (
-                fsdp.whole_model(model, empty, dist_info.device) if evaluating or sampling else None
-            )  # FSDP: a gathered copy
+            # FSDP: a gathered copy, on the device even when the shards are offloaded
+            whole = fsdp.whole_model(model, empty, dist_info.device) if evaluating or sampling else None
             if evaluating:
                 final = evaluate(run, job, step, whole, eval_tasks)
                 loop["last_val"] = {"step": step, **final["val"]}
