@@ -7,7 +7,7 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
     python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
     python bench.py memory --model gpt2-medium --batch_size 8 --seq_len 512   # activation checkpointing's saving
-    python bench.py fsdp --model gpt2-medium --nproc 2                    # memory per process, DDP vs FSDP (CPU)
+    python bench.py fsdp --model gpt2-medium --nproc 2                    # memory per process: DDP, FSDP, offload
     add --json to any of them for machine-readable output
 
 Every figure in docs/benchmarks.md comes from one of these commands, from the GPU check (gpu_check.py,
@@ -607,8 +607,8 @@ def add_fsdp_args(parser):
 
 
 def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
-    """One process of bench_fsdp: train_step under DDP or FSDP, then its memory; for FSDP also a
-    checkpoint both ways (the whole state gathered on rank 0, and torch.distributed.checkpoint's shards)."""
+    """One process of bench_fsdp: train_step under DDP or FSDP (built on the meta device, but whole for
+    fsdp_whole; offloaded for fsdp_offload), then its memory; for FSDP also a checkpoint both ways."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -617,7 +617,7 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from device import DistInfo, setup_precision
-    from fsdp import gather_full, shard_model
+    from fsdp import gather_full, initialise_shards, shard_model
     from model import GPT, GPTConfig
     from optim import make_optimizer
     from train_gpt2 import Run, TrainConfig, train_step
@@ -625,12 +625,19 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     dist_info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device="cpu")
-    fsdp = parallel == "fsdp"
+    fsdp, offload = parallel.startswith("fsdp"), parallel == "fsdp_offload"
     precision = setup_precision("float32", "cpu", sharded=fsdp)
-    recipe = TrainConfig()
+    recipe = TrainConfig(cpu_offload=offload)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(args.model))
-    train_model = shard_model(model, True, precision, dist_info) if fsdp else DDP(model)
+    reset_peak_rss()
+    rss_before_model = rss_mb("VmRSS")
+    meta = fsdp and parallel != "fsdp_whole"  # as train_gpt2.train builds it; whole, as it did before
+    with torch.device("meta" if meta else "cpu"):
+        model = GPT(GPTConfig.from_name(args.model))
+    train_model = shard_model(model, True, precision, dist_info, offload) if fsdp else DDP(model)
+    if meta:
+        initialise_shards(model, "cpu")
+    init_peak_rss = rss_mb("VmHWM") - rss_before_model
     optimizer = make_optimizer(model, recipe, "cpu")
     x = torch.randint(0, 50257, (args.batch_size, args.seq_len))
     run = Run(recipe, dist_info, precision, log=None, tokenizer=None)
@@ -643,13 +650,14 @@ def parallel_rank(rank, world_size, port, parallel, args, out_dir, results):
 
     figures = {
         "ms_per_step": (time.perf_counter() - t0) / args.steps * 1000,
+        "init_peak_rss_above_start_MB": init_peak_rss,
         "weights_MB": sum(mine(p) for p in model.parameters()) / 2**20,
         "gradients_MB": sum(mine(p.grad) for p in model.parameters()) / 2**20,
         "optimizer_MB": sum(mine(t) for s in optimizer.state.values() for t in s.values() if t.dim()) / 2**20,
         "rss_MB": rss_mb("VmRSS"),
         "peak_rss_MB": rss_mb("VmHWM"),
     }
-    if fsdp:
+    if parallel == "fsdp":
         path = os.path.join(out_dir, f"full_{rank}.pt")
         reset_peak_rss()
         before, t0 = rss_mb("VmRSS"), time.perf_counter()
@@ -686,15 +694,15 @@ def tensors_in(state):
 
 
 def bench_fsdp(args):
-    """Per-process memory of training --model under DDP and under FSDP (reshard_after_forward=True)
-    on --nproc CPU processes: the exact bytes of this rank's weights, gradients and AdamW state, and
-    the RSS. Then the two ways of writing an FSDP checkpoint: the state gathered whole on rank 0
-    (what checkpoint.py does) and torch.distributed.checkpoint's per-rank shards."""
+    """Per-process memory of training --model under DDP, FSDP (reshard_after_forward=True; the model
+    built whole then sharded, or built on the meta device) and FSDP with CPU offload on --nproc CPU
+    processes: the exact bytes of this rank's weights, gradients and AdamW state, the RSS, and its peak
+    as the model is built. Then an FSDP checkpoint gathered on rank 0 (ours) and as DCP's shards."""
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_fsdp_")
     results = {"model": args.model, "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len}
     context = multiprocessing.get_context("spawn")
     try:
-        for parallel in ("ddp", "fsdp"):
+        for parallel in ("ddp", "fsdp_whole", "fsdp", "fsdp_offload"):
             with socket.socket() as sock:  # a free port for the process group
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
@@ -718,6 +726,7 @@ def bench_fsdp(args):
     state = ("weights_MB", "gradients_MB", "optimizer_MB")
     results["fsdp_over_ddp_state"] = sum(results[f"fsdp_{k}"] for k in state) / sum(results[f"ddp_{k}"] for k in state)
     results["fsdp_over_ddp_rss"] = results["fsdp_rss_MB"] / results["ddp_rss_MB"]
+    results["offload_over_fsdp_step"] = results["fsdp_offload_ms_per_step"] / results["fsdp_ms_per_step"]
     return results
 
 

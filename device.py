@@ -117,8 +117,10 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
-def setup_distributed(requested_device):
-    """One process (`python train_gpt2.py`) or one of many (`torchrun`, which sets the env variables)."""
+def setup_distributed(requested_device, cpu_offload=False):
+    """One process (`python train_gpt2.py`) or one of many (`torchrun`, which sets the env variables).
+    cpu_offload (FSDP's): a process group even for one process, as FSDP shards over one, and CPU
+    collectives beside NCCL's for the offloaded shards."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -128,19 +130,27 @@ def setup_distributed(requested_device):
         torch.cuda.set_device(device)
     if device == "cpu":
         keep_freed_memory()
-    if world_size > 1:
+    if world_size > 1 or cpu_offload:
         if device == "mps":
             raise UserError("torch.distributed does not support MPS: train on one process, or pass --device cpu")
-        # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here).
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # NCCL moves GPU tensors; gloo is the CPU backend (and what runs the DDP tests here). Offloaded
+        # FSDP shards are CPU tensors: the gradient norm's all-reduce and the gathers for checkpoints
+        # and evaluations go through gloo then (NCCL has no CPU backend), the training's own through NCCL.
+        backend = "gloo"
+        if device.startswith("cuda"):
+            backend = "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
+        # one process alone needs no torchrun: a group of one over an in-memory store
+        alone = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}
+        dist.init_process_group(backend=backend, **alone)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def teardown_distributed(finished=True):
-    """Leave the process group. A finished run's ranks end through end_finished_rank, which never
-    returns (print everything first). After an error, no barrier: the others may never come."""
+    """Leave the process group. A finished run's ranks, when there are several, end through
+    end_finished_rank, which never returns (print everything first). After an error, no barrier: the
+    others may never come. A group of one (--cpu_offload alone) is simply left."""
     if dist.is_initialized():
-        if finished:
+        if finished and dist.get_world_size() > 1:
             end_finished_rank()
         dist.destroy_process_group()
 

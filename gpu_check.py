@@ -7,11 +7,11 @@ minutes on one H100/H200 (docs/benchmarks.md, "GPU check").
 
 In order: the environment and the attention kernels; training steps in four precisions (bench.py's
 time_train_step); a short train_gpt2.py run with evals, samples and a resume, whose metrics.jsonl says
-whether anything compiled again; generation with and without the KV cache; the same run with --recipe
-modern. Each result is one JSON line, printed and appended to --out as soon as it is known, so a run
-cut short keeps what it measured. A result that fails is a line with "error" and the check goes on (an
-out-of-memory in one configuration says nothing about the next); one that cannot run here says why in
-"skipped".
+whether anything compiled again; generation with and without the KV cache; FSDP's CPU offload against no
+offload (memory and time per step), then that run offloaded; the same run with --recipe modern. Each
+result is one JSON line, printed and appended to --out as soon as it is known, so a run cut short keeps
+what it measured. A result that fails is a line with "error" and the check goes on (an out-of-memory in
+one configuration says nothing about the next); one that cannot run here says why in "skipped".
 """
 
 import argparse
@@ -196,6 +196,10 @@ def run_check(args):
     run_and_resume("train_gpt2")
     result("generate_kv_cache", check_generation, device, sizes)
     result("fsdp", not_in_check_yet, "parallel")  # train_gpt2.py --parallel fsdp needs 2+ processes
+    result("fsdp_cpu_offload", check_offload, device, sizes)
+    # the loop offloaded, on one process (a group of one): evals, samples, checkpoints and the resume.
+    # Eager: offload is the path under test, and its time is PCIe's and the CPU AdamW's.
+    run_and_resume("fsdp_cpu_offload", "--parallel", "fsdp", "--cpu_offload", "1", "--compile", "0")
     run_and_resume("modern_recipe", "--recipe", "modern")
     errors = [r["name"] for r in records if "error" in r]
     skips = [r["name"] for r in records if "skipped" in r]
@@ -548,6 +552,69 @@ def check_generation(device, sizes):
     # in bf16 the two paths round differently, so greedy decoding may part ways after a while
     new = slice(sizes.prompt_tokens, None)
     figures["same_tokens_fraction"] = (outputs[True][:, new] == outputs[False][:, new]).float().mean().item()
+    return figures
+
+
+def check_offload(device, sizes):
+    """Training steps of the model sharded by fsdp.shard_model, without and with CPU offload: each
+    one's peak GPU memory and median time per step, and the largest difference of their losses. In
+    one process, in a process group of one: FSDP has nothing to shard over, so what differs is
+    offload's alone (the weights, gradients and AdamW state in host memory, copied over PCIe every
+    step, AdamW on the CPU), as `python train_gpt2.py --parallel fsdp --cpu_offload 1` runs it on one
+    GPU; here both runs take the same batches, so their peaks and times compare."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from device import DistInfo, setup_precision
+    from fsdp import shard_model
+    from model import GPT, GPTConfig
+    from optim import configure_optimizers
+
+    device_type = device.split(":")[0]
+    # as device.setup_distributed does for --cpu_offload: the offloaded gradients' norm is a CPU all-reduce
+    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        precision = setup_precision("auto", device_type, sharded=True)
+        generator = torch.Generator().manual_seed(0)
+        shape = (2, sizes.batch_size, sizes.seq_len)  # x and y
+        batches = [torch.randint(0, 50257, shape, generator=generator).to(device) for _ in range(sizes.steps + 1)]
+        figures = {"model": sizes.model, "dtype": str(precision.dtype).removeprefix("torch."), "batch": shape[1:]}
+        losses = {}
+        for offload in (False, True):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig.from_name(sizes.model)).to(device)
+            model = shard_model(model, True, precision, DistInfo(0, 0, 1, device), cpu_offload=offload)
+            # offloaded, the parameters are host tensors: no CUDA fused AdamW for them (train_gpt2.train)
+            optimizer = configure_optimizers(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu" if offload else device_type)
+            if device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times, losses[offload] = [], []
+            for x, y in batches:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                with precision.autocast():
+                    _, loss = model(x, y)
+                precision.scaler.scale(loss).backward()
+                precision.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+                losses[offload].append(loss.item())
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+            name = "offload" if offload else "no_offload"
+            figures[f"{name}_ms_per_step"] = median(times[1:]) * 1e3  # the first one warms up
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+            figures[f"{name}_peak_gib"] = peak
+            del model, optimizer
+            release_memory(device)
+        figures["offload_slowdown"] = figures["offload_ms_per_step"] / figures["no_offload_ms_per_step"]
+        figures["loss_max_difference"] = max(abs(a - b) for a, b in zip(losses[False], losses[True]))
+    finally:
+        dist.destroy_process_group()
     return figures
 
 

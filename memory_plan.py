@@ -1,10 +1,11 @@
 """
 How much memory training takes on each GPU (train_gpt2.py --plan): weights, gradients, the
 optimizer's state (AdamW's or --optimizer's), activations and logits, under DDP or FSDP, with or
-without activation checkpointing, counted from the shapes, the largest batch size that fits, and a
-verdict: whether the flags fit, and if not, the one command line that does.
+without activation checkpointing and CPU offload, counted from the shapes, the largest batch size
+that fits, and a verdict: whether the flags fit, and if not, the one command line that does.
+Offloaded, the host memory it takes and the PCIe traffic it adds (planned: no GPU here to measure it).
 
-    print(plan_report(GPTConfig(), 64, 1024, 2**19, 8, torch.bfloat16, 40, ("ddp", False)))
+    print(plan_report(GPTConfig(), 64, 1024, 2**19, 8, torch.bfloat16, 40, ("ddp", False, False)))
 """
 
 import functools
@@ -73,15 +74,27 @@ def memory_plan(
     checkpointing,
     reshard_after_forward=True,
     grad_accum_steps=1,
+    cpu_offload=False,
     optimizer="adamw",
 ):
     """{what: bytes} on each GPU for one training step. Adds everything as if it were alive at once,
-    so it is an upper bound; allocator fragmentation and the CUDA context are not in it. optimizer:
-    the --optimizer whose state is counted (optim.STATE_FLOATS)."""
+    so it is an upper bound; allocator fragmentation and the CUDA context are not in it. With
+    cpu_offload (FSDP only) the shards live in host memory instead: host_bytes counts them.
+    optimizer: the --optimizer whose state is counted (optim.STATE_FLOATS)."""
     P, P_block, P_root, P_matrices = parameter_counts(config)
     state = 4 * state_floats(optimizer, P, P_matrices)  # float32
     a, N = DTYPE_BYTES[dtype], world_size
-    if parallel == "fsdp" and N > 1:
+    if parallel == "fsdp" and cpu_offload:  # on one process too: a group of one
+        # the same gathered copies, and the float32 shards of the units being gathered, copied in from
+        # the host to be all-gathered; the shards themselves stay in host memory
+        gathered = P_root + (2 * P_block if reshard_after_forward else config.n_layer * P_block)
+        weights = a * gathered + 4 * gathered / N
+        # a block's whole gradients before their reduce-scatter, and its shard of them before the copy
+        # to the host: every micro-step (train_step), so accumulation keeps nothing whole on the GPU
+        gradients = (a + 4) * P_block + 4 * P_block / N
+        optimizer_state = 0  # the optimizer steps on the CPU
+        residual = a
+    elif parallel == "fsdp" and N > 1:
         # 1/N of the float32 weights, and the copies gathered in the compute dtype: the root's for the
         # whole step, plus two blocks (one computing, the next one being gathered), or all of them
         # from forward to backward with --reshard_after_forward 0
@@ -110,17 +123,49 @@ def memory_plan(
     }
 
 
-# What --plan compares: (--parallel, --activation_checkpointing), the cheaper ways first
-PLAN_COLUMNS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
+def host_bytes(config, world_size, optimizer="adamw"):
+    """Host memory of each process with --cpu_offload 1: the float32 shards of the weights, of the
+    gradients and of the optimizer's state (AdamW's two moments: 16 bytes per parameter in all), over
+    the processes (pinned with a GPU)."""
+    P, _, _, matrices = parameter_counts(config)
+    return (8 * P + 4 * state_floats(optimizer, P, matrices)) / world_size
+
+
+def offload_traffic(config, world_size, reshard_after_forward=True):
+    """Bytes each process copies over PCIe per micro-step with --cpu_offload 1: its float32 shard of
+    every unit's weights to the GPU at each gather (twice, forward and backward, when blocks are
+    resharded after forward; the root's once), and its shard of the float32 gradients back."""
+    P, P_block, P_root, _ = parameter_counts(config)
+    gathers = P_root + config.n_layer * P_block * (2 if reshard_after_forward else 1)
+    return 4 * (gathers + P) / world_size
+
+
+# A PCIe 4.0 x16 link carries ~25 GB/s each way in practice (32 GB/s raw), PCIe 5.0 ~50: what
+# --plan's offload line divides by. A rule of thumb: this machine has no GPU to measure one.
+PCIE_BYTES_PER_S = 25e9
+
+WIDTH = 16  # characters of a column of the table, "fsdp +ckpt +off" included
+
+# What --plan compares: (--parallel, --activation_checkpointing, --cpu_offload), the cheaper ways first
+PLAN_COLUMNS = [
+    ("ddp", False, False),
+    ("ddp", True, False),
+    ("fsdp", False, False),
+    ("fsdp", True, False),
+    ("fsdp", False, True),
+    ("fsdp", True, True),
+]
 # Kept back from the GPU's memory for the CUDA context, the caching allocator's fragmentation and the
 # temporaries not counted (a rule of thumb, not measured here: this machine has no GPU)
 GPU_RESERVE = 0.10
 # --plan's own flags, left out of the command it advises
-PLAN_FLAGS = ("plan", "gpu_memory", "nproc", "parallel", "activation_checkpointing", "batch_size")
+PLAN_FLAGS = ("plan", "gpu_memory", "nproc", "parallel", "activation_checkpointing", "cpu_offload", "batch_size")
 
 
-def plan_flags(parallel, checkpointing):
-    return f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}"
+def plan_flags(parallel, checkpointing, offload):
+    return f"--parallel {parallel} --activation_checkpointing {int(checkpointing)}" + (
+        " --cpu_offload 1" if offload else ""
+    )
 
 
 def launcher(nproc):
@@ -137,13 +182,13 @@ def launcher(nproc):
     )
 
 
-def run_command(flags, parallel, checkpointing, batch_size, nproc):
+def run_command(flags, parallel, checkpointing, offload, batch_size, nproc):
     """The command line that trains with flags (the others given to --plan) and this way of fitting."""
     words = [
         launcher(nproc),
         "train_gpt2.py",
         *flags,
-        plan_flags(parallel, checkpointing),
+        plan_flags(parallel, checkpointing, offload),
         f"--batch_size {batch_size}",
     ]
     return " ".join(words)
@@ -165,14 +210,16 @@ def plan_report(
 ):
     """What train_gpt2.py --plan prints: GiB per GPU of each part of memory_plan for ddp and fsdp with
     and without activation checkpointing, the largest --batch_size of each that fits in gpu_gib GiB
-    (0: unknown), and the verdict on chosen (the flags' parallel and checkpointing) at batch_size:
-    it fits or not, and the command line that runs (flags: the other flags, for that command).
+    (0: unknown), and the verdict on chosen (the flags' parallel, checkpointing and offload) at
+    batch_size: it fits or not, and the command line that runs (flags: the other flags, for that
+    command). Offload is slow (every step crosses PCIe, AdamW runs on the CPU): it is advised only
+    where nothing else fits on these GPUs.
 
     A batch size is advised only if it divides the step (total_batch_size = batch_size x seq_len x
     world_size x accumulation steps): train_gpt2.py refuses any other."""
     usable = gpu_gib * 2**30 * (1 - GPU_RESERVE)
 
-    def plan_at(parallel, checkpointing, B, N=world_size):
+    def plan_at(parallel, checkpointing, offload, B, N=world_size):
         accumulating = total_batch_size > B * seq_len * N
         return memory_plan(
             config,
@@ -184,31 +231,33 @@ def plan_report(
             checkpointing,
             reshard_after_forward,
             grad_accum_steps=2 if accumulating else 1,
+            cpu_offload=offload,
             optimizer=optimizer,
         )
 
-    def gib(parallel, checkpointing, B, N=world_size):
-        return sum(plan_at(parallel, checkpointing, B, N).values()) / 2**30
+    def gib(parallel, checkpointing, offload, B, N=world_size):
+        return sum(plan_at(parallel, checkpointing, offload, B, N).values()) / 2**30
 
-    def largest(parallel, checkpointing, N=world_size):
+    def largest(parallel, checkpointing, offload, N=world_size):
         """The largest batch_size that fits and divides total_batch_size into whole micro-steps (0: none)."""
         micro_steps = total_batch_size // (seq_len * N)  # at batch_size 1; more would be more than a step
         sizes = [B for B in range(1, micro_steps + 1) if total_batch_size % (B * seq_len * N) == 0]
-        return max((B for B in sizes if gib(parallel, checkpointing, B, N) * 2**30 <= usable), default=0)
+        return max((B for B in sizes if gib(parallel, checkpointing, offload, B, N) * 2**30 <= usable), default=0)
 
-    names = [p + (" +ckpt" if c else "") for p, c in PLAN_COLUMNS]
-    plans = [plan_at(p, c, batch_size) for p, c in PLAN_COLUMNS]
+    names = [p + (" +ckpt" if c else "") + (" +off" if o else "") for p, c, o in PLAN_COLUMNS]
+    plans = [plan_at(*way, batch_size) for way in PLAN_COLUMNS]
     P = parameter_counts(config)[0]
     lines = [
         f"memory per GPU: {P / 1e6:.1f}M parameters, batch_size {batch_size} x seq_len {seq_len}, "
         f"{world_size} process(es)"
         + (f", {gpu_gib:g} GiB GPUs" if gpu_gib else "")
         + f"; {dtype_name or str(dtype).removeprefix('torch.')}",
-        f"{'GiB':<20}" + "".join(f"{name:>12}" for name in names),
+        f"{'GiB':<20}" + "".join(f"{name:>{WIDTH}}" for name in names),
     ]
     for part in plans[0]:
-        lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>12.2f}" for plan in plans))
-    lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.2f}" for plan in plans))
+        lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>{WIDTH}.2f}" for plan in plans))
+    lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>{WIDTH}.2f}" for plan in plans))
+    lines += offload_lines(config, world_size, reshard_after_forward, optimizer)
     if not config.is_gpt2:
         lines.append(
             "  (counted for GPT-2's layers: the modern recipe's norms, rotary embeddings and soft cap save "
@@ -217,8 +266,8 @@ def plan_report(
     if not gpu_gib:
         lines.append("verdict: none without the GPUs' memory (no GPU here): pass --gpu_memory GiB")
         return "\n".join(lines)
-    fits = [largest(p, c) for p, c in PLAN_COLUMNS]
-    lines.append(f"{'largest batch_size':<20}" + "".join(f"{B:>12}" for B in fits))
+    fits = [largest(*way) for way in PLAN_COLUMNS]
+    lines.append(f"{'largest batch_size':<20}" + "".join(f"{B:>{WIDTH}}" for B in fits))
     lines.append(
         f"  (that divides --total_batch_size {total_batch_size} into whole micro-steps; "
         f"{GPU_RESERVE:.0%} of the GPU kept back)"
@@ -239,14 +288,18 @@ def plan_report(
         f"more than {holds}"
     )
     way, N = chosen, world_size
+    in_gpu = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and not way[2]]
+    offloaded = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and way[2]]
     if fits[PLAN_COLUMNS.index(chosen)]:
         B = fits[PLAN_COLUMNS.index(chosen)]
         advice = f"batch_size {B} (gradient accumulation keeps the {total_batch_size}-token step) fits"
-    elif any(fits):  # the way that fits the largest batch_size (the fewest micro-steps), the cheapest on ties
-        way, B = max(zip(PLAN_COLUMNS, fits), key=lambda column: column[1])
+    elif in_gpu or offloaded:
+        # the way that fits the largest batch_size (the fewest micro-steps), the cheapest on ties;
+        # offload, the slowest, only where nothing else fits
+        way, B = max(in_gpu or offloaded, key=lambda column: column[1])
         advice = f"{plan_flags(*way)} fits batch_size {B}"
     else:  # sharded over more processes
-        way = ("fsdp", True)
+        way = ("fsdp", True, False)
         N = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest(*way, N)), 0)
         if not N:
             lines.append("  nothing fits on up to 1024 GPUs: try a shorter --seq_len or a smaller --model")
@@ -256,6 +309,19 @@ def plan_report(
     lines.append(f"  {advice}, {gib(*way, B, N):.2f} GiB per GPU; run:")
     lines.append(f"  {run_command(flags, *way, B, N)}")
     return "\n".join(lines)
+
+
+def offload_lines(config, world_size, reshard_after_forward, optimizer):
+    """What the +off columns do not show: the host memory they take and the PCIe traffic they add."""
+    traffic = offload_traffic(config, world_size, reshard_after_forward)
+    host = host_bytes(config, world_size, optimizer)
+    per_machine = min(world_size, 8)
+    return [
+        f"  +off: the shards in host memory, {host / 2**30:.2f} GiB per process ({host * per_machine / 2**30:.2f} "
+        f"per machine of {per_machine}); {traffic / 1e9:.2f} GB over PCIe per micro-step and process, "
+        f"~{traffic / PCIE_BYTES_PER_S * 1e3:.0f} ms at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s where not hidden behind "
+        "compute (planned, not measured); the optimizer steps on the CPU"
+    ]
 
 
 def command_flags(cfg):
@@ -307,7 +373,7 @@ def print_plan(cfg, model_config, world_size):
         world_size,
         dtype,
         gpu_memory,
-        (cfg.parallel, cfg.activation_checkpointing),
+        (cfg.parallel, cfg.activation_checkpointing, cfg.cpu_offload),
         cfg.reshard_after_forward,
         command_flags(cfg),
         dtype_name,

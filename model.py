@@ -101,6 +101,14 @@ def apply_rotary(x, rotary):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+@torch.no_grad()
+def init_weight(tensor, std):
+    """One step of GPT.weight_inits: N(0, std), or zeros for std None."""
+    if std is None:
+        return tensor.zero_()
+    return tensor.normal_(mean=0.0, std=std)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -201,7 +209,13 @@ class GPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # GPT-2's initialisation: N(0, 0.02) for weights, zero biases, LayerNorm at (1, 0).
+        for param, std in self.weight_inits():
+            init_weight(param, std)
+
+    def weight_inits(self):
+        """(parameter, std) in the order GPT-2's initialisation draws them: N(0, std) for weights, zero
+        biases (std None); LayerNorm keeps its constructor's (1, 0). fsdp.initialise_shards replays
+        them on a model built on the meta device."""
         std = 0.02
         # Each block adds to the residual stream twice (attention, MLP), so after L blocks the stream
         # has received 2L contributions; scaling their output projections by 1/sqrt(2L) keeps its
@@ -214,11 +228,11 @@ class GPT(nn.Module):
                 # gradients still reach these weights, as their inputs are not zero
                 output = name.endswith("c_proj") or (name == "lm_head" and self.config.untied_head)
                 zero = self.config.zero_init and output
-                torch.nn.init.normal_(module.weight, mean=0.0, std=0.0 if zero else module_std)
+                yield module.weight, 0.0 if zero else module_std
                 if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
+                    yield module.bias, None
             elif isinstance(module, nn.Embedding):
-                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                yield module.weight, std
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids; targets == -1 marks positions left out of the loss.

@@ -92,7 +92,9 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
         raise UserError(error)
     if path is None:
         return None
-    checkpoint = load_checkpoint(path)
+    # mapped, not read: each tensor is read from disk when used, and under FSDP each rank reads only
+    # its shard's rows of the weights and AdamW's moments (fsdp.shard_like), never the whole model
+    checkpoint = load_checkpoint(path, mmap=True)
     check_keys(checkpoint, TRAINING_KEYS, path, "a training checkpoint written by train_gpt2.py")
     check_model_config(checkpoint, model_config, path)
     for key, value in (expected or {}).items():

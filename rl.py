@@ -128,7 +128,7 @@ def check_rl_config(cfg, world_size):
         )
     if cfg.temperature <= 0:
         raise UserError(f"--temperature {cfg.temperature}: replies must be sampled (> 0), or a group's are all equal")
-    if cfg.parallel == "fsdp" and world_size > 1:
+    if cfg.parallel == "fsdp" and (world_size > 1 or cfg.cpu_offload):
         raise UserError(
             "--parallel fsdp: sampling the replies needs the whole model on every process, which FSDP shards; "
             "train with --parallel ddp (with --lora_rank R if the model and AdamW do not fit otherwise)"

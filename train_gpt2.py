@@ -209,6 +209,11 @@ class TrainConfig:
         "fsdp: free a block's gathered weights after its forward, gather "
         "them again in backward (1: ZeRO-3, least memory; 0: ZeRO-2-like)",
     )
+    cpu_offload: bool = flag(
+        False,
+        "fsdp: keep the shards of the weights, gradients and AdamW state in host memory and step "
+        "AdamW on the CPU (FSDP2's CPUOffloadPolicy): the GPU holds only gathered blocks and activations",
+    )
     activation_checkpointing: bool = flag(
         False,
         "keep only each block's input and recompute the rest in backward "
@@ -217,7 +222,7 @@ class TrainConfig:
     plan: bool = flag(
         False,
         "print the memory per GPU of these flags (ddp and fsdp, with and without activation "
-        "checkpointing) and the largest batch_size that fits, then exit (needs no shards)",
+        "checkpointing, fsdp with CPU offload) and the largest batch_size that fits, then exit (needs no shards)",
     )
     gpu_memory: float = flag(0.0, "--plan: GiB per GPU (0: this GPU's, if there is one)", low=0)
     nproc: int = flag(0, "--plan: processes to plan for (0: $WORLD_SIZE, else 1)", low=0)
@@ -306,7 +311,9 @@ def train_step(run, job, train_model, model, optimizer, grad_accum_steps):
     sums = None  # the loss, the real tokens, then the loss's own figures
     for micro_step in range(grad_accum_steps):
         batch = job.train_loader.next_batch()  # pretraining and fine-tuning: x, y (B, T) each
-        with grad_sync(train_model, micro_step == grad_accum_steps - 1):
+        # Offloaded, FSDP reduce-scatters every micro-step and adds the shards up in host memory: held
+        # back, the whole float32 gradients would wait on the GPU, 4 bytes per parameter
+        with grad_sync(train_model, micro_step == grad_accum_steps - 1 or run.cfg.cpu_offload):
             with precision.autocast():
                 loss, figures = job.loss(train_model, batch)
             # .grad accumulates a sum over micro-steps; dividing each loss makes it the mean
@@ -445,12 +452,23 @@ def check_config(cfg, model_config, world_size):
             "--optimizer muon with --parallel fsdp: FSDP shards every matrix by rows and Muon's Newton-Schulz "
             "steps need whole matrices; train with --parallel ddp, or --optimizer adamw under FSDP"
         )
+    check_cpu_offload(cfg)
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)")
     unknown = [name for name in cfg.eval_tasks.split(",") if name and name not in TASKS]
     if unknown:
         raise UserError(f"--eval_tasks: unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     get_grad_accum_steps(cfg, world_size)
+
+
+def check_cpu_offload(cfg):
+    """check_config's refusal of --cpu_offload where it cannot work; train repeats it for the jobs
+    that have their own checks (dpo.py, rl.py)."""
+    if cfg.cpu_offload and cfg.parallel != "fsdp":
+        raise UserError(
+            "--cpu_offload 1 offloads FSDP's shards: add --parallel fsdp (on one process too); DDP keeps a "
+            "whole model on every GPU"
+        )
 
 
 @dataclass
@@ -464,11 +482,13 @@ class Job:
     train_loader: object
     val_loader: object
     val_steps: int  # batches per process of each validation loss
-    make_model: Callable  # () -> a fresh GPT on the device, before a checkpoint is restored into it
+    make_model: Callable  # () -> a fresh GPT (train moves it to the device), before a checkpoint is restored into it
     get_lr: Callable  # step -> learning rate
     checkpoint_extra: dict = field(default_factory=dict)  # more keys for every checkpoint (finetune: the base)
     loss: Callable = lm_loss  # (model, batch) -> (loss, {figure: tensor}): what the step minimises
     validate: Callable = None  # (run, model) -> {figure: value}, instead of the val loss (val_loss)
+    # make_model() builds an untrained GPT from the seed alone, so FSDP may build it on the meta device
+    meta_init: bool = False
 
 
 def pretraining_job(cfg, dist_info):
@@ -493,15 +513,17 @@ def pretraining_job(cfg, dist_info):
         train_loader,
         val_loader,
         cfg.val_steps,
-        make_model=lambda: GPT(model_config).to(dist_info.device),
+        make_model=lambda: GPT(model_config),
         get_lr=lambda step: optim.get_lr(step, cfg),
         checkpoint_extra={"init": None},
+        meta_init=True,
     )  # a fine-tuning checkpoint has its base here: never resumed by this job
 
 
 def train(cfg, dist_info, job):
     """Resume or start, then the training loop, for any Job."""
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
+    check_cpu_offload(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     # the evaluation data too before anything is written: a missing file (offline) stops the run here
     eval_tasks = [
@@ -530,7 +552,8 @@ def train(cfg, dist_info, job):
     if dist_info.is_master and resumed:
         for path in resume.start_branch(cfg.log_dir, start_step):
             log.warning(f"{path} is later than the checkpoint resumed from: moved aside (see resume.start_branch)")
-    sharded = cfg.parallel == "fsdp" and dist_info.world_size > 1
+    # Offloaded, FSDP runs on one process too: nothing to shard, everything to offload (a group of one)
+    sharded = cfg.parallel == "fsdp" and (dist_info.world_size > 1 or cfg.cpu_offload)
     if cfg.parallel == "fsdp" and not sharded:
         log.warning(
             "--parallel fsdp on one process: there is nothing to shard over, so the model trains whole, as "
@@ -540,12 +563,22 @@ def train(cfg, dist_info, job):
     run = Run(cfg, dist_info, precision, log, job.tokenizer)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = job.make_model()
+    # Sharded from scratch, the model is built on the meta device (shapes, no memory) and sharded, then
+    # each rank draws its shards' weights (fsdp.initialise_shards): no rank ever holds it whole.
+    on_meta = sharded and job.meta_init
+    with torch.device("meta") if on_meta else nullcontext():
+        model = job.make_model()
+    if not on_meta:
+        model = model.to(dist_info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     empty = fsdp.empty_copy(model, "meta") if sharded else None  # the shape of the whole copies evaluations use
     if sharded:  # in place, and before the optimizer is built: it must hold the shards
-        fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info)
-    optimizer = optim.make_optimizer(model, cfg, dist_info.device_type)
+        fsdp.shard_model(model, cfg.reshard_after_forward, precision, dist_info, cfg.cpu_offload)
+    # offloaded, the shards and so the optimizer step are on the CPU: a CUDA fused kernel would refuse them
+    host = "cpu" if cfg.cpu_offload else dist_info.device
+    if on_meta:
+        fsdp.initialise_shards(model, host)
+    optimizer = optim.make_optimizer(model, cfg, host.split(":")[0])
     loop = {"nonfinite_skips": 0, "last_val": None}  # what a checkpoint carries of the loop itself
     if resumed:
         loop = resume.restore_training_state(resumed, model, optimizer, precision.scaler, job.train_loader)
@@ -575,7 +608,8 @@ def train(cfg, dist_info, job):
         for step in range(start_step, cfg.max_steps + 1):
             evaluating = due(cfg.eval_interval, step, cfg.max_steps)
             sampling = due(cfg.sample_interval, step, cfg.max_steps)
-            whole = fsdp.whole_model(model, empty) if evaluating or sampling else None  # FSDP: a gathered copy
+            # FSDP: a gathered copy, on the device even when the shards are offloaded
+            whole = fsdp.whole_model(model, empty, dist_info.device) if evaluating or sampling else None
             if evaluating:
                 final = evaluate(run, job, step, whole, eval_tasks)
                 loop["last_val"] = {"step": step, **final["val"]}
@@ -615,7 +649,7 @@ def train(cfg, dist_info, job):
 
 def launch(cfg, make_job):
     """Set up this process (one of torchrun's, or alone), train make_job(cfg, dist_info), tear down."""
-    dist_info = device.setup_distributed(cfg.device)
+    dist_info = device.setup_distributed(cfg.device, cpu_offload=cfg.cpu_offload)
     finished = False
     try:
         train(cfg, dist_info, make_job(cfg, dist_info))

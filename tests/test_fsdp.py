@@ -6,9 +6,12 @@ does, and compare them with one process accumulating the same micro-batches.
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -293,6 +296,147 @@ end_finished_rank()  # not destroy_process_group: gloo can abort there (device.e
         assert f"rank {rank}: scale 32768.0, weights unchanged True" in result.stdout
 
 
+# ---- the meta device and CPU offload ----
+
+
+def test_meta_device_initialisation_gives_the_whole_models_weights_bit_for_bit_one_parameter_at_a_time(tmp_path):
+    """Built on the meta device, sharded over 2 processes, then initialised shard by shard
+    (fsdp.initialise_shards), with or without offload: the gathered weights equal GPT(config) built
+    whole from the same seed, bit for bit, and the RNG is left where that build leaves it. GPT-2's
+    layers with uneven shards (33 rows cut 17 + 16), and the modern recipe (no norm parameters, an
+    untied head starting at zero). The largest tensor the initialisation allocates is the largest
+    parameter (the embedding), not the model."""
+    script = tmp_path / "meta_init.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, {str(REPO)!r})
+from device import DistInfo, end_finished_rank, setup_precision
+from fsdp import gather_full, initialise_shards, shard_model
+from model import GPT, GPTConfig
+
+class LargestAllocation(TorchDispatchMode):
+    largest = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {{}}))
+        if func._schema.name in ("aten::empty", "aten::empty_strided", "aten::empty_like"):
+            self.largest = max(self.largest, out.numel())
+        return out
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+precision = setup_precision("float32", "cpu", sharded=True)
+modern = dict(rope=True, rmsnorm=True, qk_norm=True, untied_head=True, zero_init=True)
+for i, shape in enumerate([dict(n_embd=33, n_head=3), dict(n_embd=32, n_head=2, **modern)]):
+    config = GPTConfig(n_layer=2, **shape)
+    for offload in (False, True):
+        torch.manual_seed(7)
+        whole = GPT(config)
+        rng_after = torch.get_rng_state()
+        torch.manual_seed(7)
+        with torch.device("meta"):
+            model = GPT(config)
+        shard_model(model, True, precision, DistInfo(rank, rank, 2, "cpu"), cpu_offload=offload)
+        with LargestAllocation() as allocations:
+            initialise_shards(model, "cpu")
+        same_rng = torch.equal(torch.get_rng_state(), rng_after)
+        gathered = gather_full(model.state_dict(), rank == 0)
+        largest = max(p.numel() for p in whole.parameters()) == allocations.largest < whole.num_params()
+        if rank == 0:
+            equal = gathered.keys() == whole.state_dict().keys() and all(
+                torch.equal(gathered[k], t) for k, t in whole.state_dict().items())
+            print(f"config {{i}} offload {{offload}}: equal {{equal}}, rng {{same_rng}}, largest {{largest}}")
+end_finished_rank()
+""")
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for config in (0, 1):
+        for offload in (False, True):
+            assert f"config {config} offload {offload}: equal True, rng True, largest True" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def offloaded(data_dir, tmp_path_factory, evals):
+    """The `fsdp` run with --cpu_offload 1."""
+    log_dir = tmp_path_factory.mktemp("offloaded")
+    return log_dir, torchrun(data_dir, log_dir, *STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals)
+
+
+def test_cpu_offload_trains_evaluates_and_samples_as_without_it(fsdp, offloaded):
+    """On the CPU, offloading moves nothing, but its code runs: CPUOffloadPolicy's shards, gloo for
+    the collectives of host tensors, AdamW stepping host tensors with the non-fused optimizer.
+    Offloaded, FSDP reduce-scatters each micro-step's gradients and adds the shards up (train_step),
+    where the other run adds the whole gradients up and reduce-scatters once: the same sums in another
+    order, so the losses, norms and weights agree to float32 rounding, not bit for bit; the HellaSwag
+    scores and the samples are the same. (On a GPU the optimizer step also moves from a fused CUDA
+    kernel to the CPU's: rounding differences again.)"""
+    (_, plain), (log_dir, offload) = fsdp, offloaded
+    assert [m["cpu_offload"] for m in offload if m["kind"] == "config"] == [True]
+    assert_same_training(plain, offload)
+    for kind in ("hellaswag", "sample"):
+        records = [[{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (offload, plain)]
+        assert records[0] == records[1] != []
+    saved, reference = (checkpoint.load_checkpoint(str(d / "model_00004.pt")) for d in (log_dir, fsdp[0]))
+    for name, tensor in reference["model"].items():  # 1e-4, as one process and FSDP: AdamW divides by
+        # each gradient's own running scale, so a rounding difference in a tiny one moves its weight more
+        torch.testing.assert_close(saved["model"][name], tensor, rtol=0, atol=1e-4)
+
+
+def test_cpu_offload_resumes_bit_identically(data_dir, tmp_path, offloaded, evals):
+    log_dir, uninterrupted = offloaded
+    flags = [*STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    resumed = torchrun(data_dir, resume_from(log_dir / "model_00002.pt", tmp_path / "log"), *flags)
+    assert losses(resumed) == {s: losses(uninterrupted)[s] for s in (2, 3)}  # exact float equality
+    assert losses(resumed, "val")[4] == losses(uninterrupted, "val")[4]
+
+
+def test_sigterm_stops_an_offloaded_run_with_a_checkpoint_that_resumes_bit_identically(
+    data_dir, tmp_path, offloaded, evals
+):
+    """torchrun passes SIGTERM (preemption) on to both processes: they finish the step, write the
+    offloaded shards into a checkpoint and stop; the same command then continues from it."""
+    log_dir = tmp_path / "log"
+    command = [*TORCHRUN, str(REPO / "train_gpt2.py"), "--data_dir", str(data_dir), "--log_dir", str(log_dir)]
+    flags = [*STEPS, "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    command += [*TINY, "--val_steps", "2", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = log_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    stopped = re.search(r"stopped by a signal after step (\d+), saved in ", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert step < 4 and (log_dir / f"model_{step:05d}.pt").exists()
+    resumed = torchrun(data_dir, log_dir, *flags)
+    assert losses(resumed) == losses(offloaded[1])  # before the signal and after it, exact float equality
+
+
+def test_cpu_offload_on_one_process_trains_as_without_it_and_resumes_bit_identically(data_dir, tmp_path, single, evals):
+    """One process offloads too, FSDP sharding over a process group of one: nothing to shard,
+    everything in host memory (a bigger model on one smaller GPU). On the CPU it trains as the plain
+    one-process run does bit for bit (each micro-step's gradients are added to the sum in the same
+    order), and the group is left at the end (the test process goes on)."""
+    flags = [*STEPS, "--val_steps", "4", "--parallel", "fsdp", "--cpu_offload", "1", *evals]
+    offloaded = run(data_dir, tmp_path / "offloaded", *flags)
+    assert not dist.is_initialized()
+    assert [m["world_size"] for m in offloaded if m["kind"] == "config"] == [1]
+    assert losses(offloaded) == losses(single[1]) and norms(offloaded) == norms(single[1])
+    for kind in ("val", "hellaswag", "sample"):
+        records = [[{**m, "graphs": None} for m in metrics if m["kind"] == kind] for metrics in (offloaded, single[1])]
+        assert records[0] == records[1] != []
+    resumed = run(data_dir, resume_from(tmp_path / "offloaded" / "model_00002.pt", tmp_path / "log"), *flags)
+    assert losses(resumed) == {s: losses(offloaded)[s] for s in (2, 3)}  # exact float equality
+    assert losses(resumed, "val")[4] == losses(offloaded, "val")[4]
+
+
+def test_cpu_offload_without_fsdp_is_refused_before_training():
+    with pytest.raises(train_gpt2.UserError, match="--cpu_offload 1 offloads FSDP's shards: add --parallel fsdp"):
+        train_gpt2.check_config(train_gpt2.parse_config(["--cpu_offload", "1"]), GPTConfig(), world_size=2)
+
+
 # ---- --model ----
 
 
@@ -363,13 +507,50 @@ def test_plan_prints_the_memory_per_gpu_without_shards_and_fsdp_shards_the_state
     text = capsys.readouterr().out
     assert "1557.7M parameters, batch_size 4 x seq_len 1024, 8 process(es), 80 GiB GPUs; bf16, or fp16" in text
     rows = {line[:20].strip(): line[20:].split() for line in text.splitlines()[2:8]}
-    ddp, _, fsdp, _ = (float(value) for value in rows["optimizer (adamw)"])
+    ddp, _, fsdp, _, offloaded, _ = (float(value) for value in rows["optimizer (adamw)"])
     assert fsdp == pytest.approx(ddp / 8, abs=0.01)  # AdamW's moments, 1/8 on each of 8 GPUs (2 decimals printed)
+    assert offloaded == 0  # in host memory, with the shards of the weights and gradients
+    assert "+off: the shards in host memory, 2.90 GiB per process (23.21 per machine of 8)" in text
     assert float(rows["activations"][1]) < float(rows["activations"][0]) / 4  # checkpointing
     assert "largest batch_size" in text and not (tmp_path / "no_shards").exists()
     plan = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 1, 1024, 1, torch.float32, "ddp", False)
     P = 1557.7e6  # one process in float32: 16 bytes per parameter (REFERENCE.md) before activations
     assert plan["weights"] + plan["gradients"] + plan["optimizer (adamw)"] == pytest.approx(16 * P, rel=1e-3)
+
+
+def test_planned_host_memory_of_offload_is_what_an_offloaded_rank_holds(tmp_path):
+    """memory_plan.host_bytes against the bytes of the tensors each of 2 offloaded processes holds
+    after a step: its shards of the weights, of their gradients and of AdamW's two moments."""
+    script = tmp_path / "host_bytes.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, {str(REPO)!r})
+from device import DistInfo, end_finished_rank, setup_precision
+from fsdp import shard_model
+from memory_plan import host_bytes
+from model import GPT, GPTConfig
+from optim import configure_optimizers
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
+precision = setup_precision("float32", "cpu", sharded=True)
+model = shard_model(GPT(config), True, precision, DistInfo(rank, rank, 2, "cpu"), cpu_offload=True)
+optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+x = torch.randint(0, 50257, (2, 8))
+model(x, x)[1].backward()
+optimizer.step()
+moments = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, DTensor)]
+tensors = [t.to_local() for p in model.parameters() for t in (p, p.grad)] + [t.to_local() for t in moments]
+held = sum(t.numel() * t.element_size() for t in tensors)
+print(f"rank {{rank}}: held {{held}}, planned {{host_bytes(config, 2):.0f}}")
+end_finished_rank()
+""")
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    P = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)).num_params()  # even row counts: exact halves
+    for rank in (0, 1):
+        assert f"rank {rank}: held {8 * P}, planned {8 * P}" in result.stdout
 
 
 def plan(capsys, *flags):
@@ -381,8 +562,9 @@ def plan(capsys, *flags):
 def advised_command(text):
     """(processes, flags of train_gpt2.py) of the command line the plan's verdict ends with."""
     words = text.splitlines()[-1].split()
+    nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nnodes=")), 1)
     nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
-    return nproc, words[words.index("train_gpt2.py") + 1 :]
+    return nodes * nproc, words[words.index("train_gpt2.py") + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -399,12 +581,25 @@ def advised_command(text):
             "batch_size 8 (gradient accumulation keeps the 524288-token step) fits, 10.03 GiB per GPU; run:",
             "python train_gpt2.py --parallel ddp --activation_checkpointing 0 --batch_size 8",
         ),
-        (  # nothing fits on 2: more processes
+        (  # nothing fits in one GPU's memory: offloaded to the host, it does
+            ["--model", "gpt2-xl", "--nproc", "1", "--gpu_memory", "16", "--dtype", "float16"],
+            "--parallel fsdp --activation_checkpointing 1 --cpu_offload 1 fits batch_size 8, 8.07 GiB per GPU; run:",
+            "python train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp --activation_checkpointing 1 "
+            "--cpu_offload 1 --batch_size 8",
+        ),
+        (  # not even offloaded (its gathered blocks and the logits): more processes, each gathering less
+            ["--model", "gpt2-xl", "--nproc", "1", "--gpu_memory", "2", "--dtype", "float16"],
+            "nothing fits on 1 GPU(s); --parallel fsdp --activation_checkpointing 1 over 1024 GPUs fits batch_size 1, "
+            "1.34 GiB per GPU; run:",
+            "torchrun --nnodes=128 --node_rank=<this machine's, from 0> --nproc_per_node=8 --rdzv_backend=c10d "
+            "--rdzv_endpoint=<host of machine 0>:29500 --rdzv_id=gpt2 train_gpt2.py --model gpt2-xl --dtype float16 "
+            "--parallel fsdp --activation_checkpointing 1 --batch_size 1",
+        ),
+        (  # nothing fits in 2 GPUs' memory: offloaded to the host, it does
             ["--model", "gpt2-xl", "--nproc", "2", "--gpu_memory", "16", "--dtype", "float16"],
-            "nothing fits on 2 GPU(s); --parallel fsdp --activation_checkpointing 1 over 4 GPUs fits batch_size 2, "
-            "13.62 GiB per GPU; run:",
-            "torchrun --standalone --nproc_per_node=4 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
-            "--activation_checkpointing 1 --batch_size 2",
+            "--parallel fsdp --activation_checkpointing 1 --cpu_offload 1 fits batch_size 8, 7.75 GiB per GPU; run:",
+            "torchrun --standalone --nproc_per_node=2 train_gpt2.py --model gpt2-xl --dtype float16 --parallel fsdp "
+            "--activation_checkpointing 1 --cpu_offload 1 --batch_size 8",
         ),
     ],
 )
@@ -428,10 +623,10 @@ def test_plan_advises_only_batch_sizes_that_divide_the_step():
     """batch_size 6 fits gpt2-xl under fsdp +ckpt on 8 x 16 GiB, but 2**20 tokens are no multiple of
     6 x 1024 x 8: the table's largest batch_size is 4."""
     report = memory_plan.plan_report(
-        GPTConfig.from_name("gpt2-xl"), 64, 1024, 2**20, 8, torch.bfloat16, 16, ("fsdp", True)
+        GPTConfig.from_name("gpt2-xl"), 64, 1024, 2**20, 8, torch.bfloat16, 16, ("fsdp", True, False)
     )
     row = next(line for line in report.splitlines() if line.startswith("largest batch_size"))
-    assert row.split()[2:] == ["0", "0", "1", "4"]
+    assert row.split()[2:] == ["0", "0", "1", "4", "4", "8"]
     usable = 16 * 2**30 * (1 - memory_plan.GPU_RESERVE)
     six = memory_plan.memory_plan(GPTConfig.from_name("gpt2-xl"), 6, 1024, 8, torch.bfloat16, "fsdp", True, True, 2)
     assert sum(six.values()) <= usable  # 6 would fit: it is left out because it does not divide

@@ -27,6 +27,9 @@ GPU_CHECK_LINES = [
     "train_gpt2_resume",
     "generate_kv_cache",
     "fsdp",
+    "fsdp_cpu_offload",
+    "fsdp_cpu_offload_run",
+    "fsdp_cpu_offload_resume",
     "modern_recipe_run",
     "modern_recipe_resume",
     "total",
@@ -111,6 +114,14 @@ def test_gpu_check_smoke_writes_every_line_and_goes_on_after_an_error(tmp_path, 
 
     assert "skipped" not in records["generate_kv_cache"]
     assert records["fsdp"]["skipped"]
+    offload = records["fsdp_cpu_offload"]  # on the CPU offloading moves nothing: the same losses
+    assert offload["offload_ms_per_step"] > 0 and offload["no_offload_ms_per_step"] > 0
+    assert offload["loss_max_difference"] == 0 and offload["offload_peak_gib"] is None
+    offloaded, offloaded_resume = records["fsdp_cpu_offload_run"], records["fsdp_cpu_offload_resume"]
+    assert (offloaded_resume["start_step"], offloaded_resume["max_steps"]) == (4, 6)
+    assert set(offloaded["val_loss"]) == {"0", "2", "4"} and offloaded["sample"].startswith("Hello, I'm a language")
+    assert offloaded_resume["checkpoints"] == ["model_00004.pt", "model_00006.pt"]
+    assert offloaded["loss_first"] == run["loss_first"]  # the same initial weights, built on the meta device
 
 
 def test_generation_figures_with_and_without_the_kv_cache(one_thread):
