@@ -67,3 +67,24 @@ def gpt2_tokenizer():
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
         pytest.skip("set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files")
     return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model gains nothing from a second thread, and on a busy 2-core machine each op then waits
+    for a thread that is not running: torch.multinomial over 50k ids took 23 ms instead of 1 here.
+    A module that serves tiny models uses it for all its tests: pytestmark = usefixtures("one_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The chat tokenizer (GPT-2's BPE and the chat template's special tokens), once per module."""
+    from tokenizer import get_tokenizer
+
+    return get_tokenizer("gpt2-chat")

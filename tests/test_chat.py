@@ -15,7 +15,6 @@ from chat_template import render_prompt
 from errors import UserError
 from generate import generate_stream
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 
 def tiny_chat_model(seed=0):
@@ -31,19 +30,7 @@ def tiny_chat_model(seed=0):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from a second thread, and on a busy 2-core machine each op then waits
-    for a thread that is not running: torch.multinomial over 50k ids took 23 ms instead of 1 here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer("gpt2-chat")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,17 +36,7 @@ HI = [user("Hi")]
 CONVERSATION = {"messages": [user("Hello there"), assistant("Hi! How can I help?"), user("Tell me a joke")], "seed": 11}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer("gpt2-chat")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
