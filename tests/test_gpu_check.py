@@ -26,6 +26,7 @@ GPU_CHECK_LINES = [
     "train_gpt2_run",
     "train_gpt2_resume",
     "generate_kv_cache",
+    "qlora_nf4",
     "fsdp",
     "modern_recipe_run",
     "modern_recipe_resume",
