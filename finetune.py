@@ -30,6 +30,7 @@ import torch
 
 import checkpoint
 import documents
+import memory_plan
 from chat_template import chat_template, check_conversation, render_conversation
 from config import flag, parse_layered, preset_layers
 from dataloader import permutation
@@ -359,6 +360,11 @@ def check_peft(cfg):
         raise UserError("--peft prefix: pass --prefix_len P (at least 1), and no --lora_rank (LoRA is the other way)")
     if cfg.peft == "lora" and cfg.prefix_len:
         raise UserError("--prefix_len: prefix tuning needs --peft prefix as well")
+    if cfg.base_quant != "none" and cfg.parallel == "fsdp":
+        raise UserError(
+            f"--base_quant {cfg.base_quant} with --parallel fsdp: FSDP shards parameters, not the quantized codes; a "
+            f"quantized base is small enough to copy to every GPU: use --parallel ddp"
+        )
     if cfg.base_quant != "none" and cfg.peft == "lora" and not cfg.lora_rank:
         raise UserError(
             f"--base_quant {cfg.base_quant} freezes the base: train adapters on it with --lora_rank R or --peft prefix"
@@ -417,9 +423,36 @@ def finetuning_job(cfg, dist_info):
     )
 
 
+def print_plan(cfg):
+    """finetune.py --plan: the memory of a step on each GPU with these flags (memory_plan.finetune_report),
+    counted from --init's shapes and the parameters the adapters or prefixes train. No data is read."""
+    check_peft(cfg)
+    if not cfg.init:
+        raise UserError("--plan counts --init's shapes: pass --init")
+    model = checkpoint.load_init(cfg.init)
+    adapters = {"lora": None, "prefix": None}
+    if cfg.lora_rank:
+        adapters["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
+    if cfg.peft == "prefix":
+        adapters["prefix"] = {"len": cfg.prefix_len}
+    trainable = sum(p.numel() for p in checkpoint.adapt(model, adapters, init=False).parameters() if p.requires_grad)
+    gpu_gib = cfg.gpu_memory or (
+        torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+    )
+    dtype, dtype_name = memory_plan.planned_dtype(cfg.dtype)
+    print(
+        memory_plan.finetune_report(
+            model.config, cfg.batch_size, cfg.seq_len, dtype, trainable, cfg.base_quant, gpu_gib, dtype_name
+        )
+    )
+
+
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, FinetuneConfig, preset_layers(FINETUNE_PRESETS), __doc__, HIDDEN), finetuning_job)
+    cfg = parse_layered(argv, FinetuneConfig, preset_layers(FINETUNE_PRESETS), __doc__, HIDDEN)
+    if cfg.plan:  # the memory plan only: no processes, no data
+        return print_plan(cfg)
+    launch(cfg, finetuning_job)
 
 
 if __name__ == "__main__":

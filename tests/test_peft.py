@@ -308,3 +308,25 @@ def test_prefix_attention_under_bf16_autocast_keeps_the_tokens_dtype():
     loss.backward()
     assert model.transformer.h[0].attn.prefix.k.grad is not None
     assert F.softmax(logits.float(), -1).isfinite().all()
+
+
+# ---- memory_plan.py / finetune.py --plan --------------------------------------------------------
+def test_the_fine_tuning_plan_counts_a_frozen_base_at_its_stored_bytes():
+    import memory_plan
+
+    config = GPTConfig.from_name("gpt2-xl")
+    P, bf16 = memory_plan.parameter_counts(config)[0], torch.bfloat16
+    full = memory_plan.finetune_memory(config, 4, 512, bf16, P, "none")
+    # full fine-tuning on one GPU is pretraining's plan (DDP column, one process)
+    assert sum(full.values()) == sum(memory_plan.memory_plan(config, 4, 512, 1, bf16, "ddp", False).values())
+    lora = memory_plan.finetune_memory(config, 4, 512, bf16, 10**6, "nf4")
+    blocks = 12 * 1600**2 * 48  # the blocks' four matrices, stored in 4 bits and a float32 per 64
+    assert lora["base weights"] == blocks * (0.5 + 4 / 64) + (4 + 2) * (P - blocks)
+    assert lora["optimizer (AdamW)"] == 8 * 10**6 and lora["gradients"] == 4 * 10**6
+
+
+def test_finetune_plan_prints_the_three_bases_and_a_verdict(base_checkpoint, capsys):
+    finetune.main(["--plan", "--init", base_checkpoint, "--lora_rank", "4", "--base_quant", "nf4", "--gpu_memory", "4"])
+    out = capsys.readouterr().out
+    assert "8,192 trained" in out  # 2 layers x rank 4 x (in + out): (64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)
+    assert "GiB, base in" in out and "verdict: --base_quant nf4 fits" in out
