@@ -1,9 +1,12 @@
 """
-Fine-tune a GPT-2 into a chat model (supervised fine-tuning, full or LoRA), or continue its
-pretraining on your own text, with train_gpt2.py's training loop.
+Fine-tune a GPT-2 into a chat model (supervised fine-tuning: full, LoRA or prefix tuning, on a float
+or quantized base), or continue its pretraining on your own text, with train_gpt2.py's training loop.
 
     python finetune.py --init log/model_19073.pt --data_files chats.jsonl --log_dir log/sft
     python finetune.py --init gpt2 --data_files alpaca.json --lora_rank 8 --log_dir log/sft_lora
+    python finetune.py --init gpt2 --data_files alpaca.json --lora_rank 8 --base_quant nf4   # QLoRA: a 4-bit base
+    python finetune.py --init gpt2 --data_files alpaca.json --peft prefix --prefix_len 16     # prefix tuning
+    python finetune.py --plan --init gpt2-xl --lora_rank 8 --base_quant nf4 --gpu_memory 16   # what fits
     python finetune.py --init log/demo/model_01500.pt --data_files input.txt --log_dir log/shakespeare
     python finetune.py --preset cpu --init log/demo/model_01500.pt --data_files data/capitals.jsonl \
         --log_dir log/demo_sft                                # the demo model (make demo) learns to chat, on a CPU
