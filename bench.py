@@ -4,6 +4,7 @@ Benchmarks: measured speed, MFU and memory of every stage of the pipeline.
     python bench.py fineweb --data_files path/to/parquet_folder          # tokenizer pipeline vs raw tiktoken
     python bench.py dataloader                                            # DataLoaderLite on a 100M-token shard
     python bench.py train --model gpt2 --batch_size 64 --seq_len 1024     # training step tokens/s and MFU
+    python bench.py train --model gpt2 --lora_rank 8 --base_quant nf4     # ... of QLoRA (weight_MiB: the base's bytes)
     python bench.py hellaswag --model gpt2                                # evaluation examples/s
     python bench.py generate --model gpt2 --batch_size 1                  # generation tokens/s, KV cache vs recompute
     python bench.py memory --model gpt2-medium --batch_size 8 --seq_len 512   # activation checkpointing's saving
@@ -154,11 +155,7 @@ def bench_fineweb(args):
 # ---- dataloader.py ----------------------------------------------------------------------------
 # Imports sit inside these functions, so that `bench.py <other benchmark>` does not pay for them.
 def add_dataloader_args(parser):
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="folder of shards to read its first train shard (default: write a temporary shard)",
-    )
+    parser.add_argument("--data_dir", help="folder of shards to read its first train shard (default: a temporary one)")
     parser.add_argument(
         "--shard_tokens", type=int, default=100_000_000, help="tokens in the temporary shard (fineweb.py's shard size)"
     )
@@ -310,12 +307,8 @@ def add_train_args(parser):
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T)")
     add_device_args(parser)
     parser.add_argument("--compile", default="auto", help="auto, 1, 0 (as in train_gpt2.py)")
-    parser.add_argument(
-        "--lora_rank",
-        type=int,
-        default=0,
-        help="LoRA adapters of this rank on attn and mlp, as finetune.py --lora_rank (0: full)",
-    )
+    parser.add_argument("--lora_rank", type=int, default=0, help="LoRA on attn and mlp, as finetune.py's (0: full)")
+    parser.add_argument("--base_quant", default="none", choices=("none", "int8", "nf4"), help="as finetune.py's")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument(
@@ -345,7 +338,7 @@ class TrainStepTiming:
 
 
 def time_train_step(
-    device, model_name, batch_size, seq_len, dtype, compile_flag, micro_steps, warmup, steps, lora_rank=0
+    device, model_name, batch_size, seq_len, dtype, compile_flag, micro_steps, warmup, steps, lora_rank=0, quant="none"
 ):
     """train_gpt2.py's train_step (forward, backward, clip, AdamW at the GPT-2 recipe's settings) of a
     model_name GPT with random weights on random tokens, in this process: `warmup` untimed optimizer
@@ -354,8 +347,10 @@ def time_train_step(
     import torch
 
     from device import DistInfo, compile_model, graphs_compiled, peak_flops, setup_precision
+    from lora import apply_lora
     from model import GPT, GPTConfig
     from optim import make_optimizer
+    from quant import quantize_linears
     from train_gpt2 import Run, TrainConfig, train_step
 
     device_type = device.split(":")[0]
@@ -363,9 +358,9 @@ def time_train_step(
     recipe = TrainConfig()  # the optimizer settings of the GPT-2 recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(model_name)).to(device)
+    if quant != "none":  # finetune.py --base_quant: the blocks' frozen matrices in 8 or 4 bits
+        quantize_linears(model.requires_grad_(False), quant)
     if lora_rank:
-        from lora import apply_lora
-
         apply_lora(model, lora_rank, 2 * lora_rank, ["attn", "mlp"])
     optimizer = make_optimizer(model, recipe, device_type)  # over the parameters that train: with LoRA, the adapters
     # two tensors, as train_gpt2.py's batches are: a graph compiled for `idx is targets` would not serve them
@@ -412,6 +407,7 @@ def bench_train(args):
     import torch
 
     from device import keep_freed_memory, pick_device
+    from quant import weight_bytes
 
     device = pick_device(args.device, local_rank=0)
     reused = device == "cpu" and args.cpu_malloc == "reuse" and keep_freed_memory()
@@ -426,12 +422,14 @@ def bench_train(args):
         warmup=args.warmup,
         steps=args.steps,
         lora_rank=args.lora_rank,
+        quant=args.base_quant,
     )
     return {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "model": args.model,
         "params_M": run.model.num_params() / 1e6,
         "trainable_params_M": sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6,
+        "weight_MiB": weight_bytes(run.model) / 2**20,  # the base (quantized or not) and the adapters
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "dtype": str(run.precision.dtype).removeprefix("torch."),
@@ -738,12 +736,7 @@ def add_generate_args(parser):
     parser.add_argument("--new_tokens", type=int, default=512, help="tokens generated after it (0: no full run)")
     parser.add_argument("--positions", default="64,512", help="positions at which to time single steps")
     parser.add_argument("--steps", type=int, default=8, help="steps timed at each position (their median)")
-    parser.add_argument(
-        "--cache",
-        choices=["both", "on", "off"],
-        default="both",
-        help="with the KV cache, recomputing the context at every step, or both",
-    )
+    parser.add_argument("--cache", choices=["both", "on", "off"], default="both", help="the KV cache, or recompute")
     from device import add_device_args
 
     add_device_args(parser, dtype="float32")

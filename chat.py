@@ -29,7 +29,7 @@ from checkpoint import add_model_args
 from config import bounded
 from device import add_device_args, pick_device, setup_precision
 from errors import UserError, exit_on_error
-from generate import KVCache, generate_stream
+from generate import generate_stream, new_cache
 from reply_settings import add_reply_args, check_flags, reply_length
 from sample import load_sampling_model, text_chunks
 
@@ -93,7 +93,7 @@ class Chat:
         if not self.reuse_cache:
             return None
         if self.cache is None:
-            self.cache = [KVCache(self.block_size) for _ in self.model.transformer.h]
+            self.cache = new_cache(self.model, self.block_size)
         shared = 0
         # the prompt's last token always goes through the model: its logits give the first token
         for cached, token in zip(self.cached_ids, prompt[:-1]):

@@ -1,6 +1,7 @@
 """
 Checkpoint files: written atomically, read without running code (weights_only), and loaded back as a
-model for evaluation, sampling, chat or export (a LoRA checkpoint merged into its base).
+model for evaluation, sampling, chat or export (a LoRA checkpoint merged into its base, a prefix-tuned
+one as its base with its prefixes).
 
     save_checkpoint("log/model_00100.pt", model_checkpoint(model, tokenizer))
     model = model_from_checkpoint("log/model_19073.pt", "cuda")
@@ -19,6 +20,8 @@ from files import atomic_write
 from hf import from_pretrained
 from lora import adapter_state_dict, apply_lora, merge_lora
 from model import GPT, MODEL_SIZES, GPTConfig
+from prefix import apply_prefix
+from quant import dequantize_linears, quantize_linears
 from tokenizer import GPT2, get_tokenizer
 
 # what torch.compile (`_orig_mod.`) and DDP (`module.`) put before every parameter name
@@ -117,31 +120,50 @@ def checkpoint_tokenizer(path, name="auto"):
 
 def model_from_checkpoint(path, device="cpu"):
     """Rebuild a plain GPT from a checkpoint file, for evaluation, sampling, chat or export. A LoRA
-    checkpoint (finetune.py --lora_rank) is its base weights plus its adapters, merged."""
+    checkpoint (finetune.py --lora_rank) is its base weights plus its adapters, merged; a prefix-tuned
+    one (--peft prefix) is its base with a prefix in every layer, which only this repo's GPT runs."""
     checkpoint = load_checkpoint(path)
     what = "a checkpoint of this repo (a Hugging Face folder loads with --model)"
     check_keys(checkpoint, ["model", "config"], path, what)
     config = GPTConfig(**checkpoint["config"])
-    lora = checkpoint.get("lora")
-    if not lora:
+    if not (checkpoint.get("lora") or checkpoint.get("prefix")):
         model = GPT(config)
         load_weights(model, checkpoint["model"], path)
         return model.to(device)
-    base = load_lora_base(path, checkpoint["init"]["path"], config.vocab_size)
+    what = "LoRA adapters" if checkpoint.get("lora") else "prefixes"
+    base = load_lora_base(path, checkpoint["init"]["path"], config.vocab_size, what)
     if fingerprint(base) != checkpoint["init"]["fingerprint"]:
         raise UserError(
-            f"{path} holds LoRA adapters for the weights in {checkpoint['init']['path']}, which have changed since "
+            f"{path} holds {what} for the weights in {checkpoint['init']['path']}, which have changed since "
             f"(another model is there now): restore those weights, or fine-tune again"
         )
-    model = apply_lora(base, lora["rank"], lora["alpha"], lora["targets"])
+    model = adapt(base, checkpoint, init=False)
     load_weights(model, checkpoint["model"], path)
-    return merge_lora(model).to(device)
+    # A quantized base's adapters were trained on its dequantized weights: they merge into those, and
+    # the model keeps them (docs/benchmarks.md measures how far they are from the float base's).
+    return dequantize_linears(merge_lora(model)).to(device)
 
 
-def load_lora_base(path, init, vocab_size):
-    """The base weights of the LoRA checkpoint in path: load_init(init), its errors told as the
-    adapters' base, which the person loading path may never have named (finetune.py's --init did)."""
-    held = f"{path} holds LoRA adapters for the base weights in {init}"
+def adapt(model, record, init):
+    """model as fine-tuning trains it, following a checkpoint's record (finetune.load_base writes it):
+    its base quantized (base_quant), then LoRA adapters (lora) or a prefix per layer (prefix); the
+    base frozen whenever one of these is on. init: the adapters start as training starts them, else
+    they are placeholders for a checkpoint's weights."""
+    if record.get("base_quant"):
+        model.requires_grad_(False)
+        quantize_linears(model, record["base_quant"])
+    if record.get("lora"):
+        lora = record["lora"]
+        apply_lora(model, lora["rank"], lora["alpha"], lora["targets"])
+    if record.get("prefix"):
+        apply_prefix(model, record["prefix"]["len"], init=init)
+    return model
+
+
+def load_lora_base(path, init, vocab_size, what="LoRA adapters"):
+    """The base weights of the LoRA (or prefix) checkpoint in path: load_init(init), its errors told as
+    the adapters' base, which the person loading path may never have named (finetune.py's --init did)."""
+    held = f"{path} holds {what} for the base weights in {init}"
     if os.path.isabs(init) and not os.path.exists(init):  # finetune.py records a file or folder by its absolute path
         raise UserError(f"{held}, which is no longer there: restore it, or fine-tune again from a base that exists")
     try:

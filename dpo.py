@@ -56,7 +56,7 @@ from chat_template import check_conversation
 from completions import chat_reply_row, pad_rows, reply_logprobs, token_logprobs
 from config import flag, parse_layered, preset_layers
 from errors import UserError, exit_on_error
-from finetune import HIDDEN, FinetuneConfig, RowLoader, hold_out, load_base, read_rows
+from finetune import FINETUNE_ONLY, HIDDEN, FinetuneConfig, RowLoader, hold_out, load_base, read_rows
 from optim import sft_lr
 from train_gpt2 import SCRIPT_DIR, Job, launch
 
@@ -388,7 +388,7 @@ def dpo_job(cfg, dist_info):
 
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, DPOConfig, preset_layers(DPO_PRESETS), __doc__, HIDDEN), dpo_job)
+    launch(parse_layered(argv, DPOConfig, preset_layers(DPO_PRESETS), __doc__, (*HIDDEN, *FINETUNE_ONLY)), dpo_job)
 
 
 if __name__ == "__main__":

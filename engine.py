@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generate import KVCache, left_pad, next_logits, next_token
+from generate import KVCache, left_pad, new_cache, next_logits, next_token
 
 
 @dataclass
@@ -67,9 +67,10 @@ class QueueFull(Exception):
 
 
 class Batch:
-    """Rows generated together. caches: one KVCache per layer whose k and v are (B, nh, capacity, hs),
-    holding `length` positions, each row's own at the right end; real (B, length) True at a row's own
-    positions (False: padding); last (B,) the token each row sampled last, not yet in the cache."""
+    """Rows generated together. caches: one KVCache per layer whose k and v are (B, nh, P + capacity, hs),
+    holding a prefix-tuned model's P positions (else P = 0), then `length` positions, each row's own at
+    the right end; real (B, length) True at a row's own positions (False: padding); last (B,) the token
+    each row sampled last, not yet in the cache."""
 
     def __init__(self, requests, caches, real, last):
         self.requests, self.caches, self.real, self.last = requests, caches, real, last
@@ -89,13 +90,17 @@ def regroup(parts, block_size):
     length = int(max(n.max() for n in lengths))
     capacity = min(block_size, length + max(r.sampling.max_tokens - r.sampled for r in requests))
     first = parts[0][0].caches
+    # a prefix-tuned model's caches start with its P learned positions (prefix.py), the same in every row
+    P = 0 if first[0].prefix is None else len(first[0].prefix)
     caches = []
     for layer in range(len(first)):
         B, (_, nh, _, hs) = len(requests), first[layer].k.shape
-        cache = KVCache(capacity)
+        cache = KVCache(capacity, first[layer].prefix)
         # zeros, not empty: padding is masked out of attention, but 0 x NaN from stale memory would still be NaN
-        cache.k = first[layer].k.new_zeros(B, nh, capacity, hs)
-        cache.v = first[layer].v.new_zeros(B, nh, capacity, hs)
+        cache.k = first[layer].k.new_zeros(B, nh, P + capacity, hs)
+        cache.v = first[layer].v.new_zeros(B, nh, P + capacity, hs)
+        cache.k[:, :, :P] = first[layer].k[:1, :, :P]
+        cache.v[:, :, :P] = first[layer].v[:1, :, :P]
         cache.length = length
         caches.append(cache)
     real = torch.zeros(len(requests), length, dtype=torch.bool, device=first[0].k.device)
@@ -104,9 +109,10 @@ def regroup(parts, block_size):
         index = torch.tensor(rows, device=real.device)
         n, old = len(rows), batch.caches[0].length
         keep = min(old, length)  # the last `keep` columns hold every position of these rows
+        new, kept = slice(P + length - keep, P + length), slice(P + old - keep, P + old)
         for cache, old_cache in zip(caches, batch.caches):
-            cache.k[start : start + n, :, length - keep : length] = old_cache.k[index, :, old - keep : old]
-            cache.v[start : start + n, :, length - keep : length] = old_cache.v[index, :, old - keep : old]
+            cache.k[start : start + n, :, new] = old_cache.k[index, :, kept]
+            cache.v[start : start + n, :, new] = old_cache.v[index, :, kept]
         real[start : start + n, length - keep :] = batch.real[index, old - keep :]
         start += n
     last = torch.cat([batch.last[torch.tensor(rows, device=real.device)] for batch, rows in parts])
@@ -200,7 +206,7 @@ class Engine:
     def prefill(self, requests):
         """The prompts of requests through the model together, left-padded; their first token sampled."""
         idx, real = left_pad([r.prompt for r in requests], self.block_size, self.device)  # (B, T) each
-        caches = [KVCache(idx.size(1)) for _ in self.model.transformer.h]
+        caches = new_cache(self.model, idx.size(1))
         logits = next_logits(self.model, idx, real, caches)  # (B, vocab_size)
         return Batch(requests, caches, real, self.sample(requests, logits))
 

@@ -6,7 +6,9 @@ for the EleutherAI evaluation harness, transformers' pipelines, or `python hella
 
 A chat fine-tuned checkpoint (finetune.py on conversations) also gets its chat template, so that
 `tokenizer.apply_chat_template(messages)` and `pipeline("text-generation")` given messages render the
-ids training saw, and generation stops at the end of the assistant's turn (<|end|>).
+ids training saw, and generation stops at the end of the assistant's turn (<|end|>). A LoRA checkpoint
+is exported merged (on a quantized base, --base_quant: merged into the dequantized weights it trained
+on); a prefix-tuned one is refused: GPT-2's format has no place for its prefixes.
 """
 
 import argparse
@@ -40,6 +42,12 @@ def main(argv=None):
     parser.add_argument("--hf_dir", required=True, help="folder to write the GPT2LMHeadModel into")
     parser.add_argument("--tokenizer", default="auto", help="auto (the one the checkpoint records), gpt2, or a folder")
     args = parser.parse_args(argv)
+    if load_checkpoint(args.checkpoint, mmap=True).get("prefix"):
+        raise UserError(
+            f"{args.checkpoint} is prefix-tuned (finetune.py --peft prefix): its learned keys and values in every "
+            f"layer have no place in a plain GPT-2, so it cannot be exported; sample.py, chat.py and the "
+            f"evaluations run it, or fine-tune with --lora_rank R (LoRA merges into the weights) to export"
+        )
     model = model_from_checkpoint(args.checkpoint)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
     chat = exported_chat_template(args.checkpoint, tokenizer)

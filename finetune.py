@@ -1,9 +1,12 @@
 """
-Fine-tune a GPT-2 into a chat model (supervised fine-tuning, full or LoRA), or continue its
-pretraining on your own text, with train_gpt2.py's training loop.
+Fine-tune a GPT-2 into a chat model (supervised fine-tuning: full, LoRA or prefix tuning, on a float
+or quantized base), or continue its pretraining on your own text, with train_gpt2.py's training loop.
 
     python finetune.py --init log/model_19073.pt --data_files chats.jsonl --log_dir log/sft
     python finetune.py --init gpt2 --data_files alpaca.json --lora_rank 8 --log_dir log/sft_lora
+    python finetune.py --init gpt2 --data_files alpaca.json --lora_rank 8 --base_quant nf4   # QLoRA: a 4-bit base
+    python finetune.py --init gpt2 --data_files alpaca.json --peft prefix --prefix_len 16     # prefix tuning
+    python finetune.py --plan --init gpt2-xl --lora_rank 8 --base_quant nf4 --gpu_memory 16   # what fits
     python finetune.py --init log/demo/model_01500.pt --data_files input.txt --log_dir log/shakespeare
     python finetune.py --preset cpu --init log/demo/model_01500.pt --data_files data/capitals.jsonl \
         --log_dir log/demo_sft                                # the demo model (make demo) learns to chat, on a CPU
@@ -30,14 +33,16 @@ import torch
 
 import checkpoint
 import documents
+import memory_plan
 from chat_template import chat_template, check_conversation, render_conversation
 from config import flag, parse_layered, preset_layers
 from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
-from lora import apply_lora, lora_layers
+from lora import lora_layers
 from model import MODERN_SWITCHES
 from optim import OPTIMIZERS, sft_lr
+from quant import FORMATS
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
 from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, launch
 
@@ -214,10 +219,20 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = flag(
         0.05, "share of the rows held out for the val loss, when there are no --val_files", 0, 0.5
     )
-    # LoRA (lora.py); rank 0 is full fine-tuning
+    # what trains: LoRA (lora.py; rank 0 is full fine-tuning) or a prefix per layer (prefix.py)
+    peft: str = flag(
+        "lora",
+        "lora (with --lora_rank R; rank 0 trains every weight) or prefix (--prefix_len)",
+        choices=("lora", "prefix"),
+    )
     lora_rank: int = flag(0, "rank r of the LoRA adapters (0: train every weight)", low=0)
     lora_alpha: float = flag(16.0, "LoRA's alpha: the adapters' output is scaled by alpha / r", low=0)
     lora_targets: str = flag("attn,mlp", "the layers that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj)")
+    prefix_len: int = flag(0, "--peft prefix: P, the learned key and value positions of every layer", low=0)
+    # QLoRA: the frozen base's block matrices stored in 8 or 4 bits, dequantized on the fly (quant.py)
+    base_quant: str = flag(
+        "none", "the frozen base in int8 or nf4 (4-bit NormalFloat), or none", choices=("none", *FORMATS)
+    )
     # the defaults of train_gpt2.py's flags that fine-tuning sets otherwise
     log_dir: str = flag(os.path.join(SCRIPT_DIR, "log", "sft"), "log.txt, metrics.jsonl and checkpoints go here")
     batch_size: int = flag(8, "rows per forward pass on each GPU", low=1)
@@ -263,6 +278,11 @@ HIDDEN = (
     "embed_lr",
     "head_lr",
 )
+
+
+# Flags of finetune.py alone: dpo.py and rl.py take their reference model's log-probs from the float
+# --init model, which a quantized or prefix-tuned policy would not start at, so they do not offer these.
+FINETUNE_ONLY = ("peft", "prefix_len", "base_quant")
 
 
 def read_rows(files, dataset, cfg):
@@ -319,24 +339,43 @@ def load_base(cfg, dist_info, is_chat):
         tokenizer = get_tokenizer(GPT2_CHAT)  # the chat tokens, in rows GPT-2's padded embedding has
     model = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
     check_config(cfg, model.config, dist_info.world_size)
+    check_peft(cfg)
     targets = cfg.lora_targets.split(",")
     if cfg.lora_rank:
         lora_layers(model, targets)  # an unknown target is an error before any data work
-
-    def make_model():  # called once, after the seed is set: LoRA's A matrices are random
-        if cfg.lora_rank:
-            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets)
-        return model.to(dist_info.device)
-
     record = {
         "init": {
             "path": os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init,
-            "fingerprint": checkpoint.fingerprint(model),
+            "fingerprint": checkpoint.fingerprint(model),  # of the weights as loaded, before any quantization
         },
         "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets} if cfg.lora_rank else None,
         "template": chat_template(tokenizer) if is_chat else None,
+        # None when off, as in checkpoints written before these existed: those still resume and load
+        "prefix": {"len": cfg.prefix_len} if cfg.peft == "prefix" else None,
+        "base_quant": None if cfg.base_quant == "none" else cfg.base_quant,
     }
+
+    def make_model():  # called once, after the seed is set: LoRA's A matrices and the prefix's tokens are random
+        return checkpoint.adapt(model, record, init=True).to(dist_info.device)
+
     return Base(tokenizer, model, make_model, record)
+
+
+def check_peft(cfg):
+    """UserError for --peft, --lora_rank, --prefix_len and --base_quant that do not go together."""
+    if cfg.peft == "prefix" and (cfg.prefix_len < 1 or cfg.lora_rank):
+        raise UserError("--peft prefix: pass --prefix_len P (at least 1), and no --lora_rank (LoRA is the other way)")
+    if cfg.peft == "lora" and cfg.prefix_len:
+        raise UserError("--prefix_len: prefix tuning needs --peft prefix as well")
+    if cfg.base_quant != "none" and cfg.parallel == "fsdp":
+        raise UserError(
+            f"--base_quant {cfg.base_quant} with --parallel fsdp: FSDP shards parameters, not the quantized codes; a "
+            f"quantized base is small enough to copy to every GPU: use --parallel ddp"
+        )
+    if cfg.base_quant != "none" and cfg.peft == "lora" and not cfg.lora_rank:
+        raise UserError(
+            f"--base_quant {cfg.base_quant} freezes the base: train adapters on it with --lora_rank R or --peft prefix"
+        )
 
 
 def finetuning_job(cfg, dist_info):
@@ -391,9 +430,44 @@ def finetuning_job(cfg, dist_info):
     )
 
 
+def print_plan(cfg):
+    """finetune.py --plan: the memory of a step on each GPU with these flags (memory_plan.finetune_report),
+    counted from --init's shapes and the parameters the adapters or prefixes train. No data is read."""
+    check_peft(cfg)
+    if not cfg.init:
+        raise UserError("--plan counts --init's shapes: pass --init")
+    model = checkpoint.load_init(cfg.init)
+    adapters = {"lora": None, "prefix": None}
+    if cfg.lora_rank:
+        adapters["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
+    if cfg.peft == "prefix":
+        adapters["prefix"] = {"len": cfg.prefix_len}
+    trainable = sum(p.numel() for p in checkpoint.adapt(model, adapters, init=False).parameters() if p.requires_grad)
+    gpu_gib = cfg.gpu_memory or (
+        torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+    )
+    dtype, dtype_name = memory_plan.planned_dtype(cfg.dtype)
+    print(
+        memory_plan.finetune_report(
+            model.config,
+            cfg.batch_size,
+            cfg.seq_len,
+            dtype,
+            trainable,
+            cfg.base_quant,
+            gpu_gib,
+            dtype_name,
+            cfg.optimizer,
+        )
+    )
+
+
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, FinetuneConfig, preset_layers(FINETUNE_PRESETS), __doc__, HIDDEN), finetuning_job)
+    cfg = parse_layered(argv, FinetuneConfig, preset_layers(FINETUNE_PRESETS), __doc__, HIDDEN)
+    if cfg.plan:  # the memory plan only: no processes, no data
+        return print_plan(cfg)
+    launch(cfg, finetuning_job)
 
 
 if __name__ == "__main__":

@@ -25,23 +25,32 @@ class KVCache:
     runs once (prefill), then each step feeds one token, whose query attends to the cached keys and
     whose own key and value are appended. A step then costs one position instead of the context."""
 
-    def __init__(self, max_len):
-        self.max_len = max_len  # positions it has room for, at most block_size
-        self.length = 0  # positions stored: the same for every row, as prompts are left-padded
-        self.k = self.v = None  # each (B, nh, max_len, hs), allocated on first use in k's dtype
+    def __init__(self, max_len, prefix=None):
+        self.max_len = max_len  # token positions it has room for, at most block_size
+        self.length = 0  # token positions stored: the same for every row, as prompts are left-padded
+        self.prefix = prefix  # a prefix-tuned layer's prefix.Prefix: its P positions come first, else None
+        self.k = self.v = None  # each (B, nh, P + max_len, hs), allocated on first use in k's dtype
 
     def append(self, k, v):
         """Store k, v (B, nh, T, hs) of T new positions; return the keys and values of all positions so
-        far, (B, nh, length, hs). Written into preallocated tensors: torch.cat would copy the whole
-        cache at every step."""
+        far, (B, nh, P + length, hs), the prefix's P first. Written into preallocated tensors: torch.cat
+        would copy the whole cache at every step."""
+        P = 0 if self.prefix is None else len(self.prefix)
         if self.k is None:
             B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.max_len, hs)
-            self.v = v.new_empty(B, nh, self.max_len, hs)
+            self.k = k.new_empty(B, nh, P + self.max_len, hs)
+            self.v = v.new_empty(B, nh, P + self.max_len, hs)
+            if P:
+                self.k[:, :, :P], self.v[:, :, :P] = self.prefix.heads(B, k.dtype)
         start, self.length = self.length, self.length + k.size(2)
-        self.k[:, :, start : self.length] = k
-        self.v[:, :, start : self.length] = v
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        self.k[:, :, P + start : P + self.length] = k
+        self.v[:, :, P + start : P + self.length] = v
+        return self.k[:, :, : P + self.length], self.v[:, :, : P + self.length]
+
+
+def new_cache(model, max_len):
+    """One empty KVCache per layer of model, with room for max_len token positions (and its prefix)."""
+    return [KVCache(max_len, block.attn.prefix) for block in model.transformer.h]
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, **kwargs):
@@ -94,7 +103,7 @@ def generate_steps(model, idx, real, max_new_tokens, temperature, top_k, top_p, 
             # the prompt, or after a slide the newest half of the window: all positions at once
             window = slice(-max(block_size // 2, 1), None) if kv_cache else slice(None)
             max_len = min(block_size, idx.size(1) + max_new_tokens)
-            kv_cache = [KVCache(max_len) for _ in model.transformer.h]
+            kv_cache = new_cache(model, max_len)
             logits = next_logits(model, idx[:, window], real[:, window], kv_cache)
         else:
             # the one token sampled last (or the end of the prompt a caller's cache lacks); it attends

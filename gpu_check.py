@@ -8,10 +8,11 @@ minutes on one H100/H200 (docs/benchmarks.md, "GPU check").
 In order: the environment and the attention kernels; training steps in four precisions (bench.py's
 time_train_step); a short train_gpt2.py run with evals, samples and a resume, whose metrics.jsonl says
 whether anything compiled again; generation with and without the KV cache; FSDP's CPU offload against no
-offload (memory and time per step), then that run offloaded; the same run with --recipe modern. Each
-result is one JSON line, printed and appended to --out as soon as it is known, so a run cut short keeps
-what it measured. A result that fails is a line with "error" and the check goes on (an out-of-memory in
-one configuration says nothing about the next); one that cannot run here says why in "skipped".
+offload (memory and time per step), then that run offloaded; LoRA on an NF4-quantized base against LoRA
+on the float one (finetune.py --base_quant); the same run with --recipe modern. Each result is one JSON
+line, printed and appended to --out as soon as it is known, so a run cut short keeps what it measured.
+A result that fails is a line with "error" and the check goes on (an out-of-memory in one configuration
+says nothing about the next); one that cannot run here says why in "skipped".
 """
 
 import argparse
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from bench import median, print_results, synchronize, time_train_step
 from errors import UserError, exit_on_error
+from quant import weight_bytes
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ def run_check(args):
 
     run_and_resume("train_gpt2")
     result("generate_kv_cache", check_generation, device, sizes)
+    result("qlora_nf4", check_qlora_step, device, sizes)
     result("fsdp", not_in_check_yet, "parallel")  # train_gpt2.py --parallel fsdp needs 2+ processes
     result("fsdp_cpu_offload", check_offload, device, sizes)
     # the loop offloaded, on one process (a group of one): evals, samples, checkpoints and the resume.
@@ -394,6 +397,25 @@ def check_train_step(device, sizes, dtype, compiled, batch_size, steps, micro_st
         figures["loss_scale"] = run.precision.scaler.get_scale()  # halved at each overflow, from 65536
     if compiled:
         figures.update(compile_s=run.compile_s, graphs=run.graphs)
+    return figures
+
+
+def check_qlora_step(device, sizes):
+    """finetune.py --lora_rank 8 --base_quant nf4 against LoRA on the float base, both under bf16
+    autocast, eager (torch.compile is not checked on the dequantizing autograd.Function here): the
+    base's bytes, the step time and the peak memory of each, and that the quantized run's loss is finite."""
+    figures = {"model": sizes.model, "batch_size": sizes.batch_size, "seq_len": sizes.seq_len}
+    for quant in ("none", "nf4"):  # one after the other: the first model is freed before the second is built
+        run = time_train_step(
+            device, sizes.model, sizes.batch_size, sizes.seq_len, "bfloat16", "0", 1, 1, sizes.other_steps, 8, quant
+        )
+        name = "float" if quant == "none" else quant
+        figures[f"weight_MiB_{name}"] = weight_bytes(run.model) / 2**20
+        figures[f"ms_per_step_{name}"] = run.seconds_per_step * 1000
+        figures[f"peak_memory_MiB_{name}"] = run.peak_memory_MiB
+        figures[f"all_finite_{name}"] = all(step.finite for step in run.timed_steps)
+        del run
+        release_memory(device)
     return figures
 
 

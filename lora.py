@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from errors import UserError
+from quant import QuantLinear
 
 # The linear layers of a block, by the name --lora_targets uses for them (the output layer is tied
 # to the token embedding and stays frozen).
@@ -29,7 +30,8 @@ TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_pr
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (see the module docstring)."""
+    """A frozen nn.Linear (or quant.QuantLinear: QLoRA) plus a trainable low-rank update (see the module
+    docstring)."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -62,7 +64,7 @@ def lora_layers(model, targets):
     suffixes = tuple(name for target in targets for name in TARGETS[target])
     layers = []
     for name, module in model.named_modules():
-        if name.endswith(suffixes) and isinstance(module, nn.Linear):
+        if name.endswith(suffixes) and isinstance(module, (nn.Linear, QuantLinear)):
             parent_name, attribute = name.rsplit(".", 1)
             layers.append((model.get_submodule(parent_name), attribute))
     return layers

@@ -380,3 +380,54 @@ def print_plan(cfg, model_config, world_size):
         cfg.optimizer,
     )
     print(report)
+
+
+# ---- finetune.py --plan: one process (or DDP), a frozen base ---------------------------------------
+# Bytes per number of the blocks' frozen matrices as quant.py stores them: the code, and a float32
+# absmax per block of 64 numbers.
+BASE_BYTES = {"none": 4, "int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
+
+
+def finetune_memory(config, batch_size, seq_len, dtype, trainable, base_quant, optimizer="adamw"):
+    """{what: bytes} of one fine-tuning step on each GPU (one process, or DDP: the same per GPU but for
+    DDP's second copy of the gradients, tiny for adapters). The base's weights, with the blocks'
+    matrices in base_quant; gradients and the optimizer's state (optim.STATE_FLOATS) only for the
+    `trainable` parameters (adapters or prefixes: all P of them for full fine-tuning, which is
+    memory_plan's DDP column).
+    Activations as in pretraining: backward still needs every layer's input to pass gradients on."""
+    P, a = parameter_counts(config)[0], DTYPE_BYTES[dtype]
+    quantized = 12 * config.n_embd**2 * config.n_layer if base_quant != "none" else 0  # c_attn, c_proj, c_fc, c_proj
+    adapters = trainable if trainable < P else 0  # full fine-tuning trains the weights themselves
+    # autocast's bf16/fp16 copies of the float weights live from forward to backward; a quantized layer
+    # is dequantized one layer at a time instead (quant.QuantizedMatmul), not counted
+    copies = a * (P - quantized) if a < 4 else 0
+    return {
+        "base weights": 4 * (P - quantized) + BASE_BYTES[base_quant] * quantized + copies,
+        "trained weights": 4 * adapters,
+        "gradients": 4 * trainable,
+        f"optimizer ({optimizer})": 4 * state_floats(optimizer, trainable, 0),
+        "activations": sum(activation_bytes(config, batch_size, seq_len, a, 4)),
+        "logits": batch_size * seq_len * config.padded_vocab_size * (a + 8),
+    }
+
+
+def finetune_report(config, batch_size, seq_len, dtype, trainable, base_quant, gpu_gib, dtype_name, optimizer="adamw"):
+    """What finetune.py --plan prints: GiB of each part of finetune_memory with the base in float32,
+    int8 and nf4 (the same adapters), and whether the flags' --base_quant fits in gpu_gib GiB."""
+    plans = {q: finetune_memory(config, batch_size, seq_len, dtype, trainable, q, optimizer) for q in BASE_BYTES}
+    lines = [
+        f"memory per GPU: {parameter_counts(config)[0] / 1e6:.1f}M parameters, {trainable:,} trained, "
+        f"batch_size {batch_size} x seq_len {seq_len}; {dtype_name}",
+        f"{'GiB, base in':<20}" + "".join(f"{quant:>12}" for quant in plans),
+    ]
+    for part in plans["none"]:
+        lines.append(f"{part:<20}" + "".join(f"{plan[part] / 2**30:>12.3f}" for plan in plans.values()))
+    lines.append(f"{'total':<20}" + "".join(f"{sum(plan.values()) / 2**30:>12.3f}" for plan in plans.values()))
+    need = sum(plans[base_quant].values()) / 2**30
+    if not gpu_gib:
+        lines.append(f"--base_quant {base_quant}: {need:.3f} GiB; pass --gpu_memory GiB for a verdict")
+    else:
+        usable = gpu_gib * (1 - GPU_RESERVE)
+        verdict = "fits" if need <= usable else "does not fit"
+        lines.append(f"verdict: --base_quant {base_quant} {verdict}, {need:.3f} GiB of {usable:.2f} GiB usable")
+    return "\n".join(lines)

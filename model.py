@@ -120,6 +120,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # prefix tuning (prefix.py) sets a prefix.Prefix here: P learned keys and values before the tokens'
+        self.prefix = None
 
     def forward(self, x, rotary=None, attn_mask=None, kv_cache=None):
         """Training passes x alone: every position at once, causally masked. Generation also passes
@@ -138,6 +140,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, T_all, hs): the earlier positions' keys, then these
+        elif self.prefix is not None:
+            k_prefix, v_prefix = self.prefix.heads(B, k.dtype)  # (B, nh, P, hs) each
+            k, v = torch.cat((k_prefix, k), dim=2), torch.cat((v_prefix, v), dim=2)  # (B, nh, P + T, hs)
+        if self.prefix is not None:  # the keys start with the prefix (a cache holds it first): all see it
+            attn_mask = prefix_mask(attn_mask, len(self.prefix), T, x.device)
         if attn_mask is None:
             # softmax(q k^T / sqrt(hs)) v with a causal mask; PyTorch picks a flash-attention kernel
             # where it can, which never materialises the (T, T) attention matrix.
@@ -148,6 +155,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.c_proj(y)
+
+
+def prefix_mask(attn_mask, P, T, device):
+    """attn_mask (B, 1, T, T_all) of the keys after a prefix of P positions, or None (training: causal
+    over T), widened to (B or 1, 1, T, P + T_all): True in the P columns of the prefix, which every
+    query may attend to."""
+    if attn_mask is None:
+        return torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P)  # causal after P
+    return F.pad(attn_mask, (P, 0), value=True)
 
 
 class MLP(nn.Module):

@@ -56,7 +56,7 @@ from completions import pad_rows, reply_row, token_logprobs
 from config import flag, parse_layered, preset_layers
 from dataloader import permutation
 from errors import UserError, exit_on_error
-from finetune import HIDDEN, FinetuneConfig, load_base, read_rows
+from finetune import FINETUNE_ONLY, HIDDEN, FinetuneConfig, load_base, read_rows
 from generate import generate_stream
 from optim import sft_lr
 from train_gpt2 import SCRIPT_DIR, Job, get_grad_accum_steps, launch
@@ -543,7 +543,7 @@ def run_bench(cfg):
 
 @exit_on_error
 def main(argv=None):
-    cfg = parse_layered(argv, RLConfig, preset_layers(RL_PRESETS), __doc__, (*HIDDEN, "val_steps"))
+    cfg = parse_layered(argv, RLConfig, preset_layers(RL_PRESETS), __doc__, (*HIDDEN, *FINETUNE_ONLY, "val_steps"))
     if cfg.bench_rollouts:
         return run_bench(cfg)
     launch(cfg, rl_job)

@@ -590,7 +590,10 @@ def train(cfg, dist_info, job):
     train_model = device.compile_model(model, cfg.compile, dist_info.device_type, example_batch, precision, log)
     compiled = train_model is not model
     if dist_info.world_size > 1 and not sharded:
-        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device_type == "cuda" else None)
+        # broadcast_buffers=False: GPT has no buffers that change; a quantized base's codes (quant.py) are
+        # the same on every rank, and sending them from rank 0 at every forward would cost a base's bytes
+        device_ids = [dist_info.local_rank] if dist_info.device_type == "cuda" else None
+        train_model = DDP(train_model, device_ids=device_ids, broadcast_buffers=False)
     timer = training_log.StepTimer(
         training_log.token_slots(cfg, job.train_loader),
         model.flops_per_token(T),

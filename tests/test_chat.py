@@ -15,6 +15,7 @@ from chat_template import render_prompt
 from errors import UserError
 from generate import generate_stream
 from model import GPT, GPTConfig
+from prefix import apply_prefix
 
 
 def tiny_chat_model(seed=0):
@@ -100,10 +101,14 @@ def test_reply_ends_after_max_new_tokens(tokenizer):
     assert replier.finish_reason == "length"
 
 
-def test_kept_cache_gives_the_replies_of_a_fresh_one(tokenizer):
+@pytest.mark.parametrize("prefix_len", [0, 4])
+def test_kept_cache_gives_the_replies_of_a_fresh_one(tokenizer, prefix_len):
     """Three turns, reusing the KV cache between them and not: the same replies, and from the second
-    turn on at least the whole previous prompt comes from the cache."""
+    turn on at least the whole previous prompt comes from the cache. A prefix-tuned model's prefix
+    stays the cache's first positions, whatever the turn reuses."""
     model = tiny_chat_model()
+    if prefix_len:
+        apply_prefix(model, prefix_len)
     replies = {}
     for reuse in (False, True):
         replier, messages, sampling = chat.Chat(model, tokenizer, reuse_cache=reuse), [], seeded(3)

@@ -26,6 +26,7 @@ GPU_CHECK_LINES = [
     "train_gpt2_run",
     "train_gpt2_resume",
     "generate_kv_cache",
+    "qlora_nf4",
     "fsdp",
     "fsdp_cpu_offload",
     "fsdp_cpu_offload_run",

@@ -26,6 +26,7 @@ from chat_template import render_prompt
 from device import setup_precision
 from engine import Engine, QueueFull, Sampling
 from generate import generate_stream
+from prefix import apply_prefix
 from sample import TextStream
 from tokenizer import get_tokenizer
 
@@ -98,10 +99,15 @@ def run_requests(engine, requests, pause):
     return events
 
 
-def test_batched_rows_equal_each_request_generated_alone(model, tokenizer):
+@pytest.mark.parametrize("prefix_len", [0, 4])
+def test_batched_rows_equal_each_request_generated_alone(model, tokenizer, prefix_len):
     """30 requests arriving while others are generated, prompts of 1 to 60 tokens, replies of 1 to 40,
     their own temperature, top-k, top-p and seed: each reply is the one generate_stream gives it alone,
-    token for token, and the engine did batch them."""
+    token for token, and the engine did batch them. A prefix-tuned model's prefix stays the first
+    positions of every row's cache as rows join and leave."""
+    if prefix_len:
+        torch.manual_seed(0)
+        model = apply_prefix(tiny_chat_model(), prefix_len)
     rng = random.Random(0)
     requests = []
     for i in range(30):
