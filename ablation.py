@@ -394,8 +394,10 @@ def mean_curve(records):
     """{step: val loss} averaged over the seeds' runs (the steps all of them have)."""
     import statistics
 
-    steps = set.intersection(*(set(r["val_curve"]) for r in records))
-    return {int(step): statistics.mean(r["val_curve"][step] for r in records) for step in sorted(steps, key=int)}
+    # int steps: a record just run has them, one read back from results.jsonl has JSON's string keys
+    curves = [{int(step): loss for step, loss in r["val_curve"].items()} for r in records]
+    steps = set.intersection(*(set(curve) for curve in curves))
+    return {step: statistics.mean(curve[step] for curve in curves) for step in sorted(steps)}
 
 
 def steps_to_reach(curve, target):

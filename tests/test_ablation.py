@@ -87,12 +87,12 @@ def test_steps_to_reach_reads_the_line_between_two_evaluations():
 
 def test_optimizer_summary_takes_each_best_lr_and_the_tokens_to_adamws_final_loss():
     def record(run, lr, seed, curve):
-        return {"run": run, "lr": lr, "seed": seed, "val_loss": curve[max(curve)], "val_curve": curve}
+        return {"run": run, "lr": lr, "seed": seed, "val_loss": curve[max(curve, key=int)], "val_curve": curve}
 
     records = [
         record("adamw", 1e-3, 1, {"0": 11.0, "50": 8.0, "100": 7.0}),
         record("adamw", 2e-3, 1, {"0": 11.0, "50": 7.8, "100": 6.9}),
-        record("adamw", 2e-3, 2, {"0": 11.0, "50": 7.6, "100": 7.1}),
+        record("adamw", 2e-3, 2, {0: 11.0, 50: 7.6, 100: 7.1}),  # just run: int steps, not JSON's strings
         record("sgd", 1.0, 1, {"0": 11.0, "50": 9.0, "100": 8.0}),
         {"run": "sgd", "lr": 3.0, "seed": 1, "val_loss": None},  # diverged
         record("sgd", 1.0, 2, {"0": 11.0, "50": 9.2, "100": 8.2}),
