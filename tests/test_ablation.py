@@ -134,9 +134,8 @@ def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with
     )
     muon = next(r for r in results if r["run"] == "muon")
     assert muon["flags"][:6] == ["--optimizer", "muon", "--muon_lr", "0.02", "--max_lr", str(figures["adamw_best_lr"])]
-    assert figures["adamw_val_loss"] == pytest.approx(
-        sum(r["val_loss"] for r in results if r["run"] == "adamw" and r["lr"] == figures["adamw_best_lr"]) / 2
-    )
+    best_adamw = [r["val_loss"] for r in results if r["run"] == "adamw" and r["lr"] == figures["adamw_best_lr"]]
+    assert figures["adamw_val_loss"] == pytest.approx(sum(best_adamw) / 2, abs=1e-4)  # the curves keep 4 decimals
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="--lrs nope=...: not an optimizer run"):
         ablation.main([*argv, "--lrs", "nope=1"])

@@ -186,7 +186,7 @@ def one_step(rank, world_size, model, train_model):
     batches = rl.step_batches(STEP[rank * share : (rank + 1) * share], 2, 2, False, world_size, 0, "cpu")
     job = SimpleNamespace(train_loader=FixedLoader(batches), loss=rl.rl_loss)
     run = Run(
-        SimpleNamespace(grad_clip=1e9),
+        SimpleNamespace(grad_clip=1e9, cpu_offload=False),
         DistInfo(rank, rank, world_size, "cpu"),
         setup_precision("float32", "cpu"),
         None,
