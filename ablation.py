@@ -24,6 +24,7 @@ import json
 import os
 
 from bench import FixedBatchJob, median, print_results, synchronize
+from config import bounded
 from errors import UserError, exit_on_error
 
 # Each run's train_gpt2.py flags: one change at a time on top of GPT-2's recipe, then all of them
@@ -77,7 +78,6 @@ OPTIMIZER_LRS = {
     "adamw": (1e-3, 2e-3, 4e-3),
     "muon": (0.02, 0.04, 0.08),
 }
-TOKENS_PER_STEP = 2048  # ABLATION_MODEL's --total_batch_size
 
 
 def add_ablation_args(parser, runs, out_dir):
@@ -89,29 +89,34 @@ def add_ablation_args(parser, runs, out_dir):
         nargs="+",
         default=list(runs),
         choices=list(runs),
-        help="the changes to run, one at a time (default: every one, then all of them: modern)",
+        help="the runs (default: every one; recipes: each change alone, then all of them: modern)",
     )
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of each run")
+    parser.add_argument("--steps", type=bounded(int, 1, None), default=250, help="optimizer steps of each run")
     parser.add_argument(
         "--modern_steps",
         type=int,
         nargs="*",
         default=[100],
-        help="shorter runs of the modern recipe (its schedule squeezed into fewer steps): the "
+        help="recipes: shorter runs of the modern recipe (its schedule squeezed into fewer steps): the "
         "fewest steps whose val loss reaches GPT-2's at --steps give the token ratio",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each per seed")
     parser.add_argument(
-        "--gpt2_lr", type=float, default=GPT2_LR, help="--max_lr of every run but modern's (which sets its own LRs)"
+        "--gpt2_lr",
+        type=float,
+        default=GPT2_LR,
+        help="--max_lr of every run but modern's (which sets its own LRs); optimizers: of --time_steps only",
     )
     parser.add_argument("--flags", default="", help="more train_gpt2.py flags for every run, e.g. '--muon_lr 0.04'")
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=bounded(int, 1, None),
         default=1,
         help="runs at a time: for losses only, as runs that share the machine take longer",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--threads", type=bounded(int, 1, None), default=None, help="CPU threads per run (default: cores / jobs)"
+    )
     parser.add_argument("--device", default="cpu", help="train_gpt2.py --device")
     parser.add_argument(
         "--time_steps",
@@ -385,6 +390,12 @@ def recipe_summary(records, steps):
     return figures
 
 
+def tokens_per_step(record):
+    """A run's --total_batch_size: ABLATION_MODEL's, unless its own flags (--flags) give another."""
+    words = [*ABLATION_MODEL, *record["flags"]]
+    return int(words[len(words) - words[::-1].index("--total_batch_size")])
+
+
 def best_run(records):
     """The sweep's run with the lowest final val loss (a diverged one only if all diverged)."""
     return min(records, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
@@ -432,7 +443,7 @@ def optimizer_summary(records, best, lrs):
             figures[f"{name}_seed_spread"] = max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)
         if target is not None:
             step = steps_to_reach(curves[name], target)
-            figures[f"{name}_tokens_to_adamw_loss"] = None if step is None else round(step * TOKENS_PER_STEP)
+            figures[f"{name}_tokens_to_adamw_loss"] = None if step is None else round(step * tokens_per_step(rs[0]))
     return figures
 
 
@@ -448,11 +459,11 @@ def plot_curves(records, best, path):
         runs = [r for r in records if r["run"] == name and r["lr"] == b["lr"] and r["val_loss"] is not None]
         if runs:
             curve = mean_curve(runs)
-            tokens = [step * TOKENS_PER_STEP / 1e3 for step in curve]
+            tokens = [step * tokens_per_step(runs[0]) / 1e3 for step in curve]
             ax.plot(tokens, list(curve.values()), marker="o", ms=3, label=f"{name} (lr {b['lr']:g}, {len(runs)} seeds)")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("val loss (nats per token)")
-    ax.set_title("Optimizers on the same model: 4 layers x 128, 2,048 tokens per step, FineWeb sample")
+    ax.set_title("Optimizers on the same model, data and tokens (ablation.py --compare optimizers)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -471,10 +482,14 @@ def parse_lrs(text):
 
 @exit_on_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --compare first, on a parser of its own: the runs to choose from depend on it (and -h must see them all)
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--compare", choices=("recipes", "optimizers"), default="recipes", help="which ablation")
+    compare = which.parse_known_args(argv)[0].compare
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[which]
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--compare", choices=("recipes", "optimizers"), default="recipes", help="which ablation")
-    compare = parser.parse_known_args(argv)[0].compare
     catalogue = RECIPE_RUNS if compare == "recipes" else OPTIMIZER_RUNS
     add_ablation_args(parser, catalogue, out_dir=f"log/{compare}")
     parser.add_argument(
@@ -487,7 +502,7 @@ def main(argv=None):
     parser.add_argument("--plot", default=None, help="optimizers: a PNG of the val loss curves to write")
     parser.add_argument(
         "--extend",
-        type=int,
+        type=bounded(int, 0, None),
         default=1,
         help="optimizers: LRs added beyond a best at the edge of its grid, at most, one at a time",
     )

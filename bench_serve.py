@@ -7,8 +7,8 @@ against serving them one at a time, in the same run.
 
 Each of C clients (threads) sends --requests requests one after the other, each the next as soon as
 the last is answered: a prompt of 16 to 64 random tokens, a reply of --max_tokens tokens (no stop
-token is set, so every reply is that long). The engine runs them with --max_batch rows (batched),
-then with 1 (one at a time), --repeats times in turns. Figures per mode and C, the median over the
+token is set, so every reply is that long). The engine runs them one at a time (1 row), then with
+--max_batch rows (batched), --repeats times in turns. Figures per mode and C, the median over the
 repeats: aggregate tokens/s (all replies' tokens over the wall time), time to first token (median
 and worst), the slowest client's tokens/s (a starved client would show there) and the rows per
 decode step. The engine is driven directly, without HTTP, so that what is measured is the batching;

@@ -1,5 +1,5 @@
 """
-Talk to a chat model fine-tuned with finetune.py: in the terminal, or in a browser.
+Talk to a chat model fine-tuned with finetune.py, in the terminal (serve.py: in a browser, or any OpenAI client).
 
     python chat.py --checkpoint log/sft/model_00500.pt                       # a conversation in the terminal
     python chat.py --checkpoint log/sft/model_00500.pt --system "Be brief." --temperature 0.8 --top_p 0.95

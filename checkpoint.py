@@ -178,6 +178,12 @@ def load_init(init, vocab_size=None):
     that many ids: GPT-2's chat tokens (50,257-50,260) take rows its padded embedding already has."""
     if os.path.isfile(init):
         model = model_from_checkpoint(init)
+        if any(block.attn.prefix is not None for block in model.transformer.h):
+            # its prefixes are not weights of a plain GPT: a run from it would save what no record describes
+            raise UserError(
+                f"--init {init} is prefix-tuned (--peft prefix): its prefixes cannot be trained further as a "
+                f"base or merged into weights; fine-tune its own --init again with the prefix run's data"
+            )
     elif os.path.isdir(init) or init.startswith("gpt2") and init in MODEL_SIZES:
         model = from_pretrained(init)
     else:

@@ -1,4 +1,4 @@
-"""
+r"""
 Fine-tune a GPT-2 into a chat model (supervised fine-tuning: full, LoRA or prefix tuning, on a float
 or quantized base), or continue its pretraining on your own text, with train_gpt2.py's training loop.
 
@@ -244,6 +244,11 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = flag(20, "steps of linear LR warmup", low=0)
     max_lr: float = flag(1e-4, "peak learning rate (LoRA usually takes more, e.g. 1e-3)", low=0)
     min_lr_ratio: float = flag(0.0, "final LR / max_lr: a linear decay down to 0, the usual SFT schedule", 0, 1)
+    plan: bool = flag(
+        False,
+        "print the memory per GPU of a fine-tuning step (one process, or DDP) with a float32, int8 and nf4 "
+        "base, these adapters or prefixes and this batch, then exit: no data is read",
+    )
     optimizer: str = flag(
         "adamw",
         "adamw, or a rule of optim.py's lesson (sgd, momentum, nesterov, adagrad, rmsprop, adam)",
@@ -436,6 +441,8 @@ def print_plan(cfg):
     check_peft(cfg)
     if not cfg.init:
         raise UserError("--plan counts --init's shapes: pass --init")
+    if cfg.parallel == "fsdp" or cfg.cpu_offload:
+        raise UserError("finetune.py --plan counts one process or DDP: drop --parallel fsdp and --cpu_offload")
     model = checkpoint.load_init(cfg.init)
     adapters = {"lora": None, "prefix": None}
     if cfg.lora_rank:

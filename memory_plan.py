@@ -212,7 +212,7 @@ def plan_report(
     and without activation checkpointing, the largest --batch_size of each that fits in gpu_gib GiB
     (0: unknown), and the verdict on chosen (the flags' parallel, checkpointing and offload) at
     batch_size: it fits or not, and the command line that runs (flags: the other flags, for that
-    command). Offload is slow (every step crosses PCIe, AdamW runs on the CPU): it is advised only
+    command). Offload is slow (every step crosses PCIe, the optimizer runs on the CPU): it is advised only
     where nothing else fits on these GPUs.
 
     A batch size is advised only if it divides the step (total_batch_size = batch_size x seq_len x
@@ -288,8 +288,11 @@ def plan_report(
         f"more than {holds}"
     )
     way, N = chosen, world_size
-    in_gpu = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and not way[2]]
-    offloaded = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and way[2]]
+    # Muon's Newton-Schulz needs whole matrices: train_gpt2.py refuses it with FSDP over several processes
+    sharded = optimizer != "muon"
+    runnable = [(way, B) for way, B in zip(PLAN_COLUMNS, fits) if B and (sharded or way[0] == "ddp" or N == 1)]
+    in_gpu = [(way, B) for way, B in runnable if not way[2]]
+    offloaded = [(way, B) for way, B in runnable if way[2]]
     if fits[PLAN_COLUMNS.index(chosen)]:
         B = fits[PLAN_COLUMNS.index(chosen)]
         advice = f"batch_size {B} (gradient accumulation keeps the {total_batch_size}-token step) fits"
@@ -298,6 +301,11 @@ def plan_report(
         # offload, the slowest, only where nothing else fits
         way, B = max(in_gpu or offloaded, key=lambda column: column[1])
         advice = f"{plan_flags(*way)} fits batch_size {B}"
+    elif not sharded:
+        lines.append(
+            "  nothing else fits with Muon, which FSDP cannot shard: try --optimizer adamw, or a smaller --model"
+        )
+        return "\n".join(lines)
     else:  # sharded over more processes
         way = ("fsdp", True, False)
         N = next((N for N in (2**k for k in range(1, 11)) if N > world_size and largest(*way, N)), 0)

@@ -454,6 +454,12 @@ def make_app(engine, tokenizer, args, page, name):
             job = await asyncio.to_thread(lambda: read(read_json(data), args, tokenizer, engine.block_size))
         except UserError as e:
             return error(400, str(e), param=getattr(e, "field", None))
+        if len(job.prompts) > engine.waiting.maxsize:  # a 503 would have the client retry forever
+            message = (
+                f"{len(job.prompts)} replies (prompts x n) in one request, more than this server ever queues "
+                f"({engine.waiting.maxsize}, --max_queue): ask for fewer"
+            )
+            return error(400, message, param="n")
         try:
             requests, events = submit(engine, job, asyncio.get_running_loop())
         except QueueFull:

@@ -250,7 +250,8 @@ class MuonWithAdamW:
 
     Under DDP every process holds the same all-reduced gradient and so computes the same orthogonalised
     update: the weights stay identical with no extra communication. FSDP shards each matrix by rows,
-    and Newton-Schulz needs whole matrices: train_gpt2.py refuses Muon with --parallel fsdp."""
+    and Newton-Schulz needs whole matrices: train_gpt2.py refuses Muon with --parallel fsdp over several
+    processes."""
 
     def __init__(self, muon, adamw):
         self.optimizers = (muon, adamw)

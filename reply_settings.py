@@ -88,9 +88,11 @@ def add_reply_args(parser, seed_default, seed_help):
         "--temperature",
         type=float,
         default=0.6,
-        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder",
+        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder (default: 0.6)",
     )
-    parser.add_argument("--top_k", type=int, default=50, help="sample only among the k most likely tokens")
+    parser.add_argument(
+        "--top_k", type=int, default=50, help="sample only among the k most likely tokens (default: 50)"
+    )
     parser.add_argument(
         "--top_p",
         type=float,

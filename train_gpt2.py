@@ -211,8 +211,8 @@ class TrainConfig:
     )
     cpu_offload: bool = flag(
         False,
-        "fsdp: keep the shards of the weights, gradients and AdamW state in host memory and step "
-        "AdamW on the CPU (FSDP2's CPUOffloadPolicy): the GPU holds only gathered blocks and activations",
+        "fsdp: keep the shards of the weights, gradients and optimizer state in host memory and step "
+        "the optimizer on the CPU (FSDP2's CPUOffloadPolicy): the GPU holds only gathered blocks and activations",
     )
     activation_checkpointing: bool = flag(
         False,

@@ -87,14 +87,15 @@ def test_steps_to_reach_reads_the_line_between_two_evaluations():
 
 def test_optimizer_summary_takes_each_best_lr_and_the_tokens_to_adamws_final_loss():
     def record(run, lr, seed, curve):
-        return {"run": run, "lr": lr, "seed": seed, "val_loss": curve[max(curve, key=int)], "val_curve": curve}
+        val_loss = curve[max(curve, key=int)]
+        return {"run": run, "flags": [], "lr": lr, "seed": seed, "val_loss": val_loss, "val_curve": curve}
 
     records = [
         record("adamw", 1e-3, 1, {"0": 11.0, "50": 8.0, "100": 7.0}),
         record("adamw", 2e-3, 1, {"0": 11.0, "50": 7.8, "100": 6.9}),
         record("adamw", 2e-3, 2, {0: 11.0, 50: 7.6, 100: 7.1}),  # just run: int steps, not JSON's strings
         record("sgd", 1.0, 1, {"0": 11.0, "50": 9.0, "100": 8.0}),
-        {"run": "sgd", "lr": 3.0, "seed": 1, "val_loss": None},  # diverged
+        {"run": "sgd", "flags": [], "lr": 3.0, "seed": 1, "val_loss": None},  # diverged
         record("sgd", 1.0, 2, {"0": 11.0, "50": 9.2, "100": 8.2}),
         record("muon", 0.04, 1, {"0": 11.0, "50": 7.0, "100": 6.0}),
         record("muon", 0.04, 2, {"0": 11.0, "50": 7.0, "100": 6.2}),
@@ -109,9 +110,9 @@ def test_optimizer_summary_takes_each_best_lr_and_the_tokens_to_adamws_final_los
     assert best["sgd"]["lr"] == 1.0 and figures["sgd_lr3_val_loss"] is None and figures["sgd_best_lr_at_edge"]
     assert figures["adamw_best_lr"] == 2e-3 and not figures["adamw_best_lr_at_edge"]
     assert figures["adamw_val_loss"] == pytest.approx(7.0) and figures["adamw_seed_spread"] == pytest.approx(0.2)
-    assert figures["adamw_tokens_to_adamw_loss"] == 100 * ablation.TOKENS_PER_STEP
+    assert figures["adamw_tokens_to_adamw_loss"] == 100 * 2048
     # muon's mean curve (11, 7, 6.1) crosses 7.0 at step 50 exactly; sgd's (11, 9.1, 8.1) never does
-    assert figures["muon_tokens_to_adamw_loss"] == 50 * ablation.TOKENS_PER_STEP
+    assert figures["muon_tokens_to_adamw_loss"] == 50 * 2048  # ABLATION_MODEL's
     assert figures["sgd_tokens_to_adamw_loss"] is None
 
 
@@ -136,6 +137,7 @@ def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with
     assert muon["flags"][:6] == ["--optimizer", "muon", "--muon_lr", "0.02", "--max_lr", str(figures["adamw_best_lr"])]
     best_adamw = [r["val_loss"] for r in results if r["run"] == "adamw" and r["lr"] == figures["adamw_best_lr"]]
     assert figures["adamw_val_loss"] == pytest.approx(sum(best_adamw) / 2, abs=1e-4)  # the curves keep 4 decimals
+    assert figures["adamw_tokens_to_adamw_loss"] == 3 * 64  # the tiny runs' --total_batch_size, not the benchmark's
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="--lrs nope=...: not an optimizer run"):
         ablation.main([*argv, "--lrs", "nope=1"])

@@ -719,3 +719,15 @@ def test_lora_fine_tuning_under_fsdp_with_checkpointing_equals_one_process(tmp_p
     assert sorted(adapters[1]) == sorted(adapters[0]) and all("lora_" in name for name in adapters[0])
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], tensor, rtol=0, atol=1e-5)
+
+
+def test_plan_never_advises_fsdp_over_several_processes_for_muon(capsys):
+    """Muon's Newton-Schulz needs whole matrices: train_gpt2.py refuses it with FSDP on several GPUs,
+    so the plan must not advise that command (it did: the memory fits, the run does not start)."""
+    flags = ["--model", "gpt2-xl", "--gpu_memory", "16", "--nproc", "8"]
+    assert "--parallel fsdp" in plan(capsys, *flags).splitlines()[-1]  # AdamW: sharding is the way
+    text = plan(capsys, *flags, "--optimizer", "muon", "--muon_lr", "0.02")
+    assert "optimizer (muon)" in text and "--parallel fsdp" not in text.split("verdict:")[1]
+    assert text.splitlines()[-1] == (
+        "  nothing else fits with Muon, which FSDP cannot shard: try --optimizer adamw, or a smaller --model"
+    )

@@ -265,6 +265,10 @@ def test_prefix_tuning_trains_prefixes_only_and_samples_through_the_cache(tmp_pa
     assert torch.equal(greedy(model, prompt, 8), greedy(model, prompt, 8, use_cache=False))
     with pytest.raises(SystemExit, match="is prefix-tuned .* cannot be exported"):
         export.main([str(log_dir / "model_00020.pt"), "--hf_dir", str(tmp_path / "hf")])
+    # nor a base to train on: its run would save prefixes that no record describes (then fail to load)
+    again = ["--data_files", str(chat_data), *FLAGS, "--log_dir", str(tmp_path / "again")]
+    with pytest.raises(SystemExit, match="is prefix-tuned .* cannot be trained further as a base"):
+        finetune.main(["--init", str(log_dir / "model_00020.pt"), *again])
 
 
 def test_prefix_on_a_quantized_base_and_resume_are_exact(tmp_path, chat_data, base_checkpoint):

@@ -215,7 +215,8 @@ class InProcess:
     def __init__(self, model, tokenizer, args):
         from fastapi.testclient import TestClient
 
-        self.engine = Engine(model, tokenizer.special_tokens.values(), setup_precision("float32", "cpu")).start()
+        stops, precision = tokenizer.special_tokens.values(), setup_precision("float32", "cpu")
+        self.engine = Engine(model, stops, precision, args.max_batch, args.max_queue).start()
         page = openai_api.read_page(openai_api.PAGE_FILE)
         self.client = TestClient(openai_api.make_app(self.engine, tokenizer, args, page, "tiny"))
 
@@ -895,3 +896,14 @@ def test_under_load_every_request_is_answered_in_full_and_memory_comes_back(serv
     assert sorted(answered + abandoned) == list(range(200)) and len(abandoned) > 20
     assert not [line for line in output[log_before:] if "Traceback" in line or "ERROR" in line]
     assert rss_kb(proc.pid) < warm + 30_000  # KB: each batch's cache freed, nothing kept per request
+
+
+def test_more_replies_than_the_queue_ever_holds_is_a_400_not_a_503(model, tokenizer):
+    """A 503 says "try again": the openai client would retry forever a request that can never fit."""
+    with InProcess(model, tokenizer, app_args("--max_queue", "4")) as small:
+        response = small.post("/v1/chat/completions", json={"messages": HI, "n": 5, "max_tokens": 1})
+        error = error_of(response, 400)
+        assert error["param"] == "n" and error["message"] == (
+            "5 replies (prompts x n) in one request, more than this server ever queues (4, --max_queue): ask for fewer"
+        )
+        assert small.post("/v1/chat/completions", json={"messages": HI, "n": 4, "max_tokens": 1}).status_code == 200
