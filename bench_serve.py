@@ -28,7 +28,7 @@ import torch
 from config import bounded
 from device import add_device_args, pick_device, setup_precision
 from engine import Engine, Sampling
-from errors import exit_on_error
+from errors import UserError, exit_on_error
 from model import GPT, MODEL_SIZES, GPTConfig
 
 
@@ -38,7 +38,7 @@ def client(engine, rng, requests, max_tokens, seconds, tokens):
     start = time.perf_counter()
     total = 0
     for _ in range(requests):
-        prompt = [rng.randrange(engine.model.config.vocab_size) for _ in range(rng.randint(16, 64))]
+        prompt = [rng.randrange(engine.model.config.vocab_size) for _ in range(rng.randint(16, LONGEST_PROMPT))]
         ended, got, first = threading.Event(), [], []
 
         def emit(event, got=got, first=first, ended=ended):
@@ -82,10 +82,23 @@ def measure(model, precision, max_batch, clients, requests, max_tokens):
     }
 
 
+LONGEST_PROMPT = 64  # tokens: each prompt is 16 to this many
+
+
+def client_counts(text):
+    """--clients 1,4,8: positive whole numbers."""
+    counts = [int(n) for n in text.split(",") if n.strip().isdigit() and int(n) > 0]
+    if len(counts) != len(text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers of clients such as 1,4,8")
+    return counts
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="gpt2", help="the shape, random weights")
-    parser.add_argument("--clients", default="1,4,8", help="numbers of concurrent clients to measure")
+    parser.add_argument(
+        "--clients", type=client_counts, default=[1, 4, 8], help="numbers of concurrent clients, e.g. 1,4,8"
+    )
     parser.add_argument("--requests", type=bounded(int, 1, None), default=2, help="requests per client")
     parser.add_argument("--max_tokens", type=bounded(int, 1, None), default=64, help="tokens per reply")
     parser.add_argument("--max_batch", type=bounded(int, 1, None), default=8, help="rows of the batched engine")
@@ -104,13 +117,19 @@ def main(argv=None):
     precision = setup_precision(args.dtype, device.split(":")[0])
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).to(device).eval()
+    if LONGEST_PROMPT + args.max_tokens > model.config.block_size:
+        longest = model.config.block_size - LONGEST_PROMPT
+        raise UserError(
+            f"--max_tokens {args.max_tokens}: prompts of up to {LONGEST_PROMPT} tokens leave {longest} of "
+            f"{args.model}'s context for the reply: ask for at most {longest}"
+        )
     print(
         f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, random weights, {device}, "
         f"{torch.get_num_threads()} threads"
     )
     measure(model, precision, args.max_batch, 2, 1, 8)  # warm-up: the allocator, every kernel
     modes = (("one at a time", 1), ("batched", args.max_batch))
-    for clients in map(int, args.clients.split(",")):
+    for clients in args.clients:
         runs = {mode: [] for mode, _ in modes}
         for _ in range(args.repeats):  # the modes in turns: a shared machine's slow minutes fall on both
             for mode, max_batch in modes:

@@ -21,6 +21,7 @@ model starts close to the base, not at it: attention always gives the prefix som
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Prefix(nn.Module):
@@ -63,11 +64,21 @@ def apply_prefix(model, prefix_len, init=True):
 
 @torch.no_grad()
 def base_keys_values(model, idx):
-    """[(k, v)] per layer, each (B, T, C): what each layer's c_attn projects idx's positions to."""
-    C = model.config.n_embd
+    """[(k, v)] per layer, each (B, T, C): the keys and values each layer's attention computes for
+    idx's positions: c_attn's, and with qk_norm the keys normed per head as attention norms them
+    (not turned by RoPE: a prefix has no position)."""
+    C, n_head = model.config.n_embd, model.config.n_head
     captured = []
+
+    def capture(attn, out):
+        k, v = out.split(C, dim=2)[1:]  # (B, T, C) each
+        if attn.qk_norm:
+            heads = k.view(*k.shape[:2], n_head, C // n_head)  # (B, T, nh, hs)
+            k = F.rms_norm(heads, (C // n_head,)).view_as(k)
+        captured.append((k, v))
+
     hooks = [
-        block.attn.c_attn.register_forward_hook(lambda m, args, out: captured.append(out.split(C, dim=2)[1:]))
+        block.attn.c_attn.register_forward_hook(lambda m, args, out, attn=block.attn: capture(attn, out))
         for block in model.transformer.h
     ]
     try:

@@ -84,14 +84,20 @@ def add_reply_args(parser, seed_default, seed_help):
         help="tokens per reply, at most (default: 256, or half the context of a model with less)",
     )
     # nanochat's chat defaults: a little below 1 and the 50 most likely tokens keep a small model on topic
+    add_sampling_args(parser, 0.6, 50, seed_default, seed_help)
+
+
+def add_sampling_args(parser, temperature, top_k, seed_default, seed_help):
+    """--temperature, --top_k, --top_p and --seed: how each token is drawn. sample.py's defaults (the
+    model's own distribution) differ from a chat's."""
     parser.add_argument(
         "--temperature",
         type=float,
-        default=0.6,
-        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder (default: 0.6)",
+        default=temperature,
+        help=f"0: always the most likely token (greedy); below 1 safer, above 1 wilder (default: {temperature})",
     )
     parser.add_argument(
-        "--top_k", type=int, default=50, help="sample only among the k most likely tokens (default: 50)"
+        "--top_k", type=int, default=top_k, help=f"sample only among the k most likely tokens (default: {top_k})"
     )
     parser.add_argument(
         "--top_p",

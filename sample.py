@@ -22,6 +22,7 @@ from checkpoint import add_model_args, load_model
 from device import add_device_args, pick_device, setup_precision
 from errors import UserError, exit_on_error
 from generate import check_sampling_args, generate_stream
+from reply_settings import add_sampling_args
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"  # build-nanogpt's prompt, also train_gpt2.py's
 
@@ -80,26 +81,13 @@ def parse_args(argv=None):
         help="completions of the prompt (default: 4; 1 with --temperature 0, as greedy ones are all the same)",
     )
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per completion, at most")
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="0: always the most likely token (greedy); below 1 safer, above 1 wilder",
-    )
-    parser.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument(
-        "--top_p",
-        type=float,
-        default=None,
-        help="sample only among the most likely tokens that together hold this probability",
-    )
+    add_sampling_args(parser, 1.0, None, 1337, "the same seed and settings give the same text")
     parser.add_argument(
         "--stop",
         action="append",
         default=[],
         help="end a completion where this text appears (repeatable); <|endoftext|> always ends it",
     )
-    parser.add_argument("--seed", type=int, default=1337, help="the same seed and settings give the same text")
     add_device_args(parser)
     parser.add_argument(
         "--no_stream",

@@ -172,6 +172,25 @@ def test_the_prefix_starts_as_the_base_keys_and_values_of_real_tokens():
     torch.testing.assert_close(block.attn.prefix.v.data, v)
 
 
+def test_with_qk_norm_the_prefix_starts_as_the_normed_keys_attention_uses():
+    """With --qk_norm 1 attention norms each head's key to RMS 1: a prefix starting from c_attn's raw
+    keys would start at another scale than every token's key."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50261, n_layer=2, n_head=2, n_embd=64, block_size=64, qk_norm=True))
+    torch.manual_seed(5)
+    tokens = torch.randint(0, 50261, (1, 4))
+    torch.manual_seed(5)
+    apply_prefix(model, prefix_len=4)
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        _, k, _ = block.attn.c_attn(block.ln_1(model.embed(tokens, torch.arange(4))[0]))[0].split(64, dim=1)
+    heads = k.view(4, 2, 32)  # (P, nh, hs), normed by hand: x / sqrt(mean(x^2) + eps)
+    eps = torch.finfo(k.dtype).eps  # F.rms_norm's default
+    torch.testing.assert_close(
+        block.attn.prefix.k.data, (heads / (heads.pow(2).mean(-1, keepdim=True) + eps).sqrt()).view(4, 64)
+    )
+
+
 def greedy(model, prompts, n, use_cache=True):
     """(B, n) greedy tokens after each prompt."""
     return torch.stack(list(generate_stream(model, prompts, n, temperature=0, use_cache=use_cache)), dim=1)
