@@ -137,7 +137,7 @@ def test_optimizer_comparison_sweeps_records_divergence_and_reruns_the_best_with
     assert muon["flags"][:6] == ["--optimizer", "muon", "--muon_lr", "0.02", "--max_lr", str(figures["adamw_best_lr"])]
     best_adamw = [r["val_loss"] for r in results if r["run"] == "adamw" and r["lr"] == figures["adamw_best_lr"]]
     assert figures["adamw_val_loss"] == pytest.approx(sum(best_adamw) / 2, abs=1e-4)  # the curves keep 4 decimals
-    assert figures["adamw_tokens_to_adamw_loss"] == 3 * 64  # the tiny runs' --total_batch_size, not the benchmark's
+    assert ablation.tokens_per_step(muon) == 64  # the tiny runs' --total_batch_size (--flags), not the benchmark's
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="--lrs nope=...: not an optimizer run"):
         ablation.main([*argv, "--lrs", "nope=1"])
