@@ -156,19 +156,23 @@ def question(name):
     return f"What is {name}'s secret word?"
 
 
-@pytest.fixture
-def chat_data(tmp_path):
-    """Facts no pretraining could teach: each person's secret word, asked in a user turn."""
-    path = tmp_path / "chat.jsonl"
+def write_secret_words(path, people, repeats):
+    """Facts no pretraining could teach: each of the first `people` persons' secret word, asked in a
+    user turn, `repeats` times each, as chat rows in path."""
     with open(path, "w") as f:
-        for name, word in zip(NAMES, WORDS):
-            for _ in range(4):
+        for name, word in list(zip(NAMES, WORDS))[:people]:
+            for _ in range(repeats):
                 messages = [
                     {"role": "user", "content": question(name)},
                     {"role": "assistant", "content": f"{name}'s secret word is {word}."},
                 ]
                 f.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    return write_secret_words(tmp_path / "chat.jsonl", len(NAMES), repeats=4)
 
 
 @pytest.fixture

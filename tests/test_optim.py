@@ -1,11 +1,9 @@
 """optim.py: each update rule of the optimizer lesson takes the same steps as its torch.optim class,
 weight decay and Adam's bias correction included; training runs and resumes with each --optimizer."""
 
-import os
-
 import pytest
 import torch
-from test_train import losses, run, write_shards
+from test_train import losses, resumed_halfway, run, write_shards
 
 import optim
 
@@ -138,13 +136,8 @@ def test_training_runs_with_each_optimizer(data_dir, tmp_path, name):
 
 
 def test_momentum_resumes_bit_identically_from_a_checkpoint(data_dir, tmp_path):
-    steps = ["--max_steps", "6", "--eval_interval", "3", "--ckpt_interval", "3", "--optimizer", "momentum"]
-    whole = run(data_dir, tmp_path / "whole", *steps)
-    part = tmp_path / "part"
-    part.mkdir()
-    os.link(tmp_path / "whole" / "model_00003.pt", part / "model_00003.pt")
-    resumed = run(data_dir, part, *steps)
+    whole, resumed, part = resumed_halfway(data_dir, tmp_path, "--optimizer", "momentum")
     assert {s: v for s, v in losses(whole).items() if s >= 3} == losses(resumed)  # exact, every step
     assert losses(resumed, "val")[6] == losses(whole, "val")[6]
     with pytest.raises(SystemExit, match="was trained with --optimizer momentum, this run has nesterov"):
-        run(data_dir, part, *steps[:-1], "nesterov", "--max_steps", "9")
+        run(data_dir, part, "--optimizer", "nesterov", "--max_steps", "9")

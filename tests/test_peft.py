@@ -4,13 +4,13 @@ quantized layer against a float layer holding the dequantized weights; prefix at
 attention over the concatenated keys and values written out by hand, generation with the cache
 against without; fine-tuning end to end on a quantized base and with prefixes."""
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_finetune import write_secret_words
 
 import checkpoint
 import export
@@ -211,8 +211,6 @@ def test_greedy_generation_with_the_prefix_in_the_cache_equals_recomputing_every
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
-WORDS = ["blue", "seven", "river", "maple", "quartz", "tiger", "lemon", "cloud"]
 FLAGS = (
     "--batch_size 4 --seq_len 32 --total_batch_size 128 --device cpu --dtype float32 --compile 0 "
     "--val_fraction 0.1 --eval_interval 10 --warmup_steps 2 --max_lr 1e-2"
@@ -221,16 +219,7 @@ FLAGS = (
 
 @pytest.fixture
 def chat_data(tmp_path):
-    path = tmp_path / "chat.jsonl"
-    with open(path, "w") as f:
-        for name, word in zip(NAMES, WORDS):
-            for _ in range(5):
-                messages = [
-                    {"role": "user", "content": f"What is {name}'s secret word?"},
-                    {"role": "assistant", "content": f"{name}'s secret word is {word}."},
-                ]
-                f.write(json.dumps({"messages": messages}) + "\n")
-    return path
+    return write_secret_words(tmp_path / "chat.jsonl", people=8, repeats=5)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from test_finetune import FLAGS as FINETUNE_FLAGS
 from test_finetune import chat_data, chat_tokenizer  # noqa: F401 (fixtures)
-from test_train import TINY, losses, run, write_shards
+from test_train import TINY, losses, resumed_halfway, run, write_shards
 
 import checkpoint as ck
 import export
@@ -251,13 +251,8 @@ MODERN_FLAGS = ["--recipe", "modern", "--max_lr", "1e-2", "--muon_lr", "0.02"]
 
 
 def test_modern_recipe_trains_and_resumes_bit_identically_from_a_checkpoint(data_dir, tmp_path):
-    steps = ["--max_steps", "6", "--eval_interval", "3", "--ckpt_interval", "3", *MODERN_FLAGS]
-    whole = run(data_dir, tmp_path / "whole", *steps)
+    whole, resumed, part = resumed_halfway(data_dir, tmp_path, *MODERN_FLAGS)
     assert losses(whole)[5] < losses(whole)[0]
-    part = tmp_path / "part"
-    part.mkdir()
-    os.link(tmp_path / "whole" / "model_00003.pt", part / "model_00003.pt")
-    resumed = run(data_dir, part, *steps)
     assert {s: v for s, v in losses(whole).items() if s >= 3} == losses(resumed)  # exact, every step
     assert losses(resumed, "val")[6] == losses(whole, "val")[6]
     saved = ck.load_checkpoint(str(part / "model_00006.pt"))

@@ -62,6 +62,17 @@ def losses(metrics, kind="train"):
     return {m["step"]: m["loss"] for m in metrics if m["kind"] == kind}
 
 
+def resumed_halfway(data_dir, tmp_path, *flags):
+    """(whole, resumed, the resumed run's folder): the metrics of a 6-step run with a checkpoint every 3
+    steps, and of the same run started again in another folder from the step-3 checkpoint alone."""
+    steps = ["--max_steps", "6", "--eval_interval", "3", "--ckpt_interval", "3", *flags]
+    whole = run(data_dir, tmp_path / "whole", *steps)
+    part = tmp_path / "part"
+    part.mkdir()
+    os.link(tmp_path / "whole" / "model_00003.pt", part / "model_00003.pt")
+    return whole, run(data_dir, part, *steps), part
+
+
 # ---- the recipe ----
 
 
