@@ -159,36 +159,38 @@ def run_optimizers(args, runs):
         return {"run": name, "flags": [*runs[name], *lr_flags, *extra], "seed": seed, "steps": steps, "lr": lr}
 
     first = {name: key for name in runs if name != "muon"}
-    best = sweep(first, grids, args)
+    best, records = sweep(first, grids, args)
     adamw_lr = None
     if "muon" in runs:
         if "adamw" not in best:
             raise UserError("--runs muon needs adamw too: Muon's AdamW groups take AdamW's best --max_lr")
         adamw_lr = best["adamw"]["lr"]
-        best.update(sweep({"muon": lambda *a: key(*a, adamw_lr=adamw_lr)}, grids, args))
-    sweeps = run_all([key(name, lr, args.seeds[0], adamw_lr) for name in runs for lr in grids[name]], args)
+        muon_best, muon_records = sweep({"muon": lambda *a: key(*a, adamw_lr=adamw_lr)}, grids, args)
+        best, records = {**best, **muon_best}, records + muon_records
     seeds = [
         key(name, r["lr"], seed, adamw_lr)
         for name, r in best.items()
         if r["val_loss"] is not None
         for seed in args.seeds[1:]
     ]
-    records = sweeps + run_all(seeds, args)
+    records += run_all(seeds, args)
     if args.plot:
         plot_curves(records, best, args.plot)
     return optimizer_summary(records, best, grids)
 
 
 def sweep(makers, grids, args):
-    """{name: the best run of its grid}, for each run's key maker (name, lr, seed) -> key, with the
-    first seed. A best at an edge of its grid may be beaten beyond it: the grid gets one more LR there,
-    at the same ratio as the edge's neighbour, up to --extend times (grids grow in place)."""
+    """({name: the best run of its grid}, every run's record), for each run's key maker (name, lr, seed)
+    -> key, with the first seed. A best at an edge of its grid may be beaten beyond it: the grid gets
+    one more LR there, at the same ratio as the edge's neighbour, up to --extend times (grids grow in
+    place)."""
     for widened in range(args.extend + 1):
         records = run_all([make(name, lr, args.seeds[0]) for name, make in makers.items() for lr in grids[name]], args)
         best = {name: best_run([r for r in records if r["run"] == name]) for name in makers}
         wider = {}
-        for name, grid in grids.items():
-            if name not in makers or len(grid) < 2 or best[name]["val_loss"] is None:
+        for name in makers:
+            grid = grids[name]
+            if len(grid) < 2 or best[name]["val_loss"] is None:
                 continue
             grid.sort()
             if best[name]["lr"] == grid[-1]:
@@ -198,7 +200,7 @@ def sweep(makers, grids, args):
         if not wider or widened == args.extend:
             break
         grids.update(wider)
-    return best
+    return best, records
 
 
 def run_all(keys, args):

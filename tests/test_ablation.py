@@ -152,9 +152,9 @@ def test_a_best_lr_at_the_edge_of_its_grid_widens_the_grid_there(monkeypatch):
     monkeypatch.setattr(ablation, "run_all", run_all)
     grids = {"sgd": [0.001, 0.01], "adamw": [1e-3, 1e-2, 1e-1]}
     make = lambda name, lr, seed: {"run": name, "lr": lr, "seed": seed}  # noqa: E731
-    best = ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=3))
+    best, records = ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=3))
     assert best["sgd"]["lr"] == 0.1 and grids["sgd"] == [0.001, 0.01, 0.1, 1.0]  # 1.0 showed 0.1 is best
     assert grids["adamw"] == [1e-3, 1e-2, 1e-1]  # not swept: left alone
     grids = {"sgd": [0.001, 0.01]}
-    assert ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=1))["sgd"]["lr"] == 0.1
+    assert ablation.sweep({"sgd": make}, grids, argparse.Namespace(seeds=[1], extend=1))[0]["sgd"]["lr"] == 0.1
     assert grids["sgd"] == [0.001, 0.01, 0.1]  # one more at most
