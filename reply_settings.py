@@ -1,7 +1,8 @@
 """
 A reply's settings (its length, temperature, top-k, top-p, seed), checked in one place: the flags of
 chat.py and serve.py, and each field of a request to the server (openai_api.py), go through the same
-checks, so a value the terminal refuses the API refuses too, with the same message.
+checks, so a value the terminal refuses the API refuses too, with the same message. sample.py takes
+its sampling flags from here too (add_sampling_args), with its own defaults.
 """
 
 import json
