@@ -372,11 +372,6 @@ def check_peft(cfg):
         raise UserError("--peft prefix: pass --prefix_len P (at least 1), and no --lora_rank (LoRA is the other way)")
     if cfg.peft == "lora" and cfg.prefix_len:
         raise UserError("--prefix_len: prefix tuning needs --peft prefix as well")
-    if cfg.base_quant != "none" and cfg.parallel == "fsdp":
-        raise UserError(
-            f"--base_quant {cfg.base_quant} with --parallel fsdp: FSDP shards parameters, not the quantized codes; a "
-            f"quantized base is small enough to copy to every GPU: use --parallel ddp"
-        )
     if cfg.base_quant != "none" and cfg.peft == "lora" and not cfg.lora_rank:
         raise UserError(
             f"--base_quant {cfg.base_quant} freezes the base: train adapters on it with --lora_rank R or --peft prefix"

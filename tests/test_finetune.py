@@ -320,10 +320,18 @@ def test_bad_init_bad_target_and_another_template_at_resume_are_one_message_each
         )
 
 
-@pytest.mark.parametrize("peft", [[], ["--peft", "prefix", "--prefix_len", "2", "--base_quant", "nf4"]])
+@pytest.mark.parametrize(
+    "peft",
+    [
+        [],
+        ["--peft", "prefix", "--prefix_len", "2", "--base_quant", "nf4"],
+        ["--lora_rank", "4", "--base_quant", "nf4", "--parallel", "fsdp"],
+    ],
+)
 def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat_data, base_checkpoint, peft):
-    """The training machinery is train_gpt2.py's, DDP included: 2 gloo processes x 1 micro-step of 4
-    rows take the same steps as 1 process x 2 micro-steps (prefixes on a quantized base too)."""
+    """The training machinery is train_gpt2.py's, DDP and FSDP included: 2 gloo processes x 1 micro-step
+    of 4 rows take the same steps as 1 process x 2 micro-steps (prefixes on a quantized base too, and
+    QLoRA sharded by FSDP: the adapters sharded, the quantized codes copied to every process)."""
     flags = [
         *peft,
         "--init",
