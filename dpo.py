@@ -19,14 +19,16 @@ preference formats:
     {"prompt": "2 + 3?", "chosen": "5", "rejected": "6"}              the prompt as one user turn
     {"chosen": [..., {"role": "assistant", ...}], "rejected": [...]}  the prompt is what both share before the reply
 
-The reference model is --init itself: its log-probs of every pair are computed once, before training,
-and kept with the pairs (with LoRA the model at step 0 is --init, so this is "the adapters off"). The
-flags are finetune.py's (--lora_rank, --val_fraction / --val_files, --dtype, ...) with DPO's defaults,
-and --beta, --rpo_alpha; --batch_size counts pairs. The checkpoints are finetune.py's.
+The reference model is the model as training starts it: its log-probs of every pair are computed
+once, before the first step, and kept with the pairs. That is --init itself, also with LoRA (its B is 0
+at step 0: "the adapters off"); on a quantized base (--base_quant) it is the quantized --init, and with
+--peft prefix, --init with the prefixes at their start. The flags are finetune.py's (--lora_rank,
+--peft, --base_quant, --val_fraction / --val_files, --dtype, ...) with DPO's defaults, and --beta,
+--rpo_alpha; --batch_size counts pairs. The checkpoints are finetune.py's.
 """
 
 # The loss of one pair: x the prompt, y+ the chosen reply, y- the rejected one, pi the model being
-# trained, ref the --init model, log p(y|x) the SUMMED log-probability of a reply's tokens and its
+# trained, ref the model at step 0, log p(y|x) the SUMMED log-probability of a reply's tokens and its
 # <|end|> (completions.chat_reply_row: the chat template's tokens, the prompt's ids the same for both):
 #
 #     reward(y) = beta * (log pi(y|x) - log ref(y|x))                the "implicit reward" of a reply
@@ -39,9 +41,12 @@ and --beta, --rpo_alpha; --batch_size counts pairs. The checkpoints are finetune
 # Nothing in it keeps log pi(y+|x) itself from falling (both may fall, the rejected one faster):
 # --rpo_alpha adds alpha x the chosen reply's mean per-token NLL (RPO, Pang et al. 2024), which does.
 #
-# The reference log-probs never change, so they are computed once, by the --init model before training
-# (add_reference), and stored with the pairs: no second model in memory. With LoRA the model at step 0
-# IS the --init model (B = 0), so these are also "the same model with its adapters off".
+# The reference log-probs never change, so they are computed once, by the model as training starts it
+# (add_reference, before the first step), and stored with the pairs: no second model in memory. DPO's
+# ref is the policy's starting point: with LoRA that IS the --init model (B = 0: "the adapters off");
+# on a quantized base it is the quantized model, and with prefixes, --init with its initial prefixes.
+# Taking ref from the float --init instead would start those runs away from ln 2, with a margin that
+# measures the quantization or the prefix, not the preferences.
 
 import functools
 import os
@@ -56,7 +61,7 @@ from chat_template import check_conversation
 from completions import chat_reply_row, pad_rows, reply_logprobs, token_logprobs
 from config import flag, parse_layered, preset_layers
 from errors import UserError, exit_on_error
-from finetune import FINETUNE_ONLY, HIDDEN, FinetuneConfig, RowLoader, hold_out, load_base, read_rows
+from finetune import HIDDEN, FinetuneConfig, RowLoader, hold_out, load_base, read_rows
 from optim import sft_lr
 from train_gpt2 import SCRIPT_DIR, Job, launch
 
@@ -231,7 +236,7 @@ class PairLoader(RowLoader):
 @torch.no_grad()
 def add_reference(model, batches, max_len, pad_id, precision, dist_info):
     """Set ref_chosen and ref_rejected of the pairs in batches (lists of Pairs): the summed log-probs of
-    their replies under model (the --init weights), once, before training. Each batch is padded as
+    their replies under model (as training starts it), once, before the first step. Each batch is padded as
     training (or validation) will pad it: a row's numbers change in their last bits with the padding
     around them, and so at step 0 the model's log-probs equal the reference's exactly (on a CPU; a GPU's
     compiled kernels round otherwise), the loss is ln 2 and no reply wins. Batch k is computed by rank
@@ -361,24 +366,28 @@ def dpo_job(cfg, dist_info):
     train_loader = PairLoader(train_pairs, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, **loader_args)
     val_batches = validation_batches(val_pairs, cfg.batch_size, cfg.val_steps, dist_info.world_size)
 
-    started = time.perf_counter()
-    model = base.model.to(dist_info.device)  # before make_model adds LoRA's adapters: the --init model itself
     precision = device.setup_precision(cfg.dtype, dist_info.device_type)  # the autocast training will use
-    add_reference(model, train_loader.first_epoch(), train_loader.T, tokenizer.eot, precision, dist_info)
-    add_reference(model, val_batches, cfg.seq_len, tokenizer.eot, precision, dist_info)
-    if is_master:
-        print(
-            f"{len(train_pairs):,} training pairs, {len(val_pairs):,} validation pairs (each validation reads "
-            f"{sum(map(len, val_batches)):,} in {len(val_batches)} batches); their reference log-probs, by "
-            f"--init: {time.perf_counter() - started:.1f} s"
-        )
+
+    def make_model():  # called once by train, seeded: the policy at step 0 is the reference
+        started = time.perf_counter()
+        model = base.make_model()
+        add_reference(model, train_loader.first_epoch(), train_loader.T, tokenizer.eot, precision, dist_info)
+        add_reference(model, val_batches, cfg.seq_len, tokenizer.eot, precision, dist_info)
+        if is_master:
+            print(
+                f"{len(train_pairs):,} training pairs, {len(val_pairs):,} validation pairs (each validation reads "
+                f"{sum(map(len, val_batches)):,} in {len(val_batches)} batches); their reference log-probs, by "
+                f"the model at step 0: {time.perf_counter() - started:.1f} s"
+            )
+        return model
+
     return Job(
         tokenizer,
         base.model.config,
         train_loader,
         None,  # no val_loader: validate reads the held-out pairs itself
         cfg.val_steps,
-        base.make_model,
+        make_model,
         get_lr=lambda step: sft_lr(step, cfg),
         checkpoint_extra=base.record,
         loss=functools.partial(dpo_loss, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha),
@@ -388,7 +397,7 @@ def dpo_job(cfg, dist_info):
 
 @exit_on_error
 def main(argv=None):
-    launch(parse_layered(argv, DPOConfig, preset_layers(DPO_PRESETS), __doc__, (*HIDDEN, *FINETUNE_ONLY)), dpo_job)
+    launch(parse_layered(argv, DPOConfig, preset_layers(DPO_PRESETS), __doc__, HIDDEN), dpo_job)
 
 
 if __name__ == "__main__":

@@ -285,11 +285,6 @@ HIDDEN = (
 )
 
 
-# Flags of finetune.py alone: dpo.py and rl.py take their reference model's log-probs from the float
-# --init model, which a quantized or prefix-tuned policy would not start at, so they do not offer these.
-FINETUNE_ONLY = ("peft", "prefix_len", "base_quant")
-
-
 def read_rows(files, dataset, cfg):
     """Every row of --data_files (or of --dataset), as documents.py's readers give them: dicts, or the
     text of a .txt file."""

@@ -34,7 +34,9 @@ the same teaches nothing (A = 0: `no_signal` counts such groups). Left out, on p
   - by default, a KL penalty towards a reference model: it costs a second model's memory and forward
     pass, and recent recipes for verifiable rewards drop it (DAPO, Yu et al. 2025; Dr. GRPO, Liu et
     al. 2025; nanochat's RL). The small LR and few steps keep the model near its start. --kl_beta B
-    adds B x KL(model || the --init model), estimated per sampled token with Schulman's k3 (rl_loss).
+    adds B x KL(model || the model at step 0), estimated per sampled token with Schulman's k3 (rl_loss):
+    a frozen copy of the policy as training starts it (--init; with --base_quant the quantized --init,
+    whose copy costs its quantized bytes; with --peft prefix, --init with the prefixes at their start).
 """
 
 import copy
@@ -56,7 +58,7 @@ from completions import pad_rows, reply_row, token_logprobs
 from config import flag, parse_layered, preset_layers
 from dataloader import permutation
 from errors import UserError, exit_on_error
-from finetune import FINETUNE_ONLY, HIDDEN, FinetuneConfig, load_base, read_rows
+from finetune import HIDDEN, FinetuneConfig, load_base, read_rows
 from generate import generate_stream
 from optim import sft_lr
 from train_gpt2 import SCRIPT_DIR, Job, get_grad_accum_steps, launch
@@ -99,7 +101,7 @@ class RLConfig(FinetuneConfig):
     temperature: float = flag(1.0, "of the sampled replies: 1 samples the model's own distribution, the one trained")
     max_new_tokens: int = flag(256, "tokens per reply at most (GSM8K's train solutions: 99% under 185)", low=1)
     normalize_std: bool = flag(False, "divide each advantage by its group's reward std (GRPO; Dr. GRPO drops it)")
-    kl_beta: float = flag(0.0, "weight of a KL penalty towards the --init model, k3 estimator (0: no reference)", 0)
+    kl_beta: float = flag(0.0, "weight of a KL penalty towards the model at step 0, k3 estimator (0: none)", 0)
     eval_samples: int = flag(1, "sampled replies per held-out prompt at each evaluation (pass@1, pass@k)", low=1)
     bench_rollouts: bool = flag(False, "measure rollout tokens/s, batched and one prompt at a time, then exit")
     # the defaults of finetune.py's flags that RL sets otherwise
@@ -350,7 +352,7 @@ class RolloutLoader:
 
     pads_rows, rows_per_example = True, 1
 
-    def __init__(self, prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps, reference=None):
+    def __init__(self, prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps):
         self.prompts, self.rows, self.reward, self.tokenizer, self.cfg = prompts, rows, reward, tokenizer, cfg
         self.rank, self.world_size, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.grad_accum_steps = grad_accum_steps
@@ -359,7 +361,7 @@ class RolloutLoader:
         ids = np.array([token for prompt in prompts for token in [len(prompt), *prompt]], dtype=np.int64)
         self.fingerprint = hashlib.sha256(ids.tobytes()).hexdigest()  # which prompts, in which order
         self.policy = None  # the model being trained: Job.make_model sets it
-        self.reference = reference  # --kl_beta: the frozen --init model, else None
+        self.reference = None  # --kl_beta: the policy at step 0, frozen (set by make_model too), else None
         self.last_batch_tokens = 0
         self._order_epoch = self._order = None
         self.reset()
@@ -461,10 +463,7 @@ def rl_job(cfg, dist_info):
     prompts = prompt_ids(task, rows, tokenizer, cfg, "training prompts")
     prompt_ids(task, val_rows, tokenizer, cfg, "held-out prompts")
     grad_accum_steps = get_grad_accum_steps(cfg, dist_info.world_size)
-    reference = None
-    if cfg.kl_beta:  # the --init weights, frozen (a copy made before make_model adds LoRA's adapters)
-        reference = copy.deepcopy(base.model).to(dist_info.device).eval().requires_grad_(False)
-    loader = RolloutLoader(prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps, reference)
+    loader = RolloutLoader(prompts, rows, reward, tokenizer, cfg, dist_info, grad_accum_steps)
     per_step = loader.prompts_per_rank * dist_info.world_size
     if len(prompts) < per_step:  # a step would take some prompts twice
         raise UserError(
@@ -479,8 +478,10 @@ def rl_job(cfg, dist_info):
             f"{len(prompts) / per_step:.1f} steps per epoch"
         )
 
-    def make_model():
+    def make_model():  # called once by train, seeded, before a checkpoint's weights are restored into it
         loader.policy = base.make_model()
+        if cfg.kl_beta:  # the reference: the policy at step 0, frozen
+            loader.reference = copy.deepcopy(loader.policy).eval().requires_grad_(False)
         return loader.policy
 
     return Job(
@@ -543,7 +544,7 @@ def run_bench(cfg):
 
 @exit_on_error
 def main(argv=None):
-    cfg = parse_layered(argv, RLConfig, preset_layers(RL_PRESETS), __doc__, (*HIDDEN, *FINETUNE_ONLY, "val_steps"))
+    cfg = parse_layered(argv, RLConfig, preset_layers(RL_PRESETS), __doc__, (*HIDDEN, "val_steps"))
     if cfg.bench_rollouts:
         return run_bench(cfg)
     launch(cfg, rl_job)

@@ -256,6 +256,40 @@ def test_lora_starts_at_ln2_and_resumes_exactly(base_checkpoint, toy_pairs, tmp_
     assert checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))["lora"]["rank"] == 4
 
 
+@pytest.mark.parametrize(
+    "peft",
+    [
+        "--lora_rank 4 --base_quant nf4",
+        "--peft prefix --prefix_len 2",
+        "--peft prefix --prefix_len 2 --base_quant int8",
+    ],
+)
+def test_on_a_quantized_base_or_with_prefixes_the_reference_is_the_model_at_step_0(
+    base_checkpoint, toy_pairs, tmp_path, peft
+):
+    """The reference is where the policy starts: the quantized --init, or --init with its initial
+    prefixes. So step 0 is ln 2 with no reply winning, bit for bit, although the float --init's
+    log-probs of the same replies differ; then the policy moves away from it."""
+    log_dir = tmp_path / "dpo"
+    common = ["--init", base_checkpoint, "--data_files", toy_pairs, *FLAGS, *peft.split(), "--max_lr", "3e-2"]
+    dpo.main([*common, "--max_steps", "4", "--eval_interval", "4", "--log_dir", str(log_dir)])
+    train, val = records(log_dir, "train"), records(log_dir, "val")
+    for first in (train[0], val[0]):
+        assert first["loss"] == pytest.approx(LN2, abs=1e-7)
+        assert first["chosen_reward"] == first["rejected_reward"] == first["margin"] == 0.0
+    assert val[-1]["step"] == 4 and val[-1]["margin"] != 0.0 and train[-1]["loss"] != pytest.approx(LN2, abs=1e-4)
+    saved = checkpoint.load_checkpoint(str(log_dir / "model_00004.pt"))
+    assert saved["base_quant"] == ("nf4" if "nf4" in peft else "int8" if "int8" in peft else None)
+    assert (saved["prefix"] is not None) == ("prefix" in peft)
+    # the float --init scores the replies otherwise: a reference taken from it would not start at ln 2
+    tokenizer = get_tokenizer("gpt2-chat")
+    x, y = pad_rows([chat_reply_row([{"role": "user", "content": "What is 2 + 3?"}], "5", tokenizer)], EOT, "cpu")
+    start = checkpoint.adapt(checkpoint.load_init(base_checkpoint, 50261), saved, init=True)
+    with torch.no_grad():
+        float_init = checkpoint.load_init(base_checkpoint, 50261)
+        assert not torch.equal(reply_logprobs(start, x, y), reply_logprobs(float_init, x, y))
+
+
 def test_two_processes_train_as_one_process_with_accumulation(base_checkpoint, toy_pairs, tmp_path):
     """2 gloo processes x 1 micro-step of 4 pairs take the same steps as 1 process x 2 micro-steps;
     the validation figures are the same, each process reading its share of the held-out pairs."""

@@ -321,6 +321,23 @@ def test_the_toy_task_trains_logs_its_figures_and_saves_a_checkpoint_chat_eval_l
     assert results["rows"]["greedy_acc"] == val[-1]["greedy_acc"]
 
 
+@pytest.mark.parametrize("peft", ["--lora_rank 4 --base_quant nf4", "--peft prefix --prefix_len 2 --base_quant int8"])
+def test_on_a_quantized_base_or_with_prefixes_the_kl_reference_is_the_model_at_step_0(
+    toy_sft, toy_data, tmp_path, peft
+):
+    """--kl_beta's reference is a frozen copy of the policy as training starts it: the quantized --init
+    (with adapters that change nothing yet), or --init with its initial prefixes. Its KL at step 0 is
+    exactly 0, then the policy moves away; the checkpoint records what the run trained."""
+    log_dir = tmp_path / "rl"
+    more = ["--max_steps", "3", "--eval_interval", "0", "--kl_beta", "0.1", "--max_lr", "3e-2", *peft.split()]
+    rl.main(rl_flags(toy_sft, toy_data, log_dir, *more))
+    train = [m for m in read_metrics(log_dir / "metrics.jsonl") if m["kind"] == "train"]
+    assert train[0]["kl"] == 0 and all(m["kl"] > 0 for m in train[1:])
+    saved = checkpoint.load_checkpoint(str(log_dir / "model_00003.pt"))
+    assert saved["base_quant"] == ("nf4" if "nf4" in peft else "int8")
+    assert (saved["prefix"], saved["lora"] is not None) == (({"len": 2}, False) if "prefix" in peft else (None, True))
+
+
 def test_a_resumed_run_makes_the_same_rollouts_and_losses_as_an_uninterrupted_one(
     toy_sft, toy_data, tmp_path, monkeypatch
 ):
