@@ -22,6 +22,7 @@ from lora import adapter_state_dict, apply_lora, merge_lora
 from model import GPT, MODEL_SIZES, GPTConfig
 from prefix import apply_prefix
 from quant import dequantize_linears, quantize_linears
+from token_rows import apply_token_rows, merge_token_rows
 from tokenizer import GPT2, get_tokenizer
 
 # what torch.compile (`_orig_mod.`) and DDP (`module.`) put before every parameter name
@@ -121,7 +122,8 @@ def checkpoint_tokenizer(path, name="auto"):
 def model_from_checkpoint(path, device="cpu"):
     """Rebuild a plain GPT from a checkpoint file, for evaluation, sampling, chat or export. A LoRA
     checkpoint (finetune.py --lora_rank) is its base weights plus its adapters, merged; a prefix-tuned
-    one (--peft prefix) is its base with a prefix in every layer, which only this repo's GPT runs."""
+    one (--peft prefix) is its base with a prefix in every layer, which only this repo's GPT runs. The
+    chat tokens' trained rows (token_rows.py) of either are added into the embedding."""
     checkpoint = load_checkpoint(path)
     what = "a checkpoint of this repo (a Hugging Face folder loads with --model)"
     check_keys(checkpoint, ["model", "config"], path, what)
@@ -141,14 +143,14 @@ def model_from_checkpoint(path, device="cpu"):
     load_weights(model, checkpoint["model"], path)
     # A quantized base's adapters were trained on its dequantized weights: they merge into those, and
     # the model keeps them (docs/benchmarks.md measures how far they are from the float base's).
-    return dequantize_linears(merge_lora(model)).to(device)
+    return merge_token_rows(dequantize_linears(merge_lora(model))).to(device)
 
 
 def adapt(model, record, init):
     """model as fine-tuning trains it, following a checkpoint's record (finetune.load_base writes it):
-    its base quantized (base_quant), then LoRA adapters (lora) or a prefix per layer (prefix); the
-    base frozen whenever one of these is on. init: the adapters start as training starts them, else
-    they are placeholders for a checkpoint's weights."""
+    its base quantized (base_quant), then LoRA adapters (lora) or a prefix per layer (prefix), then
+    trainable rows of the chat tokens (token_rows); the base frozen whenever one of these is on. init:
+    the adapters start as training starts them, else they are placeholders for a checkpoint's weights."""
     if record.get("base_quant"):
         model.requires_grad_(False)
         quantize_linears(model, record["base_quant"])
@@ -157,6 +159,8 @@ def adapt(model, record, init):
         apply_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     if record.get("prefix"):
         apply_prefix(model, record["prefix"]["len"], init=init)
+    if record.get("token_rows"):  # after the freezing above: they train (zero at the start either way)
+        apply_token_rows(model, record["token_rows"]["ids"])
     return model
 
 

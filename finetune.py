@@ -43,6 +43,7 @@ from lora import lora_layers
 from model import MODERN_SWITCHES
 from optim import OPTIMIZERS, sft_lr
 from quant import FORMATS
+from token_rows import chat_token_ids
 from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
 from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, launch
 
@@ -229,6 +230,11 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = flag(16.0, "LoRA's alpha: the adapters' output is scaled by alpha / r", low=0)
     lora_targets: str = flag("attn,mlp", "the layers that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj)")
     prefix_len: int = flag(0, "--peft prefix: P, the learned key and value positions of every layer", low=0)
+    train_chat_tokens: bool = flag(
+        True,
+        "with a frozen base (--lora_rank, --peft prefix) on chat data, train the chat tokens' embedding rows "
+        "too, which GPT-2 never trained (token_rows.py; 0: keep them frozen)",
+    )
     # QLoRA: the frozen base's block matrices stored in 8 or 4 bits, dequantized on the fly (quant.py)
     base_quant: str = flag(
         "none", "the frozen base in int8 or nf4 (4-bit NormalFloat), or none", choices=("none", *FORMATS)
@@ -353,12 +359,20 @@ def load_base(cfg, dist_info, is_chat):
         # None when off, as in checkpoints written before these existed: those still resume and load
         "prefix": {"len": cfg.prefix_len} if cfg.peft == "prefix" else None,
         "base_quant": None if cfg.base_quant == "none" else cfg.base_quant,
+        "token_rows": {"ids": chat_token_ids(tokenizer)}
+        if is_chat and frozen_base(cfg) and cfg.train_chat_tokens
+        else None,
     }
 
     def make_model():  # called once, after the seed is set: LoRA's A matrices and the prefix's tokens are random
         return checkpoint.adapt(model, record, init=True).to(dist_info.device)
 
     return Base(tokenizer, model, make_model, record)
+
+
+def frozen_base(cfg):
+    """Whether the base stays frozen: LoRA (a rank above 0) or prefix tuning."""
+    return cfg.lora_rank > 0 or cfg.peft == "prefix"
 
 
 def check_peft(cfg):

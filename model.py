@@ -222,6 +222,8 @@ class GPT(nn.Module):
         # (B, T, C) its backward needs (counted in device.activation_bytes); backward runs the block's
         # forward again to get them. Costs one more forward per step, ~1/3 more compute.
         self.activation_checkpointing = False
+        # fine-tuning with a frozen base (token_rows.py) sets a TokenRows here: trained rows of a few tokens
+        self.token_rows = None
         self._init_weights()
 
     def _init_weights(self):
@@ -287,6 +289,8 @@ class GPT(nn.Module):
         """The input of the first block, (B, T, C), for token ids idx (B, T) at positions pos, (T,) or
         (B, T); and the (cos, sin) of the rotary embeddings of pos (config.rope), else None."""
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.token_rows is not None:
+            x = x + self.token_rows.embedding_change(idx)
         rotary = None
         if self.config.rope:
             rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head)
@@ -298,14 +302,17 @@ class GPT(nn.Module):
 
     def head(self, x):
         """(..., C) -> (..., padded_vocab_size) logits: the output layer, then the optional soft cap."""
-        cap = self.config.logit_softcap
-        if not cap:
-            return self.lm_head(x)
         # cap * tanh(logits / cap) keeps every logit within (-cap, cap), smoothly (Gemma 2; modded-nanogpt
         # uses 15): the loss cannot be pushed down by ever more confident logits. The division is done on
         # the input (the layer is linear) and tanh in place (the matmul's backward does not need its
         # output): on the (B, T, vocab) logits each elementwise pass is a large share of a small model's step.
-        return self.lm_head(x / cap).tanh_() * cap
+        cap = self.config.logit_softcap
+        if cap:
+            x = x / cap
+        logits = self.lm_head(x)
+        if self.token_rows is not None:
+            logits = self.token_rows.add_to_logits(logits, x)
+        return logits.tanh_() * cap if cap else logits
 
     def num_params(self):
         """Number of parameters, counting the tied embedding / output matrix once."""

@@ -234,12 +234,18 @@ def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly
     finetune.main([*common, "--log_dir", str(tmp_path / "a"), "--max_steps", "6", "--ckpt_interval", "3"])
     whole = read_metrics(tmp_path / "a" / "metrics.jsonl")
     saved = checkpoint.load_checkpoint(str(tmp_path / "a" / "model_00006.pt"))
-    assert all("lora_" in name for name in saved["model"])  # the adapters only
+    # the adapters, and the change to the chat tokens' embedding rows (token_rows.py): nothing else
+    assert {name for name in saved["model"] if "lora_" not in name} == {"token_rows.embedding"}
+    assert saved["token_rows"] == {"ids": [50257, 50258, 50259, 50260]}
     assert saved["init"]["path"] == base_checkpoint
     assert saved["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["attn", "mlp"]}
-    # the merged model (what sample.py, chat.py and the evaluations load) equals base + adapters
+    # the merged model (what sample.py, chat.py and the evaluations load) equals base + adapters, and its
+    # embedding is the base's with the change added to those four rows
     merged = checkpoint.model_from_checkpoint(str(tmp_path / "a" / "model_00006.pt")).eval()
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules()) and merged.token_rows is None
+    wte = checkpoint.load_checkpoint(base_checkpoint)["model"]["transformer.wte.weight"]
+    wte[50257:50261] += saved["model"]["token_rows.embedding"]
+    assert torch.equal(merged.transformer.wte.weight, wte)
     os.remove(tmp_path / "a" / "model_00006.pt")
     (tmp_path / "b").mkdir()
     for name in ("model_00003.pt",):
@@ -248,18 +254,36 @@ def test_lora_training_leaves_the_base_weights_bit_identical_and_resumes_exactly
     second = read_metrics(tmp_path / "b" / "metrics.jsonl")
     losses = lambda ms: {m["step"]: m["loss"] for m in ms if m["kind"] == "train"}  # noqa: E731
     assert {s: v for s, v in losses(second).items() if s >= 3} == {s: v for s, v in losses(whole).items() if s >= 3}
-    # the frozen weights: the merged model minus its adapters' product is the base, bit for bit
-    model = apply_lora(checkpoint.load_init(base_checkpoint, 50261), 4, 16.0, ["attn", "mlp"])
-    checkpoint.load_weights(model, checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))["model"], "x")
+    # the frozen weights: the trained model minus its adapters and rows is the base, bit for bit
+    resumed = checkpoint.load_checkpoint(str(tmp_path / "b" / "model_00006.pt"))
+    model = checkpoint.adapt(checkpoint.load_init(base_checkpoint, 50261), resumed, init=False)
+    checkpoint.load_weights(model, resumed["model"], "x")
     base = checkpoint.load_checkpoint(base_checkpoint)["model"]
     for name, tensor in model.state_dict().items():
-        if "lora_" not in name:
+        if "lora_" not in name and "token_rows" not in name:
             assert torch.equal(tensor, base[name.replace(".base.", ".")]), name
     # the base changed under the adapters: loading them onto other weights is refused
     other = tiny(seed=1, vocab_size=50257, n_embd=64)
     checkpoint.save_checkpoint(base_checkpoint, checkpoint.model_checkpoint(other, get_tokenizer("gpt2")))
     with pytest.raises(UserError, match="holds LoRA adapters for the weights in .*base.pt, which have changed"):
         checkpoint.model_from_checkpoint(str(tmp_path / "b" / "model_00006.pt"))
+
+
+def test_chat_token_rows_train_only_with_a_frozen_base_on_chat_data_unless_turned_off(
+    tmp_path, chat_data, base_checkpoint
+):
+    (tmp_path / "input.txt").write_text("To be, or not to be, that is the question. " * 40)
+    runs = {
+        "off": ["--data_files", str(chat_data), "--lora_rank", "2", "--train_chat_tokens", "0"],
+        "text": ["--data_files", str(tmp_path / "input.txt"), "--lora_rank", "2"],  # no chat tokens in it
+        "full": ["--data_files", str(chat_data)],  # every row trains anyway
+    }
+    for name, flags in runs.items():
+        finetune.main(
+            ["--init", base_checkpoint, *flags, *FLAGS, "--max_steps", "1", "--log_dir", str(tmp_path / name)]
+        )
+        saved = checkpoint.load_checkpoint(str(tmp_path / name / "model_00001.pt"))
+        assert saved["token_rows"] is None and "token_rows.embedding" not in saved["model"], name
 
 
 def test_plain_text_continues_pretraining_on_every_token(tmp_path, base_checkpoint):

@@ -21,6 +21,7 @@ from generate import generate_stream
 from lora import LoRALinear, apply_lora, merge_lora
 from model import GPT, GPTConfig
 from prefix import apply_prefix, prefix_len
+from token_rows import apply_token_rows, merge_token_rows
 from tokenizer import get_tokenizer
 from training_log import read_metrics
 
@@ -133,6 +134,56 @@ def test_lora_on_a_quantized_base_starts_at_the_dequantized_base_and_merges_into
     assert not any(isinstance(m, (quant.QuantLinear, LoRALinear)) for m in model.modules())
 
 
+# ---- token_rows.py ------------------------------------------------------------------------------
+CHAT_IDS = [50257, 50258, 50259, 50260]
+
+
+@pytest.mark.parametrize("modern", [False, True], ids=["tied", "untied head, soft cap"])
+def test_trained_token_rows_equal_those_rows_edited_in_a_plain_model_and_get_their_gradient(modern):
+    """The oracle: a plain GPT whose embedding (and untied head) rows were changed by hand. Zero at the
+    start, the model is the base bit for bit; changed, its logits are the edited model's; the gradient
+    of the change is the gradient the same rows of an unfrozen table get; merging gives the edited model."""
+    switches = dict(untied_head=True, logit_softcap=15.0) if modern else {}
+
+    def fresh():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(vocab_size=50261, n_layer=2, n_head=2, n_embd=64, block_size=64, **switches))
+
+    idx = torch.tensor([[50256, 50258, 464, 3139, 50260, 50259, 17], [50259, 50259, 11, 50257, 50260, 2, 9]])
+    targets = torch.tensor([[50258, 464, 3139, 50260, 50259, 17, 50260], [50259, 11, 50257, 50260, 2, 9, 50258]])
+    model = apply_token_rows(fresh().requires_grad_(False), CHAT_IDS)
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], fresh()(idx)[0])  # the change starts at zero
+        model.token_rows.embedding.normal_()
+        if modern:
+            model.token_rows.head.normal_()
+    logits, loss = model(idx, targets)
+    loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == [
+        "token_rows.embedding",
+        *(["token_rows.head"] if modern else []),
+    ]
+    edited = fresh()
+    with torch.no_grad():
+        for i, token in enumerate(CHAT_IDS):  # by hand, row by row
+            edited.transformer.wte.weight[token] += model.token_rows.embedding[i]
+            if modern:
+                edited.lm_head.weight[token] += model.token_rows.head[i]
+    edited_logits, edited_loss = edited(idx, targets)
+    edited_loss.backward()
+    torch.testing.assert_close(logits, edited_logits, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor(CHAT_IDS)
+    if modern:  # the two tables apart: the input's rows and the head's rows
+        torch.testing.assert_close(model.token_rows.embedding.grad, edited.transformer.wte.weight.grad[ids])
+        torch.testing.assert_close(model.token_rows.head.grad, edited.lm_head.weight.grad[ids])
+    else:  # tied: one table, as input and as output, its rows' gradient summing both uses
+        torch.testing.assert_close(model.token_rows.embedding.grad, edited.transformer.wte.weight.grad[ids])
+    merged = merge_token_rows(model)
+    assert merged.token_rows is None
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx)[0], edited(idx)[0], rtol=1e-5, atol=1e-5)
+
+
 # ---- prefix.py ----------------------------------------------------------------------------------
 def by_hand_attention(attn, x, k_prefix, v_prefix):
     """The attention block's output with explicit softmax: the tokens' keys and values after the
@@ -239,7 +290,8 @@ def test_qlora_trains_adapters_only_and_loads_merged_into_the_dequantized_base(t
     finetune.main([*common, "--lora_rank", "4", "--base_quant", "nf4", "--log_dir", str(log_dir)])
     saved = checkpoint.load_checkpoint(str(log_dir / "model_00020.pt"))
     assert saved["base_quant"] == "nf4" and saved["prefix"] is None
-    assert saved["model"] and all("lora_" in name for name in saved["model"])  # no codes, no base weights
+    assert saved["model"] and all("lora_" in name for name in saved["model"] if name != "token_rows.embedding")
+    assert saved["token_rows"] == {"ids": CHAT_IDS}  # and the chat tokens' rows: no codes, no base weights
     losses = val_losses(log_dir)
     assert losses[-1] < losses[0] - 0.5, losses  # the adapters learn on a 4-bit base
     # loaded: a plain GPT whose block weights are the dequantized base plus B A
@@ -261,12 +313,14 @@ def test_prefix_tuning_trains_prefixes_only_and_samples_through_the_cache(tmp_pa
     finetune.main([*common, "--peft", "prefix", "--prefix_len", "4", "--max_lr", "0.1", "--log_dir", str(log_dir)])
     saved = checkpoint.load_checkpoint(str(log_dir / "model_00020.pt"))
     assert saved["prefix"] == {"len": 4} and saved["lora"] is None
-    assert set(saved["model"]) == {f"transformer.h.{i}.attn.prefix.{kv}" for i in range(2) for kv in "kv"}
+    prefixes = {f"transformer.h.{i}.attn.prefix.{kv}" for i in range(2) for kv in "kv"}
+    assert set(saved["model"]) == prefixes | {"token_rows.embedding"}
     losses = val_losses(log_dir)
     assert losses[-1] < losses[0] - 0.2, losses
     model = checkpoint.model_from_checkpoint(str(log_dir / "model_00020.pt")).eval()
     base = checkpoint.load_checkpoint(base_checkpoint)["model"]
-    for name, tensor in model.state_dict().items():  # the base is bit-identical after training
+    base["transformer.wte.weight"][CHAT_IDS] += saved["model"]["token_rows.embedding"]  # the rows that train
+    for name, tensor in model.state_dict().items():  # the rest of the base is bit-identical after training
         assert ".prefix." in name or torch.equal(tensor, base[name]), name
     assert prefix_len(model) == 4
     prompt = [[50258, 1867, 318, 14862, 338]]
