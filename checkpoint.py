@@ -17,7 +17,7 @@ import torch
 from device import unwrap
 from errors import UserError
 from files import atomic_write
-from hf import from_pretrained
+from hf import config_from_pretrained, from_pretrained
 from lora import adapter_state_dict, apply_lora, merge_lora
 from model import GPT, MODEL_SIZES, GPTConfig
 from prefix import apply_prefix
@@ -191,10 +191,7 @@ def load_init(init, vocab_size=None):
     elif os.path.isdir(init) or init.startswith("gpt2") and init in MODEL_SIZES:
         model = from_pretrained(init)
     else:
-        raise UserError(
-            f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
-            f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"
-        )
+        raise unknown_init(init)
     if vocab_size is not None and vocab_size != model.config.vocab_size:
         wider = replace(model.config, vocab_size=vocab_size)
         if wider.padded_vocab_size != model.config.padded_vocab_size:
@@ -202,6 +199,28 @@ def load_init(init, vocab_size=None):
             raise UserError(f"{init} has {rows:,} embedding rows, too few for a tokenizer of {vocab_size:,} ids")
         model.config = wider  # the same tensors: only which rows are real ids changes
     return model
+
+
+def init_config(init):
+    """The GPTConfig of load_init(init) without loading its weights (finetune.py --plan counts shapes):
+    a checkpoint's recorded config (the file mapped, not read), a folder's config.json, or a hub
+    name's size (OpenAI's GPT-2: 50,257 ids, 1,024 positions)."""
+    if os.path.isfile(init):
+        saved = load_checkpoint(init, mmap=True)
+        check_keys(saved, ["config"], init, "a checkpoint of this repo")
+        return GPTConfig(**saved["config"])
+    if os.path.isdir(init):
+        return config_from_pretrained(init)
+    if init.startswith("gpt2") and init in MODEL_SIZES:
+        return GPTConfig.from_name(init)
+    raise unknown_init(init)
+
+
+def unknown_init(init):
+    return UserError(
+        f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
+        f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"
+    )
 
 
 def fingerprint(model):

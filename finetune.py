@@ -40,11 +40,11 @@ from dataloader import permutation
 from errors import UserError, exit_on_error
 from evals import TASKS
 from lora import lora_layers
-from model import MODERN_SWITCHES
+from model import GPT, MODERN_SWITCHES
 from optim import OPTIMIZERS, sft_lr
 from quant import FORMATS
 from token_rows import chat_token_ids
-from tokenizer import GPT2, GPT2_CHAT, get_tokenizer
+from tokenizer import CHAT_TOKENS, GPT2, GPT2_CHAT, get_tokenizer
 from train_gpt2 import SCRIPT_DIR, Job, TrainConfig, check_config, launch
 
 
@@ -253,7 +253,7 @@ class FinetuneConfig(TrainConfig):
     plan: bool = flag(
         False,
         "print the memory per GPU of a fine-tuning step (one process, or DDP) with a float32, int8 and nf4 "
-        "base, these adapters or prefixes and this batch, then exit: no data is read",
+        "base, these adapters or prefixes and this batch, then exit: no data and no weights are read",
     )
     optimizer: str = flag(
         "adamw",
@@ -441,18 +441,22 @@ def finetuning_job(cfg, dist_info):
 
 def print_plan(cfg):
     """finetune.py --plan: the memory of a step on each GPU with these flags (memory_plan.finetune_report),
-    counted from --init's shapes and the parameters the adapters or prefixes train. No data is read."""
+    counted from --init's shapes and the parameters the adapters, prefixes and chat rows train. Neither the
+    data nor --init's weights are read: its config is enough (checkpoint.init_config)."""
     check_peft(cfg)
     if not cfg.init:
         raise UserError("--plan counts --init's shapes: pass --init")
     if cfg.parallel == "fsdp" or cfg.cpu_offload:
         raise UserError("finetune.py --plan counts one process or DDP: drop --parallel fsdp and --cpu_offload")
-    model = checkpoint.load_init(cfg.init)
-    adapters = {"lora": None, "prefix": None}
+    with torch.device("meta"):  # shapes only: the weights are never read
+        model = GPT(checkpoint.init_config(cfg.init))
+    adapters = {"lora": None, "prefix": None, "token_rows": None}
     if cfg.lora_rank:
         adapters["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
     if cfg.peft == "prefix":
         adapters["prefix"] = {"len": cfg.prefix_len}
+    if frozen_base(cfg) and cfg.train_chat_tokens:  # as for chat data, the usual case: 4 rows (their ids do not count)
+        adapters["token_rows"] = {"ids": list(range(len(CHAT_TOKENS)))}
     trainable = sum(p.numel() for p in checkpoint.adapt(model, adapters, init=False).parameters() if p.requires_grad)
     gpu_gib = cfg.gpu_memory or (
         torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0

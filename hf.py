@@ -41,10 +41,7 @@ def from_pretrained(name_or_dir):
             f"could not load GPT-2 weights {name_or_dir!r}: {e}\n"
             "Pass a local folder in Hugging Face format, or set HF_ENDPOINT to a reachable hub mirror."
         )
-    hf_cfg = hf_model.config
-    if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
-    config = GPTConfig(**{ours: getattr(hf_cfg, theirs) for ours, theirs in HF_CONFIG_NAMES.items()})
+    config = our_config(hf_model.config, name_or_dir)
     model = GPT(config)
     ours = model.state_dict()
     theirs = hf_model.state_dict()
@@ -57,6 +54,23 @@ def from_pretrained(name_or_dir):
             else:
                 ours[name].copy_(src)
     return model
+
+
+def our_config(hf_cfg, name_or_dir):
+    """The GPTConfig of a Hugging Face GPT2Config (UserError for a GPT-2 that is not OpenAI's architecture)."""
+    if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{name_or_dir}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
+    return GPTConfig(**{ours: getattr(hf_cfg, theirs) for ours, theirs in HF_CONFIG_NAMES.items()})
+
+
+def config_from_pretrained(folder):
+    """The GPTConfig of a local Hugging Face GPT-2 folder, from its config.json alone: no weights read."""
+    from transformers import GPT2Config
+
+    try:
+        return our_config(GPT2Config.from_pretrained(folder), folder)
+    except OSError as e:
+        raise UserError(f"could not read the config of GPT-2 folder {folder!r}: {e}")
 
 
 def hf_names(model):

@@ -393,8 +393,22 @@ def test_the_fine_tuning_plan_counts_a_frozen_base_at_its_stored_bytes():
     assert sgd["optimizer (sgd)"] == 0 and sum(sgd.values()) == sum(lora.values()) - 8 * 10**6
 
 
-def test_finetune_plan_prints_the_three_bases_and_a_verdict(base_checkpoint, capsys):
-    finetune.main(["--plan", "--init", base_checkpoint, "--lora_rank", "4", "--base_quant", "nf4", "--gpu_memory", "4"])
+def test_finetune_plan_prints_the_three_bases_and_a_verdict_from_the_shapes_alone(tmp_path, capsys):
+    # a checkpoint whose weights are not there at all: the plan reads its config, never its tensors
+    config = tiny(vocab_size=50257).config
+    checkpoint.save_checkpoint(str(tmp_path / "shapes.pt"), {"config": vars(config), "model": {}})
+    plan = ["--plan", "--init", str(tmp_path / "shapes.pt"), "--lora_rank", "4", "--base_quant", "nf4"]
+    finetune.main([*plan, "--gpu_memory", "4"])
     out = capsys.readouterr().out
-    assert "8,192 trained" in out  # 2 layers x rank 4 x (in + out): (64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)
+    # 2 layers x rank 4 x (in + out): (64 + 192) + (64 + 64) + (64 + 256) + (256 + 64) = 8,192, and the
+    # chat tokens' 4 rows of 64 (--train_chat_tokens)
+    assert "8,448 trained" in out
     assert "GiB, base in" in out and "verdict: --base_quant nf4 fits" in out
+    # a Hugging Face folder's config.json, and a hub name's size: nothing downloaded (this test is offline)
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64).save_pretrained(tmp_path / "hf")
+    finetune.main(["--plan", "--init", str(tmp_path / "hf"), "--lora_rank", "4", "--gpu_memory", "4"])
+    assert "8,448 trained" in capsys.readouterr().out
+    finetune.main(["--plan", "--init", "gpt2-xl", "--lora_rank", "8", "--gpu_memory", "16"])
+    assert "1557.7M parameters, 9,836,800 trained" in capsys.readouterr().out  # 48 x 8 x 25,600 + 4 x 1,600
