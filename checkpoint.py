@@ -184,14 +184,11 @@ def load_init(init, vocab_size=None):
         model = model_from_checkpoint(init)
         if any(block.attn.prefix is not None for block in model.transformer.h):
             # its prefixes are not weights of a plain GPT: a run from it would save what no record describes
-            raise UserError(
-                f"--init {init} is prefix-tuned (--peft prefix): its prefixes cannot be trained further as a "
-                f"base or merged into weights; fine-tune its own --init again with the prefix run's data"
-            )
+            raise prefix_init_error(init)
     elif os.path.isdir(init) or init.startswith("gpt2") and init in MODEL_SIZES:
         model = from_pretrained(init)
     else:
-        raise unknown_init(init)
+        raise unknown_init_error(init)
     if vocab_size is not None and vocab_size != model.config.vocab_size:
         wider = replace(model.config, vocab_size=vocab_size)
         if wider.padded_vocab_size != model.config.padded_vocab_size:
@@ -208,15 +205,24 @@ def init_config(init):
     if os.path.isfile(init):
         saved = load_checkpoint(init, mmap=True)
         check_keys(saved, ["config"], init, "a checkpoint of this repo")
+        if saved.get("prefix"):
+            raise prefix_init_error(init)
         return GPTConfig(**saved["config"])
     if os.path.isdir(init):
         return config_from_pretrained(init)
     if init.startswith("gpt2") and init in MODEL_SIZES:
         return GPTConfig.from_name(init)
-    raise unknown_init(init)
+    raise unknown_init_error(init)
 
 
-def unknown_init(init):
+def prefix_init_error(init):
+    return UserError(
+        f"--init {init} is prefix-tuned (--peft prefix): its prefixes cannot be trained further as a "
+        f"base or merged into weights; fine-tune its own --init again with the prefix run's data"
+    )
+
+
+def unknown_init_error(init):
     return UserError(
         f"--init {init}: neither a checkpoint file, nor a Hugging Face model folder, nor one of "
         f"{', '.join(name for name in MODEL_SIZES if name.startswith('gpt2'))}"

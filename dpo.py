@@ -339,8 +339,9 @@ class DPOConfig(FinetuneConfig):
 
 
 def dpo_job(cfg, dist_info):
-    """The Job of train_gpt2.train: the --init model (with LoRA adapters if asked), the pairs with
-    their reference log-probs, DPO's loss and validation, fine-tuning's LR schedule."""
+    """The Job of train_gpt2.train: the --init model (with LoRA adapters, prefixes or a quantized base if
+    asked), the pairs with their reference log-probs (by that model at step 0), DPO's loss and validation,
+    fine-tuning's LR schedule."""
     if not cfg.beta > 0:
         raise UserError(f"--beta {cfg.beta}: it must be above 0 (the DPO paper's is 0.1)")
     if bool(cfg.data_files) == bool(cfg.dataset):

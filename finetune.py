@@ -253,7 +253,8 @@ class FinetuneConfig(TrainConfig):
     plan: bool = flag(
         False,
         "print the memory per GPU of a fine-tuning step (one process, or DDP) with a float32, int8 and nf4 "
-        "base, these adapters or prefixes and this batch, then exit: no data and no weights are read",
+        "base, these adapters or prefixes (and the chat tokens' rows, as for chat data) and this batch, then "
+        "exit: no data and no weights are read",
     )
     optimizer: str = flag(
         "adamw",

@@ -105,13 +105,14 @@ def reset_shards(module):
 
 
 def empty_copy(model, device):
-    """A copy of model whose weights are new, uninitialised tensors on device ("meta": no memory at
-    all): a deepcopy in which each parameter is stood in for by an empty one of its shape, so that a
-    tied weight stays tied."""
+    """A copy of model whose weights and buffers (a quantized base's codes, quant.py) are new,
+    uninitialised tensors on device ("meta": no memory at all): a deepcopy in which each tensor is
+    stood in for by an empty one of its shape, so that a tied weight stays tied."""
     memo = {
         id(p): torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
         for p in model.parameters()
     }
+    memo |= {id(b): torch.empty_like(b, device=device) for b in model.buffers()}
     return copy.deepcopy(model, memo)
 
 
@@ -120,17 +121,19 @@ def whole_model(model, empty, device):
     from `empty` (empty_copy(model, "meta") before it was sharded). Evaluations and samples run
     on it: FSDP's gathers need every rank to make the same forward calls, and they do not (HellaSwag
     splits its examples unevenly, only rank 0 samples). Every rank must call it. The copy costs 4
-    bytes per parameter while it lives."""
+    bytes per parameter while it lives (and a copy of the buffers, which FSDP does not shard)."""
     if not isinstance(model, FSDPModule):
         return model
     whole = empty_copy(empty, device)  # not the shards' device: offloaded, they are in host memory
-    weights = whole.state_dict()
+    tensors = lambda m: dict(m.named_parameters(remove_duplicate=False)) | dict(m.named_buffers())  # noqa: E731
+    targets = tensors(whole)
     gathered = set()  # the tied wte / lm_head weight is one shard under two names: gathered once
     with torch.no_grad():
-        for name, shard in model.state_dict().items():
-            if id(shard) not in gathered:
-                gathered.add(id(shard))
-                weights[name].copy_(shard.full_tensor())  # an all-gather, one tensor at a time
+        for name, tensor in tensors(model).items():
+            if id(tensor) not in gathered:
+                gathered.add(id(tensor))
+                # a shard (DTensor) is all-gathered, one tensor at a time; a buffer is whole on every rank
+                targets[name].copy_(tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
     return whole
 
 

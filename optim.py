@@ -94,11 +94,13 @@ def adamw_step(p, grad, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 
 def parameter_kinds(named_parameters):
     """(embeddings, head, matrices, 1-D parameters): the parameters each group of configure_optimizers
-    takes. The head is listed only if untied: tied, it is wte, one of the embeddings."""
-    embedding_names, head_name = ("transformer.wte.weight", "transformer.wpe.weight"), "lm_head.weight"
+    takes. The head is listed only if untied: tied, it is wte, one of the embeddings. The chat tokens'
+    trained rows (token_rows.py) are rows of the embedding and of the head, and go with them."""
+    embedding_names = ("transformer.wte.weight", "transformer.wpe.weight", "token_rows.embedding")
+    head_names = ("lm_head.weight", "token_rows.head")
     kinds = ([], [], [], [])
     for name, p in named_parameters:
-        kind = 0 if name in embedding_names else 1 if name == head_name else 2 if p.dim() >= 2 else 3
+        kind = 0 if name in embedding_names else 1 if name in head_names else 2 if p.dim() >= 2 else 3
         kinds[kind].append(p)
     return kinds
 

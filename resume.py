@@ -99,9 +99,11 @@ def resume_checkpoint(cfg, model_config, dist_info, expected=None):
     check_model_config(checkpoint, model_config, path)
     for key, value in (expected or {}).items():
         if checkpoint.get(key) != value:
+            # a key newer than the checkpoint: it was off then (docs/checkpoints.md names each key's flag)
+            written = f"with {key} {checkpoint[key]}" if key in checkpoint else f"before {key} existed (so without it)"
             raise UserError(
-                f"{path} was written with {key} {checkpoint.get(key)}, this run has {value}: resume with the same "
-                f"settings, or start afresh in a new --log_dir"
+                f"{path} was written {written}, this run has {value}: resume with the same settings "
+                f"({key}'s flag: docs/checkpoints.md), or start afresh in a new --log_dir"
             )
     defaults = {f.name: f.default for f in fields(cfg)}  # for checkpoints older than a flag
     # the optimizer's saved parameter groups (their LRs included) replace the run's own at the restore

@@ -6,8 +6,9 @@ PEFT calls this trainable_token_indices.
 Why: GPT-2 never saw the chat tokens. Their rows of its embedding (ids 50,257-50,260, padding rows of
 the table) were never an input in pretraining, and as outputs they were only ever pushed down, since
 no text contained them. Full fine-tuning trains them with the rest. LoRA and prefix tuning freeze the
-embedding, so the model could never learn to read <|assistant|> as "reply now" or to say <|end|>:
-on the demo model, both got 0 of 192 capitals right where full fine-tuning got 95% (docs/benchmarks.md).
+embedding, so the model could never learn to read <|assistant|> as "reply now" or to say <|end|>: on
+the demo model, none of their 192 replies ended its turn; with these rows trained, all 192 did, with
+LoRA and with prefix tuning alike (docs/benchmarks.md).
 
 What trains is a change to k rows, (k, C), zero at the start, so step 0 is the base exactly. The token
 embedding is also the output layer (tied), so the same change moves both what the token means as an
@@ -22,12 +23,12 @@ is never formed: only the k rows'.
 import torch
 import torch.nn as nn
 
-from chat_template import ROLES
+from tokenizer import CHAT_TOKENS
 
 
 def chat_token_ids(tokenizer):
-    """The ids of the chat template's special tokens: the turn openers, then <|end|>."""
-    return [tokenizer.special(f"<|{role}|>") for role in ROLES] + [tokenizer.special("<|end|>")]
+    """The ids of the chat template's special tokens (tokenizer.CHAT_TOKENS): the turn openers, <|end|>."""
+    return [tokenizer.special(token) for token in CHAT_TOKENS]
 
 
 class TokenRows(nn.Module):
@@ -42,8 +43,9 @@ class TokenRows(nn.Module):
 
     def embedding_change(self, idx):
         """(B, T, C): the change of the embedding of each id of idx (B, T), zero for all but the k ids."""
-        one_hot = (idx[..., None] == self.ids).to(self.embedding.dtype)  # (B, T, k)
-        return one_hot @ self.embedding
+        match = idx[..., None] == self.ids  # (B, T, k): at most one True per position
+        # a lookup (not a one-hot matmul, which autocast would round to bf16): the matching row, or 0
+        return self.embedding[match.int().argmax(-1)] * match.any(-1, keepdim=True)  # (B, T, C)
 
     def add_to_logits(self, logits, x):
         """logits (B, T, V) of the frozen output layer for x (B, T, C), with the k ids' columns given

@@ -284,6 +284,26 @@ def test_chat_token_rows_train_only_with_a_frozen_base_on_chat_data_unless_turne
         )
         saved = checkpoint.load_checkpoint(str(tmp_path / name / "model_00001.pt"))
         assert saved["token_rows"] is None and "token_rows.embedding" not in saved["model"], name
+    # a LoRA checkpoint written before the flag existed (no token_rows key) resumes with the rows off
+    old = checkpoint.load_checkpoint(str(tmp_path / "off" / "model_00001.pt"))
+    del old["token_rows"]
+    checkpoint.save_checkpoint(str(tmp_path / "off" / "model_00001.pt"), old)
+    resume = [
+        "--init",
+        base_checkpoint,
+        *runs["off"][:-2],
+        *FLAGS,
+        "--max_steps",
+        "2",
+        "--log_dir",
+        str(tmp_path / "off"),
+    ]
+    with pytest.raises(
+        SystemExit, match=r"written before token_rows existed .*\(token_rows's flag: docs/checkpoints.md\)"
+    ):
+        finetune.main(resume)
+    finetune.main([*resume, "--train_chat_tokens", "0"])
+    assert checkpoint.load_checkpoint(str(tmp_path / "off" / "model_00002.pt"))["step"] == 2
 
 
 def test_plain_text_continues_pretraining_on_every_token(tmp_path, base_checkpoint):
@@ -349,15 +369,15 @@ def test_bad_init_bad_target_and_another_template_at_resume_are_one_message_each
     [
         [],
         ["--peft", "prefix", "--prefix_len", "2", "--base_quant", "nf4"],
-        ["--lora_rank", "4", "--base_quant", "nf4", "--parallel", "fsdp"],
+        ["--lora_rank", "4", "--base_quant", "nf4", "--parallel", "fsdp", "--eval_interval", "3"],
     ],
 )
 def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat_data, base_checkpoint, peft):
     """The training machinery is train_gpt2.py's, DDP and FSDP included: 2 gloo processes x 1 micro-step
     of 4 rows take the same steps as 1 process x 2 micro-steps (prefixes on a quantized base too, and
-    QLoRA sharded by FSDP: the adapters sharded, the quantized codes copied to every process)."""
+    QLoRA sharded by FSDP: the adapters sharded, the quantized codes copied to every process, and the
+    evaluations on a gathered copy)."""
     flags = [
-        *peft,
         "--init",
         base_checkpoint,
         "--data_files",
@@ -369,6 +389,7 @@ def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat
         "256",
         "--max_lr",
         "3e-3",
+        *peft,
     ]
     finetune.main([*flags, "--log_dir", str(tmp_path / "one")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -383,6 +404,9 @@ def test_two_processes_fine_tune_as_one_process_with_accumulation(tmp_path, chat
     train = lambda ms: [m["loss"] for m in ms if m["kind"] == "train"]  # noqa: E731
     assert len(train(one)) == 3
     assert train(two) == pytest.approx(train(one), abs=1e-5)
+    val = lambda ms: [m["loss"] for m in ms if m["kind"] == "val"]  # noqa: E731
+    assert val(two) == pytest.approx(val(one), abs=1e-5)  # FSDP evaluates a gathered copy, codes included
+    assert len(val(one)) == (2 if "fsdp" in peft else 0)  # steps 0 and 3
 
 
 def test_row_batches_count_their_real_tokens_not_the_padding():

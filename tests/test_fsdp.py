@@ -680,8 +680,9 @@ def test_plan_header_names_the_precision_this_gpu_would_train_in(capsys, monkeyp
 
 
 def test_lora_fine_tuning_under_fsdp_with_checkpointing_equals_one_process(tmp_path, chat_data, base_checkpoint):
-    """Frozen base weights and trainable adapters in the same FSDP units, each block checkpointed:
-    the same losses as one process, and the same adapters in the checkpoint."""
+    """Frozen base weights and trainable adapters in the same FSDP units (the chat tokens' rows in the
+    root's), each block checkpointed: the same losses as one process, and the same adapters in the
+    checkpoint."""
     flags = [
         "--init",
         base_checkpoint,
@@ -716,7 +717,8 @@ def test_lora_fine_tuning_under_fsdp_with_checkpointing_equals_one_process(tmp_p
     for step, loss in losses(one).items():
         assert losses(two)[step] == pytest.approx(loss, abs=1e-5)
     adapters = [checkpoint.load_checkpoint(str(tmp_path / d / "model_00003.pt"))["model"] for d in ("one", "two")]
-    assert sorted(adapters[1]) == sorted(adapters[0]) and all("lora_" in name for name in adapters[0])
+    assert sorted(adapters[1]) == sorted(adapters[0])
+    assert all("lora_" in name or name == "token_rows.embedding" for name in adapters[0])  # and the chat rows
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], tensor, rtol=0, atol=1e-5)
 

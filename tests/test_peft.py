@@ -20,6 +20,7 @@ from errors import UserError
 from generate import generate_stream
 from lora import LoRALinear, apply_lora, merge_lora
 from model import GPT, GPTConfig
+from optim import parameter_kinds
 from prefix import apply_prefix, prefix_len
 from token_rows import apply_token_rows, merge_token_rows
 from tokenizer import get_tokenizer
@@ -182,6 +183,32 @@ def test_trained_token_rows_equal_those_rows_edited_in_a_plain_model_and_get_the
     assert merged.token_rows is None
     with torch.no_grad():
         torch.testing.assert_close(merged(idx)[0], edited(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_untied_head_trains_its_own_chat_rows_merged_into_the_head_and_grouped_with_it(tmp_path, chat_data):
+    """The modern recipe's untied head: the run trains a change to the embedding's rows and one to the
+    head's; loading adds each into its own table; the optimizer groups them with the embeddings and the
+    head (not with the blocks' matrices, which Muon would take)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, n_layer=2, n_head=2, n_embd=64, block_size=64, untied_head=True)
+    base = str(tmp_path / "base.pt")
+    checkpoint.save_checkpoint(base, checkpoint.model_checkpoint(GPT(config), get_tokenizer("gpt2")))
+    log_dir = tmp_path / "lora"
+    finetune.main(
+        ["--init", base, "--data_files", str(chat_data), *FLAGS, "--lora_rank", "2", "--max_steps", "2"]
+        + ["--log_dir", str(log_dir)]
+    )
+    saved = checkpoint.load_checkpoint(str(log_dir / "model_00002.pt"))
+    change = {part: saved["model"][f"token_rows.{part}"] for part in ("embedding", "head")}
+    assert all(t.shape == (4, 64) and t.abs().sum() > 0 for t in change.values())
+    merged = checkpoint.model_from_checkpoint(str(log_dir / "model_00002.pt"))
+    weights = checkpoint.load_checkpoint(base)["model"]
+    for table, part in (("transformer.wte.weight", "embedding"), ("lm_head.weight", "head")):
+        weights[table][CHAT_IDS] += change[part]
+        assert torch.equal(merged.state_dict()[table], weights[table]), table
+    rows = apply_token_rows(GPT(config).requires_grad_(False), CHAT_IDS).token_rows
+    embeddings, head, matrices, _ = parameter_kinds(rows.named_parameters(prefix="token_rows"))
+    assert embeddings == [rows.embedding] and head == [rows.head] and matrices == []
 
 
 # ---- prefix.py ----------------------------------------------------------------------------------
