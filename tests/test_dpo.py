@@ -290,11 +290,13 @@ def test_on_a_quantized_base_or_with_prefixes_the_reference_is_the_model_at_step
         assert not torch.equal(reply_logprobs(start, x, y), reply_logprobs(float_init, x, y))
 
 
-def test_two_processes_train_as_one_process_with_accumulation(base_checkpoint, toy_pairs, tmp_path):
+@pytest.mark.parametrize("peft", ["", "--peft prefix --prefix_len 2 --base_quant nf4"])
+def test_two_processes_train_as_one_process_with_accumulation(base_checkpoint, toy_pairs, tmp_path, peft):
     """2 gloo processes x 1 micro-step of 4 pairs take the same steps as 1 process x 2 micro-steps;
-    the validation figures are the same, each process reading its share of the held-out pairs."""
+    the validation figures are the same, each process reading its share of the held-out pairs (on a
+    prefix-tuned quantized policy too: each process computes the references of its batches with it)."""
     flags = ["--init", base_checkpoint, "--data_files", toy_pairs, *FLAGS, "--max_steps", "3", "--max_lr", "1e-2"]
-    flags += "--batch_size 4 --total_batch_size 256 --val_fraction 0.1 --eval_interval 3".split()
+    flags += "--batch_size 4 --total_batch_size 256 --val_fraction 0.1 --eval_interval 3".split() + peft.split()
     dpo.main([*flags, "--log_dir", str(tmp_path / "one")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
