@@ -347,22 +347,16 @@ def load_base(cfg, dist_info, is_chat):
     model = checkpoint.load_init(cfg.init, tokenizer.vocab_size)
     check_config(cfg, model.config, dist_info.world_size)
     check_peft(cfg)
-    targets = cfg.lora_targets.split(",")
     if cfg.lora_rank:
-        lora_layers(model, targets)  # an unknown target is an error before any data work
+        lora_layers(model, cfg.lora_targets.split(","))  # an unknown target is an error before any data work
     record = {
         "init": {
             "path": os.path.abspath(cfg.init) if os.path.exists(cfg.init) else cfg.init,
             "fingerprint": checkpoint.fingerprint(model),  # of the weights as loaded, before any quantization
         },
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets} if cfg.lora_rank else None,
         "template": chat_template(tokenizer) if is_chat else None,
-        # None when off, as in checkpoints written before these existed: those still resume and load
-        "prefix": {"len": cfg.prefix_len} if cfg.peft == "prefix" else None,
         "base_quant": None if cfg.base_quant == "none" else cfg.base_quant,
-        "token_rows": {"ids": chat_token_ids(tokenizer)}
-        if is_chat and frozen_base(cfg) and cfg.train_chat_tokens
-        else None,
+        **adapter_record(cfg, chat_token_ids(tokenizer) if is_chat else None),
     }
 
     def make_model():  # called once, after the seed is set: LoRA's A matrices and the prefix's tokens are random
@@ -371,9 +365,18 @@ def load_base(cfg, dist_info, is_chat):
     return Base(tokenizer, model, make_model, record)
 
 
-def frozen_base(cfg):
-    """Whether the base stays frozen: LoRA (a rank above 0) or prefix tuning."""
-    return cfg.lora_rank > 0 or cfg.peft == "prefix"
+def adapter_record(cfg, chat_ids):
+    """The lora, prefix and token_rows entries of a checkpoint's record: what trains on a frozen base
+    (checkpoint.adapt builds it). chat_ids: the chat tokens' ids, None for data that is not chat. None
+    when off, as in checkpoints written before these existed: those still resume and load."""
+    frozen_base = cfg.lora_rank > 0 or cfg.peft == "prefix"
+    return {
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
+        if cfg.lora_rank
+        else None,
+        "prefix": {"len": cfg.prefix_len} if cfg.peft == "prefix" else None,
+        "token_rows": {"ids": chat_ids} if chat_ids and frozen_base and cfg.train_chat_tokens else None,
+    }
 
 
 def check_peft(cfg):
@@ -451,13 +454,8 @@ def print_plan(cfg):
         raise UserError("finetune.py --plan counts one process or DDP: drop --parallel fsdp and --cpu_offload")
     with torch.device("meta"):  # shapes only: the weights are never read
         model = GPT(checkpoint.init_config(cfg.init))
-    adapters = {"lora": None, "prefix": None, "token_rows": None}
-    if cfg.lora_rank:
-        adapters["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets.split(",")}
-    if cfg.peft == "prefix":
-        adapters["prefix"] = {"len": cfg.prefix_len}
-    if frozen_base(cfg) and cfg.train_chat_tokens:  # as for chat data, the usual case: 4 rows (their ids do not count)
-        adapters["token_rows"] = {"ids": list(range(len(CHAT_TOKENS)))}
+    # as for chat data, the usual case: the chat tokens' rows count (their ids do not matter here)
+    adapters = adapter_record(cfg, chat_ids=list(range(len(CHAT_TOKENS))))
     trainable = sum(p.numel() for p in checkpoint.adapt(model, adapters, init=False).parameters() if p.requires_grad)
     gpu_gib = cfg.gpu_memory or (
         torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0

@@ -88,3 +88,13 @@ def tokenizer():
     from tokenizer import get_tokenizer
 
     return get_tokenizer("gpt2-chat")
+
+
+def usage_error(main, argv, capsys):
+    """The last line argparse printed for a flag main(argv) refused while parsing: exit code 2, no
+    traceback (a script's flags are checked before any model loads)."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    return err.splitlines()[-1]

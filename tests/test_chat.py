@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import usage_error
 
 import chat
 import checkpoint as ck
@@ -343,11 +344,7 @@ def test_sampling_flags_are_checked_before_the_model_loads(flags, message):
     ],
 )
 def test_flags_out_of_range_are_refused_when_parsed(flags, message, capsys):
-    with pytest.raises(SystemExit) as exit:
-        chat.main(["--checkpoint", "no/such/model.pt", *flags])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "Traceback" not in err
-    assert err.endswith(f"error: {message}\n")
+    assert usage_error(chat.main, ["--checkpoint", "no/such/model.pt", *flags], capsys).endswith(f"error: {message}")
 
 
 def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(tokenizer, monkeypatch, capsys):

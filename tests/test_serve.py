@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, usage_error
 from test_chat import assistant, tiny_chat_model, user
 
 import checkpoint as ck
@@ -710,11 +710,7 @@ def test_leaving_loopback_takes_an_api_key_or_open(monkeypatch):
 )
 def test_flags_out_of_range_are_refused_when_parsed(flags, message, capsys):
     """--port 70000 was an OverflowError's traceback once the model had loaded."""
-    with pytest.raises(SystemExit) as exit:
-        serve.main(["--checkpoint", "no/such/model.pt", *flags])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "Traceback" not in err
-    assert err.endswith(f"error: {message}\n")
+    assert usage_error(serve.main, ["--checkpoint", "no/such/model.pt", *flags], capsys).endswith(f"error: {message}")
 
 
 def test_missing_page_is_a_one_line_error(tiny_checkpoint, tmp_path, monkeypatch):
